@@ -1,0 +1,49 @@
+"""Solver backends: each turns a :class:`~solver.linear.LinearModel` into a
+:class:`~solver.linear.Solution`, as an integer program (``solve_mip``) or as
+its LP relaxation (``solve_lp``, which also returns duals).
+
+``ortools`` (CP-SAT for the integer model, GLOP for the LP) is the default;
+``pulp`` (the CBC bundled with pulp) solves the same models and is used to
+cross-check. Backends import their solver library lazily, on first solve.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from solver.errors import UnknownPolicyError
+from solver.linear import LinearModel, Solution
+
+__all__ = ["BACKENDS", "Backend", "get_backend"]
+
+
+class Backend(Protocol):
+    name: str
+
+    def solve_mip(
+        self,
+        model: LinearModel,
+        *,
+        hint: tuple[float, ...] | None,
+        time_limit_s: float,
+        seed: int,
+        relative_gap: float,
+        num_workers: int,
+    ) -> Solution: ...
+
+    def solve_lp(self, model: LinearModel, *, time_limit_s: float) -> Solution: ...
+
+
+BACKENDS = ("ortools", "pulp")
+
+
+def get_backend(name: str) -> Backend:
+    if name == "ortools":
+        from solver.backends.ortools_backend import OrToolsBackend
+
+        return OrToolsBackend()
+    if name == "pulp":
+        from solver.backends.pulp_backend import PulpBackend
+
+        return PulpBackend()
+    raise UnknownPolicyError(f"unknown backend {name!r}; choose one of: {', '.join(BACKENDS)}")

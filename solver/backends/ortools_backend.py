@@ -1,0 +1,129 @@
+"""OR-Tools: CP-SAT for the integer model, GLOP for the LP relaxation.
+
+CP-SAT needs integer coefficients and integer variables. A continuous variable
+``x`` with resolution ``r`` becomes an integer ``X = round(x * r)``; each
+constraint row is multiplied by the smallest power of ten that makes its
+coefficients integral (up to 10**6, then rounded). The objective may keep
+float coefficients (CP-SAT supports a floating-point objective).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from solver.errors import SolverError
+from solver.linear import LinearModel, Sense, Solution, SolveStatus
+
+__all__ = ["OrToolsBackend"]
+
+_INF = 1e18
+
+
+def _row_scale(coefs: list[float], rhs: float) -> int:
+    for power in range(7):
+        factor = 10**power
+        if all(abs(c * factor - round(c * factor)) <= 1e-9 * max(1.0, abs(c * factor)) for c in coefs):
+            return factor
+    return 10**6
+
+
+class OrToolsBackend:
+    name = "ortools"
+
+    def solve_mip(
+        self,
+        model: LinearModel,
+        *,
+        hint: tuple[float, ...] | None,
+        time_limit_s: float,
+        seed: int,
+        relative_gap: float,
+        num_workers: int,
+    ) -> Solution:
+        from ortools.sat.python import cp_model
+
+        start = time.perf_counter()
+        cp = cp_model.CpModel()
+        scale = [1 if v.integer else v.resolution for v in model.vars]
+        xs = [
+            cp.new_int_var(math.ceil(v.lb * s - 1e-9), math.floor(v.ub * s + 1e-9), v.name)
+            for v, s in zip(model.vars, scale, strict=True)
+        ]
+        for c in model.constraints:
+            if not c.terms:
+                ok = {Sense.LE: 0 <= c.rhs + 1e-9, Sense.GE: 0 >= c.rhs - 1e-9, Sense.EQ: abs(c.rhs) <= 1e-9}
+                if not ok[c.sense]:
+                    return Solution(SolveStatus.INFEASIBLE, (), 0.0, 0.0, time.perf_counter() - start)
+                continue
+            idx = list(c.terms)
+            coefs = [c.terms[i] / scale[i] for i in idx]
+            factor = _row_scale(coefs, c.rhs)
+            int_coefs = [round(a * factor) for a in coefs]
+            expr = cp_model.LinearExpr.weighted_sum([xs[i] for i in idx], int_coefs)
+            rhs = c.rhs * factor
+            if c.sense is Sense.LE:
+                cp.add(expr <= math.floor(rhs + 1e-6))
+            elif c.sense is Sense.GE:
+                cp.add(expr >= math.ceil(rhs - 1e-6))
+            else:
+                cp.add(expr == round(rhs))
+        obj_idx = list(model.objective)
+        cp.maximize(
+            cp_model.LinearExpr.weighted_sum(
+                [xs[i] for i in obj_idx], [model.objective[i] / scale[i] for i in obj_idx]
+            )
+        )
+        if hint is not None:
+            for x, value, s in zip(xs, hint, scale, strict=True):
+                cp.add_hint(x, round(value * s))
+        solver = cp_model.CpSolver()
+        solver.parameters.max_time_in_seconds = max(0.01, time_limit_s)
+        solver.parameters.random_seed = seed
+        solver.parameters.relative_gap_limit = relative_gap
+        solver.parameters.num_workers = max(1, num_workers)
+        status = solver.solve(cp)
+        wall = time.perf_counter() - start
+        if status == cp_model.MODEL_INVALID:
+            raise SolverError(f"CP-SAT rejected the model: {cp.validate()}")
+        if status == cp_model.INFEASIBLE:
+            return Solution(SolveStatus.INFEASIBLE, (), 0.0, 0.0, wall)
+        if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
+            return Solution(SolveStatus.UNKNOWN, (), 0.0, solver.best_objective_bound, wall)
+        values = tuple(solver.value(x) / s for x, s in zip(xs, scale, strict=True))
+        objective = model.objective_value(values)
+        bound = solver.best_objective_bound + model.objective_constant
+        st = SolveStatus.OPTIMAL if status == cp_model.OPTIMAL else SolveStatus.FEASIBLE
+        return Solution(st, values, objective, max(bound, objective), wall)
+
+    def solve_lp(self, model: LinearModel, *, time_limit_s: float) -> Solution:
+        from ortools.linear_solver import pywraplp
+
+        start = time.perf_counter()
+        lp = pywraplp.Solver.CreateSolver("GLOP")
+        if lp is None:  # pragma: no cover - GLOP ships with every OR-Tools wheel
+            raise SolverError("GLOP is not available")
+        lp.SetTimeLimit(max(10, int(time_limit_s * 1000)))
+        xs = [lp.NumVar(v.lb, v.ub, v.name) for v in model.vars]
+        rows = []
+        for c in model.constraints:
+            lo = c.rhs if c.sense in (Sense.GE, Sense.EQ) else -_INF
+            hi = c.rhs if c.sense in (Sense.LE, Sense.EQ) else _INF
+            row = lp.RowConstraint(lo, hi, c.name)
+            for i, a in c.terms.items():
+                row.SetCoefficient(xs[i], a)
+            rows.append(row)
+        objective = lp.Objective()
+        for i, a in model.objective.items():
+            objective.SetCoefficient(xs[i], a)
+        objective.SetMaximization()
+        status = lp.Solve()
+        wall = time.perf_counter() - start
+        if status == pywraplp.Solver.INFEASIBLE:
+            return Solution(SolveStatus.INFEASIBLE, (), 0.0, 0.0, wall)
+        if status != pywraplp.Solver.OPTIMAL:
+            return Solution(SolveStatus.UNKNOWN, (), 0.0, _INF, wall)
+        values = tuple(x.solution_value() for x in xs)
+        value = objective.Value() + model.objective_constant
+        duals = {c.name: row.dual_value() for c, row in zip(model.constraints, rows, strict=True)}
+        return Solution(SolveStatus.OPTIMAL, values, value, value, wall, duals)

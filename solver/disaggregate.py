@@ -1,0 +1,159 @@
+"""Disaggregation: turn counts per (class, option) into concrete placements.
+
+Order, so that what is pinned goes first and what is flexible fills the gaps:
+
+1. running workloads that the solution keeps where they are (exact nodes);
+2. gangs, on whole idle nodes of their shape and scope;
+3. service replicas, per option, spread over failure units;
+4. single-node jobs, largest first, best-fit within their shape.
+
+A member the packing cannot put where the solution said is tried on its other
+options (best value first); if none fits it stays unplaced with reason
+PACKING. Members of a class are assigned in id order, higher tiers first, so
+the result is deterministic.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+
+from solver.aggregate import Index, OptionKind
+from solver.greedy import place_training
+from solver.model import Placement, Shard, Workload
+from solver.packing import Ledger
+
+__all__ = ["disaggregate"]
+
+
+def disaggregate(index: Index, counts: Mapping[tuple[int, int], int]) -> tuple[dict[str, Placement], set[str]]:
+    """Returns (placements by workload id, ids that lost their slot in packing)."""
+    ledger = Ledger(index)
+    placed: dict[str, Placement] = {}
+    lost: set[str] = set()
+    remaining: dict[tuple[int, int], int] = dict(counts)
+    todo: dict[int, list[Workload]] = {c.index: sorted(c.members, key=lambda w: w.id) for c in index.classes}
+
+    # 1. keep what runs where it runs (training: the class's current option).
+    for c in index.classes:
+        if not c.is_training or c.current_option is None:
+            continue
+        keep = remaining.get((c.index, c.current_option), 0)
+        for w in list(todo[c.index]):
+            if keep <= 0:
+                break
+            p = index.current.get(w.id)
+            if p is None:
+                continue
+            if all(ledger.fits(s.node_id, s.gpus, 0, 0) for s in p.shards):
+                p = Placement(w.id, p.shards, c.options[c.current_option].gpu_type)
+                ledger.place(w, p)
+                placed[w.id] = p
+                todo[c.index].remove(w)
+                keep -= 1
+                remaining[c.index, c.current_option] -= 1
+    # Services: keep running replicas the solution keeps on their option.
+    service_kept: dict[int, list[Shard]] = defaultdict(list)
+    for c in index.classes:
+        if c.is_training or not c.current_replicas:
+            continue
+        w = c.members[0]
+        cur = index.current[w.id]
+        for o, _n in sorted(c.current_replicas.items()):
+            want = min(remaining.get((c.index, o), 0), c.current_replicas[o])
+            opt = c.options[o]
+            for shard in cur.shards:
+                if want <= 0:
+                    break
+                if index.node_shape.get(shard.node_id) != opt.shape or shard.gpus != opt.gpus:
+                    continue
+                if opt.scope != ("any",):
+                    from solver.packing import _in_scope
+
+                    if not _in_scope(index.nodes[shard.node_id], opt.scope):
+                        continue
+                if shard in service_kept[c.index] and service_kept[c.index].count(shard) >= cur.shards.count(shard):
+                    continue
+                if ledger.fits(shard.node_id, opt.gpus, opt.cpus, opt.memory_gib):
+                    ledger.take(w, shard.node_id, opt.gpus, opt.cpus, opt.memory_gib)
+                    ledger.quota.take(w.tenant, opt.gpu_type, opt.gpus)
+                    service_kept[c.index].append(shard)
+                    want -= 1
+                    remaining[c.index, o] -= 1
+
+    # Members per option, in id order, higher tiers first.
+    wanted: list[tuple[int, int, int, Workload]] = []  # (tier, class, option, workload)
+    for c in sorted(index.classes, key=lambda c: (-c.tier, c.index)):
+        if not c.is_training:
+            continue
+        members = todo[c.index]
+        for o in range(len(c.options)):
+            for _ in range(max(0, remaining.get((c.index, o), 0))):
+                if not members:
+                    break
+                wanted.append((c.tier, c.index, o, members.pop(0)))
+
+    def fallback(w: Workload, ci: int) -> None:
+        p = place_training(ledger, w, index.classes[ci], best_fit=True)
+        if p is None:
+            lost.add(w.id)
+        else:
+            placed[w.id] = p
+
+    # 2. gangs (and STAY on draining nodes).
+    for _tier, ci, o, w in wanted:
+        opt = index.classes[ci].options[o]
+        if opt.kind is OptionKind.STAY:
+            p = index.current[w.id]
+            p = Placement(w.id, p.shards, opt.gpu_type)
+            ledger.place(w, p)
+            placed[w.id] = p
+        elif opt.kind is OptionKind.GANG:
+            got = ledger.try_training(w, opt)
+            if got is None:
+                fallback(w, ci)
+            else:
+                placed[w.id] = got
+
+    # 3. services.
+    for c in sorted(index.classes, key=lambda c: (-c.tier, c.index)):
+        if c.is_training:
+            continue
+        w = c.members[0]
+        per_option = {o: n for (ci, o), n in remaining.items() if ci == c.index and n > 0}
+        kept = service_kept.get(c.index, [])
+        if not per_option and not kept:
+            continue
+        types = {c.options[o].gpu_type for o in per_option} | (
+            {index.nodes[kept[0].node_id].gpu_type} if kept else set()
+        )
+        t = sorted(types)[0]
+        opts = [opt for opt in c.options if opt.gpu_type == t]
+        local = {opts.index(c.options[o]): n for o, n in per_option.items() if c.options[o].gpu_type == t}
+        total = sum(local.values()) + len(kept)
+        shards = ledger.try_service(w, opts, sum(local.values()), c.spread_units, True, local) if local else []
+        spec = w.inference
+        assert spec is not None
+        if len(shards) + len(kept) < total:
+            # Packing left some out: try the other options of the same type.
+            extra = ledger.try_service(w, opts, total - len(shards) - len(kept), c.spread_units, True)
+            shards += extra
+        all_shards = tuple(kept) + tuple(shards)
+        if len(all_shards) >= max(1, spec.min_replicas):
+            placed[w.id] = Placement(w.id, all_shards, t)
+        else:
+            if all_shards:
+                ledger.release(w, Placement(w.id, all_shards, t))
+            lost.add(w.id)
+
+    # 4. single-node jobs, largest first.
+    singles = [x for x in wanted if index.classes[x[1]].options[x[2]].kind is OptionKind.SINGLE]
+    singles.sort(key=lambda x: (-x[0], -index.classes[x[1]].options[x[2]].gpus, x[3].id))
+    for _tier, ci, o, w in singles:
+        opt = index.classes[ci].options[o]
+        got = ledger.try_training(w, opt, best_fit=True)
+        if got is None:
+            fallback(w, ci)
+        else:
+            placed[w.id] = got
+    return placed, lost

@@ -1,0 +1,360 @@
+"""The aggregated integer model shared by every optimizing policy.
+
+Sets
+    J   training classes (see ``aggregate``), each with ``count_j`` members;
+    I   inference services;  O_j  options of class j (service i: O_i);
+    S   node shapes, each with K_s ready nodes of G_s GPUs, C_s CPUs, M_s GiB;
+    L   locations (a zone, or a zone's domain) with K_{s,L} nodes of shape s;
+    T   GPU types;  P  tenants.
+Data
+    g_o GPUs of one item of option o (a job, or one replica); k_o whole nodes of
+    a gang option; rho_o normalized throughput; rps_o requests/s of a replica;
+    w_j effective weight; c_t $/GPU-hour.
+Variables
+    n_{j,o} in {0..count_j}   members of class j running as option o;
+    r_{i,o} in {0..R_i}       replicas of service i as option o;
+    y_i, z_{i,t} in {0,1}     service i runs, on type t;
+    f_i in [0,1]              served fraction of service i;
+    m_i in {0,1}              service i loses a running replica (a migration).
+Constraints
+    (1)  sum_o n_{j,o} <= count_j
+    (2)  n_{j,o*} = count_j for non-preemptible running members (o*: where they run)
+    (3)  GPUs per shape:  sum g_o n_{j,o} [single] + sum g_o r_{i,o} + sum k_o G_s n_{j,o} [gang] <= G_s K_s
+    (4)  packing per shape, for each item size v that does not divide G_s:
+         #items with g_o >= v + floor(G_s/v) * (nodes held by gangs) <= floor(G_s/v) K_s
+    (5)  CPUs and memory per shape (only where nodes declare them), gangs count whole nodes
+    (6)  GPUs per shape and location, for gangs and spread replicas bound to a location:
+         sum over options inside L of GPUs held <= G_s K_{s,L}
+    (7)  tenant quotas, in total and per type
+    (8)  services: z_{i,t} <= y_i, sum_t z_{i,t} <= 1, r_{i,o} <= R_i z_{i,t(o)},
+         max(1, min_i) y_i <= sum_o r_{i,o} <= R_i y_i,  f_i <= y_i,
+         target_i f_i <= sum_o rps_o r_{i,o}
+    (9)  spread over U_i units: U_i * (replicas in unit u) - sum_o r_{i,o} <= U_i - 1;
+         for node spread, r_{i,o} <= K_s ceil(R_i / U_i)
+    (10) migrations: moves = sum_j (running_j - n_{j,o*}) + sum_i m_i <= max_migrations,
+         m_i >= (running replicas of i on o - r_{i,o}) / running replicas on o
+Objectives are supplied by the policies (``solver.policies``) as stages solved
+one after another; each stage's optimum becomes a floor for the next (11).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from solver.aggregate import Index, OptionKind, WorkloadClass
+from solver.linear import LinearModel, Sense, Var
+from solver.model import Placement, Problem
+
+__all__ = ["Formulation", "Terms", "build_formulation"]
+
+Terms = list[tuple[Var, float]]
+
+
+@dataclass
+class Formulation:
+    model: LinearModel
+    index: Index
+    n: dict[tuple[int, int], Var] = field(default_factory=dict)  # (class, option) -> items
+    y: dict[int, Var] = field(default_factory=dict)
+    z: dict[tuple[int, str], Var] = field(default_factory=dict)
+    f: dict[int, Var] = field(default_factory=dict)
+    m: dict[int, Var] = field(default_factory=dict)
+    max_replicas: dict[int, int] = field(default_factory=dict)
+    move_constant: float = 0.0  # migrations = move_constant + sum(move_terms)
+    forced_moves: float = 0.0  # of which the input forces (running work that cannot stay)
+    move_terms: Terms = field(default_factory=list)
+    gpu_rows: dict[str, int] = field(default_factory=dict)  # capacity row name -> shape
+
+    # -- objective building blocks (all to maximize) -------------------------------------
+
+    def classes(self, tier: int | None = None) -> Iterable[WorkloadClass]:
+        return (c for c in self.index.classes if tier is None or c.tier == tier)
+
+    def coverage(self, tier: int | None = None) -> Terms:
+        """Weighted count of running jobs plus weighted served fraction of services."""
+        terms: Terms = []
+        for c in self.classes(tier):
+            if c.is_training:
+                terms += [(self.n[c.index, o], c.weight) for o in range(len(c.options))]
+            elif c.index in self.f:
+                terms.append((self.f[c.index], c.weight))
+        return terms
+
+    def served(self) -> Terms:
+        return [(self.f[c.index], c.weight) for c in self.classes() if c.index in self.f]
+
+    def throughput(self) -> Terms:
+        terms: Terms = []
+        for c in self.classes():
+            if c.is_training:
+                terms += [(self.n[c.index, o], c.weight * opt.value) for o, opt in enumerate(c.options)]
+        return terms + self.served()
+
+    def cost(self) -> Terms:
+        """Minus $/hour of the GPUs held."""
+        terms: Terms = []
+        for c in self.classes():
+            for o, opt in enumerate(c.options):
+                price = self.index.types[opt.gpu_type].cost_per_hour or 0.0
+                if price:
+                    terms.append((self.n[c.index, o], -price * opt.gpus))
+        return terms
+
+    def moves(self, penalty: float) -> tuple[Terms, float]:
+        """``-penalty * migrations`` as terms and a constant."""
+        return [(v, -penalty * a) for v, a in self.move_terms], -penalty * self.move_constant
+
+    def set_floor(self, terms: Terms, constant: float, value: float, name: str) -> None:
+        """Constraint (11): keep a solved stage's objective (with a small tolerance)."""
+        tol = 1e-6 * max(1.0, abs(value))
+        self.model.add(terms, Sense.GE, value - constant - tol, name)
+
+    # -- hints ----------------------------------------------------------------------------
+
+    def hint(self, placements: Iterable[Placement]) -> dict[int, float]:
+        """Variable values that describe concrete placements (e.g. a greedy plan)."""
+        from solver.aggregate import scope_of_nodes
+
+        idx = self.index
+        values: dict[int, float] = {v.index: 0.0 for v in self.model.vars if v.integer}
+        for p in placements:
+            ci = idx.workload_class.get(p.workload_id)
+            if ci is None or not p.shards:
+                continue
+            c = idx.classes[ci]
+            hosts = [idx.nodes[s.node_id] for s in p.shards]
+            if c.is_training:
+                for o, opt in enumerate(c.options):
+                    spec_shape = c.members[0].training.shapes[opt.gang_shape] if opt.gang_shape >= 0 else None  # type: ignore[union-attr]
+                    if spec_shape is None or spec_shape.gpus != p.gpus or opt.gpu_type != hosts[0].gpu_type:
+                        continue
+                    if opt.kind is OptionKind.STAY:
+                        if c.current_option == o and idx.current.get(p.workload_id) == p:
+                            values[self.n[ci, o].index] += 1
+                            break
+                        continue
+                    if any(h.id not in idx.node_shape or idx.node_shape[h.id] != opt.shape for h in hosts):
+                        continue
+                    if opt.kind is OptionKind.SINGLE and len(hosts) == 1:
+                        values[self.n[ci, o].index] += 1
+                        break
+                    if opt.kind is OptionKind.GANG and len(hosts) == opt.nodes:
+                        if opt.scope == ("any",) or all(scope_of_nodes([h], opt.scope[0]) == opt.scope for h in hosts):
+                            values[self.n[ci, o].index] += 1
+                            break
+            else:
+                t = hosts[0].gpu_type
+                for h in hosts:
+                    for o, opt in enumerate(c.options):
+                        if opt.shape == idx.node_shape.get(h.id) and (
+                            opt.scope == ("any",) or scope_of_nodes([h], opt.scope[0]) == opt.scope
+                        ):
+                            values[self.n[ci, o].index] += 1
+                            break
+                if ci in self.y:
+                    values[self.y[ci].index] = 1.0
+                    if (ci, t) in self.z:
+                        values[self.z[ci, t].index] = 1.0
+        # Clip to bounds, then derive f and m from the counts.
+        for v in self.model.vars:
+            if v.index in values:
+                values[v.index] = min(max(values[v.index], v.lb), v.ub)
+        for c in self.index.classes:
+            if c.index in self.f:
+                spec = c.members[0].inference
+                assert spec is not None
+                served = sum(values[self.n[c.index, o].index] * opt.value for o, opt in enumerate(c.options))
+                values[self.f[c.index].index] = min(1.0, served / spec.target_rps)
+                if c.index in self.m:
+                    moved = any(
+                        values[self.n[c.index, o].index] < cur for o, cur in c.current_replicas.items()
+                    )
+                    values[self.m[c.index].index] = 1.0 if moved else 0.0
+        return values
+
+
+def _service_max_replicas(c: WorkloadClass, idx: Index) -> int:
+    spec = c.members[0].inference
+    assert spec is not None
+    if not c.options:
+        return 0
+    need = max(math.ceil(spec.target_rps / o.value - 1e-9) for o in c.options)
+    r = max(need, spec.min_replicas, 1)
+    if spec.max_replicas is not None:
+        r = min(r, spec.max_replicas)
+    room = sum(
+        idx.shapes[s].count * (idx.shapes[s].gpus // g)
+        for s, g in {(o.shape, o.gpus) for o in c.options}
+    )
+    return max(0, min(r, room))
+
+
+def build_formulation(index: Index, max_migrations: int | None = None) -> Formulation:
+    """Variables and constraints (1)-(10); objectives come from the policies."""
+    model = LinearModel()
+    form = Formulation(model=model, index=index)
+    shapes = index.shapes
+    problem: Problem = index.problem
+
+    # Usage collected per shape / location / tenant as (var, coefficient) lists.
+    gpu_use: dict[int, Terms] = defaultdict(list)
+    cpu_use: dict[int, Terms] = defaultdict(list)
+    mem_use: dict[int, Terms] = defaultdict(list)
+    items_by_size: dict[int, list[tuple[Var, int]]] = defaultdict(list)  # shape -> (var, size)
+    gang_nodes: dict[int, Terms] = defaultdict(list)
+    loc_use: dict[tuple[int, tuple[str, ...]], Terms] = defaultdict(list)
+    tenant_use: dict[str, Terms] = defaultdict(list)
+    tenant_type_use: dict[tuple[str, str], Terms] = defaultdict(list)
+
+    def locations(scope: tuple[str, ...]) -> list[tuple[str, ...]]:
+        if scope[0] == "domain":
+            return [("domain", scope[1], scope[2]), ("zone", scope[1])]
+        if scope[0] == "zone":
+            return [("zone", scope[1])]
+        return []
+
+    for c in index.classes:
+        if c.is_training:
+            # Constraint (1): at most count_j members run.
+            vars_c: Terms = []
+            for o, opt in enumerate(c.options):
+                v = model.int_var(0, c.count, f"n[{c.members[0].id},{o}]")
+                form.n[c.index, o] = v
+                vars_c.append((v, 1.0))
+                tenant = c.members[0].tenant
+                tenant_use[tenant].append((v, opt.gpus))
+                tenant_type_use[tenant, opt.gpu_type].append((v, opt.gpus))
+                if opt.kind is OptionKind.STAY:
+                    continue
+                s = shapes[opt.shape]
+                if opt.kind is OptionKind.SINGLE:
+                    gpu_use[s.index].append((v, opt.gpus))
+                    cpu_use[s.index].append((v, opt.cpus))
+                    mem_use[s.index].append((v, opt.memory_gib))
+                    items_by_size[s.index].append((v, opt.gpus))
+                else:
+                    gpu_use[s.index].append((v, opt.nodes * s.gpus))
+                    cpu_use[s.index].append((v, opt.nodes * s.cpus))
+                    mem_use[s.index].append((v, opt.nodes * s.memory_gib))
+                    gang_nodes[s.index].append((v, opt.nodes))
+                    for loc in locations(opt.scope):
+                        loc_use[s.index, loc].append((v, opt.nodes * s.gpus))
+            model.add(vars_c, Sense.LE, c.count, f"count[{c.members[0].id}]")
+            # Constraint (2): non-preemptible running members stay.
+            if c.pinned and c.current_option is not None:
+                model.add([(form.n[c.index, c.current_option], 1.0)], Sense.GE, c.count, f"pin[{c.index}]")
+            # Constraint (10), training part.
+            if c.current_count:
+                form.move_constant += c.current_count
+                if c.current_option is not None:
+                    form.move_terms.append((form.n[c.index, c.current_option], -1.0))
+                else:
+                    form.forced_moves += c.current_count
+        else:
+            spec = c.members[0].inference
+            assert spec is not None
+            wid = c.members[0].id
+            r_max = _service_max_replicas(c, index)
+            form.max_replicas[c.index] = r_max
+            if r_max < max(1, spec.min_replicas):
+                for o in range(len(c.options)):
+                    form.n[c.index, o] = model.int_var(0, 0, f"r[{wid},{o}]")
+                if c.current_count:
+                    form.move_constant += 1
+                    form.forced_moves += 1
+                continue
+            y = form.y[c.index] = model.bool_var(f"y[{wid}]")
+            f = form.f[c.index] = model.num_var(0, 1, f"f[{wid}]")
+            reps: Terms = []
+            served: Terms = []
+            for t in sorted({o.gpu_type for o in c.options}):
+                form.z[c.index, t] = model.bool_var(f"z[{wid},{t}]")
+                # Constraint (8): one type, only if the service runs.
+                model.add([(form.z[c.index, t], 1.0), (y, -1.0)], Sense.LE, 0, f"zy[{wid},{t}]")
+            model.add([(form.z[c.index, t], 1.0) for t in {o.gpu_type for o in c.options}], Sense.LE, 1,
+                      f"onetype[{wid}]")
+            by_unit: dict[tuple[str, ...], Terms] = defaultdict(list)
+            for o, opt in enumerate(c.options):
+                s = shapes[opt.shape]
+                cap = r_max
+                if spec.spread.value == "node" and c.spread_units:
+                    cap = min(cap, s.count * math.ceil(r_max / c.spread_units))
+                v = model.int_var(0, cap, f"r[{wid},{o}]")
+                form.n[c.index, o] = v
+                reps.append((v, 1.0))
+                served.append((v, opt.value))
+                model.add([(v, 1.0), (form.z[c.index, opt.gpu_type], -cap)], Sense.LE, 0, f"rz[{wid},{o}]")
+                gpu_use[s.index].append((v, opt.gpus))
+                cpu_use[s.index].append((v, opt.cpus))
+                mem_use[s.index].append((v, opt.memory_gib))
+                items_by_size[s.index].append((v, opt.gpus))
+                for loc in locations(opt.scope):
+                    loc_use[s.index, loc].append((v, opt.gpus))
+                tenant_use[c.members[0].tenant].append((v, opt.gpus))
+                tenant_type_use[c.members[0].tenant, opt.gpu_type].append((v, opt.gpus))
+                if opt.scope != ("any",):
+                    by_unit[opt.scope].append((v, 1.0))
+            lo = max(1, spec.min_replicas)
+            model.add([*reps, (y, -lo)], Sense.GE, 0, f"minrep[{wid}]")
+            model.add([*reps, (y, -r_max)], Sense.LE, 0, f"maxrep[{wid}]")
+            model.add([(f, 1.0), (y, -1.0)], Sense.LE, 0, f"fy[{wid}]")
+            model.add([(f, spec.target_rps)] + [(v, -a) for v, a in served], Sense.LE, 0, f"served[{wid}]")
+            # Constraint (9): spread over zones / domains.
+            units = c.spread_units
+            if units > 1 and by_unit:
+                for unit, terms in sorted(by_unit.items()):
+                    model.add([(v, units * a) for v, a in terms] + [(v, -a) for v, a in reps],
+                              Sense.LE, units - 1, f"spread[{wid},{'/'.join(unit)}]")
+            # Constraint (10), service part.
+            if c.forced_move:
+                form.move_constant += 1
+                form.forced_moves += 1
+            elif c.current_replicas:
+                m = form.m[c.index] = model.bool_var(f"m[{wid}]")
+                form.move_terms.append((m, 1.0))
+                for o, cur in sorted(c.current_replicas.items()):
+                    model.add([(m, cur), (form.n[c.index, o], 1.0)], Sense.GE, cur, f"moved[{wid},{o}]")
+
+    for s in shapes:
+        # Constraint (3): GPUs per shape (its dual is the shadow price of a GPU).
+        if gpu_use[s.index]:
+            name = f"gpu[{s.index}]"
+            model.add(gpu_use[s.index], Sense.LE, s.gpus * s.count, name)
+            form.gpu_rows[name] = s.index
+        # Constraint (4): sizes that do not divide the node.
+        sizes = sorted({g for _, g in items_by_size[s.index] if s.gpus % g})
+        for v_size in sizes:
+            per = s.gpus // v_size
+            terms = [(v, 1.0) for v, g in items_by_size[s.index] if g >= v_size]
+            terms += [(v, per * a) for v, a in gang_nodes[s.index]]
+            model.add(terms, Sense.LE, per * s.count, f"pack[{s.index},{v_size}]")
+        # Constraint (5): host CPUs and memory where tracked.
+        if s.cpus > 0 and any(a for _, a in cpu_use[s.index]):
+            model.add(cpu_use[s.index], Sense.LE, s.cpus * s.count, f"cpu[{s.index}]")
+        if s.memory_gib > 0 and any(a for _, a in mem_use[s.index]):
+            model.add(mem_use[s.index], Sense.LE, s.memory_gib * s.count, f"mem[{s.index}]")
+    # Constraint (6): per location.
+    for (si, loc), terms in sorted(loc_use.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        s = shapes[si]
+        nodes = s.by_domain.get((loc[1], loc[2]), 0) if loc[0] == "domain" else s.by_zone.get(loc[1], 0)
+        model.add(terms, Sense.LE, s.gpus * nodes, f"loc[{si},{'/'.join(loc)}]")
+    # Constraint (7): quotas.
+    for tenant in problem.tenants:
+        if tenant.max_gpus is not None and tenant_use.get(tenant.name):
+            model.add(tenant_use[tenant.name], Sense.LE, tenant.max_gpus, f"quota[{tenant.name}]")
+        for t, cap in sorted(tenant.max_gpus_per_type.items()):
+            if tenant_type_use.get((tenant.name, t)):
+                model.add(tenant_type_use[tenant.name, t], Sense.LE, cap, f"quota[{tenant.name},{t}]")
+    # Constraint (10): the migration cap (moves the input forces do not count against it).
+    if max_migrations is not None and form.move_terms:
+        allowed = max(float(max_migrations), form.forced_moves)
+        model.add(form.move_terms, Sense.LE, allowed - form.move_constant, "migrations")
+    return form
+
+
+def option_values(form: Formulation, values: tuple[float, ...]) -> Mapping[tuple[int, int], int]:
+    """Integer counts per (class, option) from a solution."""
+    return {key: round(values[v.index]) for key, v in form.n.items() if values[v.index] > 0.5}

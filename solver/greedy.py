@@ -1,0 +1,165 @@
+"""Greedy placement: the classic baselines, and the seed of the optimizer.
+
+Every greedy pass does the same thing in a different order and with a
+different node choice:
+
+1. running workloads stay where they are if their nodes are still ready
+   (schedulers of this kind do not migrate);
+2. the rest are taken one at a time in the baseline's order; a training job
+   tries its options from the highest normalized throughput down and takes the
+   first that fits (first-fit: the lowest-numbered node; best-fit: the node
+   left with the fewest free GPUs); a service takes the type with the most
+   requests/s per GPU that can host its minimum, and as many replicas as its
+   target needs.
+
+Orders: ``fcfs`` by submission time; ``sjf`` by shortest remaining time
+(remaining work / best throughput; services and jobs without remaining work
+last); ``priority``, ``first-fit`` and ``best-fit`` by priority (highest
+first), then largest GPU need first (first-fit/best-fit decreasing), then
+submission time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+from solver.aggregate import Index, Option, OptionKind, WorkloadClass
+from solver.model import NodeState, Placement, Workload
+from solver.packing import Ledger
+
+__all__ = ["BASELINE_ORDERS", "greedy_place"]
+
+
+def _gpus_needed(w: Workload) -> int:
+    if w.training is not None:
+        return max(s.gpus for s in w.training.shapes)
+    assert w.inference is not None
+    return max(w.inference.gpus_per_replica.values(), default=0) * max(1, w.inference.min_replicas)
+
+
+def _best_throughput(w: Workload) -> float:
+    assert w.training is not None
+    return max((v for s in w.training.shapes for v in s.throughput.values()), default=0.0)
+
+
+def _order_fcfs(ws: Sequence[Workload]) -> list[Workload]:
+    return sorted(ws, key=lambda w: (w.submit_time_s, w.id))
+
+
+def _order_sjf(ws: Sequence[Workload]) -> list[Workload]:
+    def key(w: Workload) -> tuple[float, float, str]:
+        if w.training is not None and w.training.remaining_work is not None and _best_throughput(w) > 0:
+            return (0, w.training.remaining_work / _best_throughput(w), w.id)
+        return (1, w.submit_time_s, w.id)
+
+    return sorted(ws, key=key)
+
+
+def _order_priority(ws: Sequence[Workload]) -> list[Workload]:
+    return sorted(ws, key=lambda w: (-w.priority, w.submit_time_s, w.id))
+
+
+def _order_decreasing(ws: Sequence[Workload]) -> list[Workload]:
+    return sorted(ws, key=lambda w: (-w.priority, -_gpus_needed(w), w.submit_time_s, w.id))
+
+
+# name -> (order, best_fit)
+BASELINE_ORDERS: dict[str, tuple[Callable[[Sequence[Workload]], list[Workload]], bool]] = {
+    "fcfs": (_order_fcfs, False),
+    "sjf": (_order_sjf, False),
+    "priority": (_order_priority, False),
+    "first-fit": (_order_decreasing, False),
+    "best-fit": (_order_decreasing, True),
+}
+
+
+def keep_running(index: Index, ledger: Ledger, allow_draining: bool = False) -> dict[str, Placement]:
+    """Put running workloads back where they are (nodes ready, shape still valid)."""
+    kept: dict[str, Placement] = {}
+    for wid in sorted(index.current):
+        p = index.current[wid]
+        w = index.workloads[wid]
+        ok_states = (NodeState.READY, NodeState.DRAINING) if allow_draining else (NodeState.READY,)
+        if not p.shards or any(
+            s.node_id not in index.nodes or index.nodes[s.node_id].state not in ok_states for s in p.shards
+        ):
+            continue
+        c = index.classes[index.workload_class[wid]]
+        if w.training is not None:
+            if c.current_option is None:
+                continue
+            opt = c.options[c.current_option]
+            if not all(ledger.fits(s.node_id, s.gpus, 0, 0) for s in p.shards):
+                continue
+            p = Placement(wid, p.shards, opt.gpu_type)
+        else:
+            spec = w.inference
+            assert spec is not None
+            types = {index.nodes[s.node_id].gpu_type for s in p.shards}
+            if len(types) != 1:
+                continue
+            t = types.pop()
+            if spec.gpus_per_replica.get(t, 0) <= 0 or any(s.gpus != spec.gpus_per_replica[t] for s in p.shards):
+                continue
+            if not all(ledger.fits(s.node_id, s.gpus, 0, 0) for s in p.shards):
+                continue
+            p = Placement(wid, p.shards, t)
+        ledger.place(w, p)
+        kept[wid] = p
+    return kept
+
+
+def place_training(ledger: Ledger, w: Workload, c: WorkloadClass, best_fit: bool) -> Placement | None:
+    opts = [o for o in c.options if o.kind in (OptionKind.SINGLE, OptionKind.GANG)]
+    opts.sort(key=lambda o: (-o.value, o.kind is OptionKind.GANG, o.gpus, o.shape, o.scope))
+    for opt in opts:
+        p = ledger.try_training(w, opt, best_fit)
+        if p is not None:
+            return p
+    return None
+
+
+def replicas_wanted(w: Workload, rps: float, cap: int) -> int:
+    spec = w.inference
+    assert spec is not None
+    r = max(1, spec.min_replicas, math.ceil(spec.target_rps / rps - 1e-9))
+    if spec.max_replicas is not None:
+        r = min(r, spec.max_replicas)
+    return min(r, cap) if cap else r
+
+
+def place_service(ledger: Ledger, w: Workload, c: WorkloadClass, best_fit: bool) -> Placement | None:
+    spec = w.inference
+    assert spec is not None
+    by_type: dict[str, list[Option]] = {}
+    for o in c.options:
+        by_type.setdefault(o.gpu_type, []).append(o)
+    order = sorted(by_type, key=lambda t: (-by_type[t][0].value / by_type[t][0].gpus, t))
+    for t in order:
+        opts = by_type[t]
+        want = replicas_wanted(w, opts[0].value, 0)
+        shards = ledger.try_service(w, opts, want, c.spread_units, best_fit)
+        p = Placement(w.id, tuple(shards), t)
+        if len(shards) >= max(1, spec.min_replicas):
+            return p
+        if shards:
+            ledger.release(w, p)
+    return None
+
+
+def greedy_place(index: Index, order_name: str = "best-fit", ledger: Ledger | None = None) -> dict[str, Placement]:
+    """Place workloads greedily; returns workload id -> placement."""
+    order, best_fit = BASELINE_ORDERS[order_name]
+    ledger = ledger if ledger is not None else Ledger(index)
+    placed = keep_running(index, ledger)
+    for w in order(list(index.problem.workloads)):
+        if w.id in placed:
+            continue
+        c = index.classes[index.workload_class[w.id]]
+        p = place_training(ledger, w, c, best_fit) if w.training is not None else place_service(
+            ledger, w, c, best_fit
+        )
+        if p is not None:
+            placed[w.id] = p
+    return placed

@@ -1,0 +1,305 @@
+"""Concrete nodes: what is free where, and how to put one workload on them.
+
+:class:`Ledger` tracks free GPUs, CPUs and memory per node and finds nodes for
+one item (a job on one node, a gang on whole nodes, a service's replicas). It
+is used by the greedy baselines, by the disaggregation of the aggregated
+solution and by the explanations ("would it fit if...").
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from solver.aggregate import Index, NodeShape, Option, OptionKind, scope_of_nodes
+from solver.model import Node, NodeState, Placement, Shard, Spread, Workload
+
+__all__ = ["Ledger", "Quota"]
+
+
+@dataclass
+class _Free:
+    gpus: int
+    cpus: float
+    memory_gib: float
+
+
+class Quota:
+    """GPUs held per tenant (and per tenant and type) against their limits."""
+
+    def __init__(self, index: Index) -> None:
+        self.limits = {t.name: t for t in index.problem.tenants}
+        self.used: dict[str, int] = defaultdict(int)
+        self.used_type: dict[tuple[str, str], int] = defaultdict(int)
+
+    def allows(self, tenant: str, gpu_type: str, gpus: int) -> bool:
+        lim = self.limits.get(tenant)
+        if lim is None:
+            return True
+        if lim.max_gpus is not None and self.used[tenant] + gpus > lim.max_gpus:
+            return False
+        cap = lim.max_gpus_per_type.get(gpu_type)
+        return cap is None or self.used_type[tenant, gpu_type] + gpus <= cap
+
+    def take(self, tenant: str, gpu_type: str, gpus: int) -> None:
+        self.used[tenant] += gpus
+        self.used_type[tenant, gpu_type] += gpus
+
+
+class Ledger:
+    """Free capacity of every node, with buckets by free GPUs per node shape so
+    that first-fit and best-fit searches do not scan every node."""
+
+    def __init__(self, index: Index) -> None:
+        self.index = index
+        self.order = {n.id: i for i, n in enumerate(index.problem.nodes)}
+        self.free: dict[str, _Free] = {n.id: _Free(n.gpus, n.cpus, n.memory_gib) for n in index.problem.nodes}
+        self.exclusive: set[str] = set()  # nodes held whole by a gang
+        self.holders: dict[str, list[tuple[str, int]]] = defaultdict(list)  # node -> (workload, gpus)
+        # shape -> free gpus -> sorted node positions
+        self.buckets: dict[int, dict[int, list[int]]] = {
+            s.index: defaultdict(list) for s in index.shapes
+        }
+        self.by_pos = [n.id for n in index.problem.nodes]
+        for s in index.shapes:
+            for nid in s.node_ids:
+                bisect.insort(self.buckets[s.index][s.gpus], self.order[nid])
+        self.quota = Quota(index)
+
+    # -- bookkeeping ------------------------------------------------------------------
+
+    def _move(self, node_id: str, before: int, after: int) -> None:
+        si = self.index.node_shape.get(node_id)
+        if si is None:
+            return
+        pos = self.order[node_id]
+        b = self.buckets[si][before]
+        i = bisect.bisect_left(b, pos)
+        if i < len(b) and b[i] == pos:
+            b.pop(i)
+        bisect.insort(self.buckets[si][after], pos)
+
+    def take(self, workload: Workload, node_id: str, gpus: int, cpus: float, memory_gib: float) -> None:
+        f = self.free[node_id]
+        self._move(node_id, f.gpus, f.gpus - gpus)
+        f.gpus -= gpus
+        f.cpus -= cpus
+        f.memory_gib -= memory_gib
+        self.holders[node_id].append((workload.id, gpus))
+
+    def place(self, workload: Workload, placement: Placement) -> None:
+        """Record a whole placement (GPUs, host resources, quota)."""
+        node_type = ""
+        for shard in placement.shards:
+            node = self.index.nodes[shard.node_id]
+            node_type = node.gpu_type
+            cpus, mem = _host_need(workload, shard.gpus)
+            if len(placement.shards) > 1 and workload.training is not None:
+                f = self.free[node.id]
+                cpus, mem = max(0.0, f.cpus), max(0.0, f.memory_gib)
+                self.exclusive.add(node.id)
+            self.take(workload, node.id, shard.gpus, cpus, mem)
+        self.quota.take(workload.tenant, node_type, placement.gpus)
+
+    # -- searches ---------------------------------------------------------------------
+
+    def fits(self, node_id: str, gpus: int, cpus: float, memory_gib: float) -> bool:
+        n = self.index.nodes[node_id]
+        f = self.free[node_id]
+        if node_id in self.exclusive or f.gpus < gpus:
+            return False
+        return (n.cpus <= 0 or f.cpus + 1e-9 >= cpus) and (n.memory_gib <= 0 or f.memory_gib + 1e-9 >= memory_gib)
+
+    def candidates(self, shape: int, gpus: int, best_fit: bool) -> Iterable[str]:
+        """Nodes of a shape with at least ``gpus`` free, best-fit or first-fit order."""
+        buckets = self.buckets[shape]
+        levels = sorted(lv for lv, b in buckets.items() if lv >= gpus and b)
+        if best_fit:
+            for lv in levels:
+                for pos in list(buckets[lv]):
+                    yield self.by_pos[pos]
+        else:
+            merged = sorted(pos for lv in levels for pos in buckets[lv])
+            for pos in merged:
+                yield self.by_pos[pos]
+
+    def find_single(self, option: Option, best_fit: bool = True, prefer: str | None = None) -> str | None:
+        if prefer is not None and self.index.node_shape.get(prefer) == option.shape and self.fits(
+            prefer, option.gpus, option.cpus, option.memory_gib
+        ):
+            return prefer
+        for nid in self.candidates(option.shape, option.gpus, best_fit):
+            if self.fits(nid, option.gpus, option.cpus, option.memory_gib):
+                return nid
+        return None
+
+    def find_gang(self, option: Option) -> list[str] | None:
+        """``option.nodes`` whole idle nodes of the shape inside the option's scope,
+        preferring one domain (the one with the fewest idle nodes that suffice)."""
+        shape = self.index.shapes[option.shape]
+        idle = [self.by_pos[p] for p in self.buckets[shape.index].get(shape.gpus, [])]
+        idle = [nid for nid in idle if not self.holders.get(nid) and nid not in self.exclusive]
+        if option.scope != ("any",):
+            idle = [nid for nid in idle if _in_scope(self.index.nodes[nid], option.scope)]
+        if len(idle) < option.nodes:
+            return None
+        by_domain: dict[tuple[str, str], list[str]] = defaultdict(list)
+        for nid in idle:
+            n = self.index.nodes[nid]
+            by_domain[n.zone, n.domain].append(nid)
+        fitting = [d for d, ids in by_domain.items() if len(ids) >= option.nodes]
+        if fitting:
+            d = min(fitting, key=lambda d: (len(by_domain[d]), d))
+            return by_domain[d][: option.nodes]
+        if option.scope[0] == "any":
+            # Spread over zones only if no zone holds it.
+            by_zone: dict[str, list[str]] = defaultdict(list)
+            for nid in idle:
+                by_zone[self.index.nodes[nid].zone].append(nid)
+            zones = [z for z, ids in by_zone.items() if len(ids) >= option.nodes]
+            if zones:
+                z = min(zones, key=lambda z: (len(by_zone[z]), z))
+                idle = by_zone[z]
+        # Fill from the largest domains first to touch few domains.
+        out: list[str] = []
+        for _, ids in sorted(by_domain.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+            out += [i for i in ids if i in set(idle)]
+        return out[: option.nodes] if len(out) >= option.nodes else None
+
+    def gang_placement(self, workload: Workload, option: Option, nodes: Sequence[str]) -> Placement:
+        k = len(nodes)
+        base, extra = divmod(option.gpus, k)
+        shards = tuple(Shard(nid, base + (1 if i < extra else 0)) for i, nid in enumerate(nodes))
+        return Placement(workload.id, shards, option.gpu_type)
+
+    def try_training(self, workload: Workload, option: Option, best_fit: bool = True) -> Placement | None:
+        if not self.quota.allows(workload.tenant, option.gpu_type, option.gpus):
+            return None
+        if option.kind is OptionKind.SINGLE:
+            nid = self.find_single(option, best_fit)
+            if nid is None:
+                return None
+            p = Placement(workload.id, (Shard(nid, option.gpus),), option.gpu_type)
+        elif option.kind is OptionKind.GANG:
+            nodes = self.find_gang(option)
+            if nodes is None:
+                return None
+            p = self.gang_placement(workload, option, nodes)
+        else:
+            return None
+        self.place(workload, p)
+        return p
+
+    def try_service(
+        self,
+        workload: Workload,
+        options: Sequence[Option],
+        replicas: int,
+        units: int,
+        best_fit: bool = True,
+        per_option: Mapping[int, int] | None = None,
+    ) -> list[Shard]:
+        """Place up to ``replicas`` replicas over the given options of one GPU type,
+        honouring spread (no unit above ceil(replicas / units)). With
+        ``per_option``, place that many on each option (indices into ``options``).
+        Returns the shards placed (and records them)."""
+        spec = workload.inference
+        assert spec is not None
+        if not options:
+            return []
+        t = options[0].gpu_type
+        g = options[0].gpus
+        cap_per_unit = math.ceil(replicas / units) if (spec.spread is not Spread.NONE and units) else replicas
+        unit_count: dict[tuple[str, ...], int] = defaultdict(int)
+        shards: list[Shard] = []
+        wanted = dict(per_option) if per_option is not None else None
+
+        def unit_of(nid: str) -> tuple[str, ...]:
+            n = self.index.nodes[nid]
+            if spec.spread is Spread.ZONE:
+                return (n.zone,)
+            if spec.spread is Spread.DOMAIN:
+                return (n.zone, n.domain)
+            if spec.spread is Spread.NODE:
+                return (n.id,)
+            return ()
+
+        while len(shards) < replicas:
+            if not self.quota.allows(workload.tenant, t, g):
+                break
+            best: tuple[tuple[int, int, int], str] | None = None
+            for oi, opt in enumerate(options):
+                if wanted is not None and wanted.get(oi, 0) <= 0:
+                    continue
+                for nid in self.candidates(opt.shape, opt.gpus, best_fit):
+                    if opt.scope != ("any",) and not _in_scope(self.index.nodes[nid], opt.scope):
+                        continue
+                    u = unit_of(nid)
+                    if unit_count[u] >= cap_per_unit:
+                        continue
+                    if not self.fits(nid, opt.gpus, opt.cpus, opt.memory_gib):
+                        continue
+                    key = (unit_count[u], self.free[nid].gpus if best_fit else 0, self.order[nid])
+                    if best is None or key < best[0]:
+                        best = (key, nid)
+                        best_oi = oi
+                    if spec.spread is Spread.NONE:
+                        break
+            if best is None:
+                break
+            nid = best[1]
+            opt = options[best_oi]
+            self.take(workload, nid, opt.gpus, opt.cpus, opt.memory_gib)
+            self.quota.take(workload.tenant, t, opt.gpus)
+            unit_count[unit_of(nid)] += 1
+            shards.append(Shard(nid, opt.gpus))
+            if wanted is not None:
+                wanted[best_oi] -= 1
+        return shards
+
+    def release(self, workload: Workload, placement: Placement) -> None:
+        """Undo :meth:`place` (used when a service cannot reach its minimum)."""
+        node_type = ""
+        for shard in placement.shards:
+            node = self.index.nodes[shard.node_id]
+            node_type = node.gpu_type
+            cpus, mem = _host_need(workload, shard.gpus)
+            if node.id in self.exclusive:
+                self.exclusive.discard(node.id)
+                cpus = node.cpus - self.free[node.id].cpus
+                mem = node.memory_gib - self.free[node.id].memory_gib
+            f = self.free[node.id]
+            self._move(node.id, f.gpus, f.gpus + shard.gpus)
+            f.gpus += shard.gpus
+            f.cpus += cpus
+            f.memory_gib += mem
+            hs = self.holders[node.id]
+            if (workload.id, shard.gpus) in hs:
+                hs.remove((workload.id, shard.gpus))
+        self.quota.used[workload.tenant] -= placement.gpus
+        self.quota.used_type[workload.tenant, node_type] -= placement.gpus
+
+
+def _in_scope(node: Node, scope: tuple[str, ...]) -> bool:
+    if scope[0] == "any":
+        return True
+    return scope_of_nodes([node], scope[0]) == scope
+
+
+def _host_need(workload: Workload, gpus: int) -> tuple[float, float]:
+    if workload.training is not None:
+        return gpus * workload.training.cpus_per_gpu, gpus * workload.training.memory_gib_per_gpu
+    assert workload.inference is not None
+    return workload.inference.cpus_per_replica, workload.inference.memory_gib_per_replica
+
+
+def ready(node: Node) -> bool:
+    return node.state is NodeState.READY
+
+
+def shape_of(index: Index, node_id: str) -> NodeShape | None:
+    si = index.node_shape.get(node_id)
+    return None if si is None else index.shapes[si]

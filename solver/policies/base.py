@@ -1,0 +1,60 @@
+"""The policy interface.
+
+An optimizing policy turns the shared formulation into a list of *stages*:
+objectives solved one after another, each one's optimum kept as a floor for
+the next (lexicographic optimization). Exactly one stage is ``primary``: its
+objective is the policy's objective, the one reported with a bound and a gap.
+
+Strict priority tiers come first: for tiers t1 > t2 > ... the coverage of t1
+(weighted count of its jobs running plus weighted served fraction of its
+services) is maximized, then that of t2 with t1's kept, and so on, so a higher
+tier never loses a workload to make room for a lower one.
+
+A heuristic policy (a baseline) instead names a greedy order (``solver.greedy``).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from solver.formulation import Formulation, Terms
+from solver.model import PlanOptions
+
+__all__ = ["HeuristicPolicy", "OptimizingPolicy", "Policy", "Stage", "tier_stages"]
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    terms: Terms
+    constant: float = 0.0
+    primary: bool = False
+
+
+class Policy(ABC):
+    name: str = ""
+    description: str = ""
+    heuristic: bool = False
+
+
+class OptimizingPolicy(Policy):
+    @abstractmethod
+    def stages(self, form: Formulation, options: PlanOptions) -> list[Stage]:
+        """Stages to solve in order (may add variables and constraints to ``form``)."""
+
+
+class HeuristicPolicy(Policy):
+    heuristic = True
+    order: str = ""
+
+
+def tier_stages(form: Formulation, include_lowest: bool) -> list[Stage]:
+    """Coverage stages, highest priority first (the lowest tier only if asked)."""
+    tiers = form.index.tiers if include_lowest else form.index.tiers[:-1]
+    stages = []
+    for t in tiers:
+        terms = form.coverage(t)
+        if terms:
+            stages.append(Stage(f"priority {t}", terms))
+    return stages

@@ -1,0 +1,26 @@
+"""``cost``: meet every demand at the least $/hour.
+
+Stages: coverage of every priority tier (all jobs that can run do run, every
+service's demand is met where possible), then maximize minus the $/hour of the
+GPUs held (GPU types without a price count as free), minus the migration
+penalty. The objective is therefore negative: -cost.
+"""
+
+from __future__ import annotations
+
+from solver.formulation import Formulation
+from solver.model import PlanOptions
+from solver.policies.base import OptimizingPolicy, Stage, tier_stages
+
+__all__ = ["CostPolicy"]
+
+
+class CostPolicy(OptimizingPolicy):
+    name = "cost"
+    description = "place all demand, then minimize $/hour"
+
+    def stages(self, form: Formulation, options: PlanOptions) -> list[Stage]:
+        stages = tier_stages(form, include_lowest=True)
+        moves, constant = form.moves(options.migration_penalty)
+        stages.append(Stage("cost", form.cost() + moves, constant, primary=True))
+        return stages

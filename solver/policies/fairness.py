@@ -1,0 +1,52 @@
+"""``fairness``: heterogeneity-aware max-min fairness, as Gavel defines it.
+
+Gavel maximizes min_j rho_j / w_j, where rho_j is job j's throughput on its
+allocation normalized by its best throughput. Gavel's allocation is a fraction
+of time on each type (an LP); Apportion plans whole GPUs, so:
+
+1. coverage of every tier first (as many workloads run as can);
+2. primary: maximize t subject to t <= rho_o / w_j for every option o that any
+   member of class j runs as (t <= f_i / w_i for services), minus the
+   migration penalty;
+3. tie-break: the throughput objective with t kept.
+
+Gavel's LP optimum bounds stage 2 from above when every job fits; the
+benchmark reports both.
+"""
+
+from __future__ import annotations
+
+from solver.formulation import Formulation, Terms
+from solver.linear import Sense
+from solver.model import PlanOptions
+from solver.policies.base import OptimizingPolicy, Stage, tier_stages
+
+__all__ = ["FairnessPolicy"]
+
+
+class FairnessPolicy(OptimizingPolicy):
+    name = "fairness"
+    description = "max-min weighted normalized throughput (Gavel), then throughput"
+
+    def stages(self, form: Formulation, options: PlanOptions) -> list[Stage]:
+        stages = tier_stages(form, include_lowest=True)
+        model = form.model
+        weights = [c.weight for c in form.index.classes]
+        big = 1.0 / min(weights) if weights else 1.0
+        t = model.num_var(0, big, "t", resolution=10_000)
+        for c in form.index.classes:
+            if c.is_training:
+                for o, opt in enumerate(c.options):
+                    n = form.n[c.index, o]
+                    u = model.bool_var(f"u[{c.index},{o}]")
+                    model.add([(n, 1.0), (u, -float(c.count))], Sense.LE, 0, f"used[{c.index},{o}]")
+                    model.add([(t, 1.0), (u, big)], Sense.LE, opt.value / c.weight + big, f"min[{c.index},{o}]")
+            elif c.index in form.f:
+                y, f = form.y[c.index], form.f[c.index]
+                model.add([(t, 1.0), (y, big), (f, -1.0 / c.weight)], Sense.LE, big, f"min[{c.index}]")
+        moves, constant = form.moves(options.migration_penalty)
+        primary: Terms = [(t, 1.0), *moves]
+        stages.append(Stage("max-min", primary, constant, primary=True))
+        tmoves, tconst = form.moves(options.migration_penalty)
+        stages.append(Stage("throughput tie-break", form.throughput() + tmoves, tconst))
+        return stages
