@@ -128,7 +128,7 @@ class WorkloadClass:
     current_count: int = 0  # members running now (counted as migrations if moved)
     pinned: bool = False  # non-preemptible members that must stay
     current_replicas: dict[int, int] = field(default_factory=dict)  # service: option -> replicas now
-    spread_units: int = 0  # service: eligible failure units
+    spread_units: dict[str, int] = field(default_factory=dict)  # service: failure units per GPU type
     forced_move: bool = False  # service: a running replica must move (its node is draining)
 
     @property
@@ -270,24 +270,28 @@ def _training_options(w: Workload, shapes: Sequence[NodeShape], types: Mapping[s
     return options
 
 
-def spread_units(w: Workload, nodes: Sequence[Node], types: Mapping[str, GpuType]) -> int:
-    """Failure units (zones, domains or nodes) with a ready node the service may use."""
+def spread_units(w: Workload, nodes: Sequence[Node], types: Mapping[str, GpuType]) -> dict[str, int]:
+    """Per usable GPU type, the failure units (zones, domains or nodes) that have a
+    ready node of that type, carrying the selector's labels, with GPUs for one replica.
+    A service runs on one type, so its spread counts the units of that type."""
     spec = w.inference
     assert spec is not None
     usable = set(usable_service_types(w, types))
-    units: set[tuple[str, ...]] = set()
+    units: dict[str, set[tuple[str, ...]]] = defaultdict(set)
     for n in nodes:
         if n.state is not NodeState.READY or n.gpu_type not in usable:
+            continue
+        if n.gpus < spec.gpus_per_replica[n.gpu_type]:
             continue
         if not all(n.labels.get(k) == v for k, v in w.node_selector.items()):
             continue
         if spec.spread is Spread.ZONE:
-            units.add((n.zone,))
+            units[n.gpu_type].add((n.zone,))
         elif spec.spread is Spread.DOMAIN:
-            units.add((n.zone, n.domain))
+            units[n.gpu_type].add((n.zone, n.domain))
         else:
-            units.add((n.id,))
-    return len(units)
+            units[n.gpu_type].add((n.id,))
+    return {t: len(u) for t, u in sorted(units.items())}
 
 
 def _service_options(w: Workload, shapes: Sequence[NodeShape], types: Mapping[str, GpuType]) -> list[Option]:
@@ -470,7 +474,7 @@ def build_index(problem: Problem) -> Index:
                 options=opts,
                 tier=w.priority,
                 weight=effective_weight(w, tenant_weight),
-                spread_units=spread_units(w, problem.nodes, types) if w.inference.spread is not Spread.NONE else 0,
+                spread_units=spread_units(w, problem.nodes, types) if w.inference.spread is not Spread.NONE else {},
             )
             if w.id in current and any(
                 s.node_id in nodes and nodes[s.node_id].state is not NodeState.DOWN for s in current[w.id].shards

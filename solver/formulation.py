@@ -29,8 +29,8 @@ Constraints
     (8)  services: z_{i,t} <= y_i, sum_t z_{i,t} <= 1, r_{i,o} <= R_i z_{i,t(o)},
          max(1, min_i) y_i <= sum_o r_{i,o} <= R_i y_i,  f_i <= y_i,
          target_i f_i <= sum_o rps_o r_{i,o}
-    (9)  spread over U_i units: U_i * (replicas in unit u) - sum_o r_{i,o} <= U_i - 1;
-         for node spread, r_{i,o} <= K_s ceil(R_i / U_i)
+    (9)  spread over the U_{i,t} units of type t: U_{i,t} * (replicas in unit u) -
+         sum_{o of type t} r_{i,o} <= U_{i,t} - 1; for node spread, r_{i,o} <= K_s ceil(R_i / U_{i,t})
     (10) migrations: moves = sum_j (running_j - n_{j,o*}) + sum_i m_i <= max_migrations,
          m_i >= (running replicas of i on o - r_{i,o}) / running replicas on o
 Objectives are supplied by the policies (``solver.policies``) as stages solved
@@ -276,12 +276,14 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
                 model.add([(form.z[c.index, t], 1.0), (y, -1.0)], Sense.LE, 0, f"zy[{wid},{t}]")
             model.add([(form.z[c.index, t], 1.0) for t in {o.gpu_type for o in c.options}], Sense.LE, 1,
                       f"onetype[{wid}]")
-            by_unit: dict[tuple[str, ...], Terms] = defaultdict(list)
+            by_unit: dict[tuple[str, tuple[str, ...]], Terms] = defaultdict(list)
+            reps_by_type: dict[str, Terms] = defaultdict(list)
             for o, opt in enumerate(c.options):
                 s = shapes[opt.shape]
                 cap = r_max
-                if spec.spread.value == "node" and c.spread_units:
-                    cap = min(cap, s.count * math.ceil(r_max / c.spread_units))
+                units_t = c.spread_units.get(opt.gpu_type, 0)
+                if spec.spread.value == "node" and units_t:
+                    cap = min(cap, s.count * math.ceil(r_max / units_t))
                 v = model.int_var(0, cap, f"r[{wid},{o}]")
                 form.n[c.index, o] = v
                 reps.append((v, 1.0))
@@ -296,18 +298,19 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
                 tenant_use[c.members[0].tenant].append((v, opt.gpus))
                 tenant_type_use[c.members[0].tenant, opt.gpu_type].append((v, opt.gpus))
                 if opt.scope != ("any",):
-                    by_unit[opt.scope].append((v, 1.0))
+                    by_unit[opt.gpu_type, opt.scope].append((v, 1.0))
+                reps_by_type[opt.gpu_type].append((v, 1.0))
             lo = max(1, spec.min_replicas)
             model.add([*reps, (y, -lo)], Sense.GE, 0, f"minrep[{wid}]")
             model.add([*reps, (y, -r_max)], Sense.LE, 0, f"maxrep[{wid}]")
             model.add([(f, 1.0), (y, -1.0)], Sense.LE, 0, f"fy[{wid}]")
             model.add([(f, spec.target_rps)] + [(v, -a) for v, a in served], Sense.LE, 0, f"served[{wid}]")
             # Constraint (9): spread over zones / domains.
-            units = c.spread_units
-            if units > 1 and by_unit:
-                for unit, terms in sorted(by_unit.items()):
-                    model.add([(v, units * a) for v, a in terms] + [(v, -a) for v, a in reps],
-                              Sense.LE, units - 1, f"spread[{wid},{'/'.join(unit)}]")
+            for (t, unit), terms in sorted(by_unit.items()):
+                units = c.spread_units.get(t, 0)
+                if units > 1:
+                    model.add([(v, units * a) for v, a in terms] + [(v, -a) for v, a in reps_by_type[t]],
+                              Sense.LE, units - 1, f"spread[{wid},{t},{'/'.join(unit)}]")
             # Constraint (10), service part.
             if c.forced_move:
                 form.move_constant += 1

@@ -18,8 +18,10 @@ Semantics decided here (DESIGN.md is silent on them):
   one node. If it is placed at all it gets at least ``min_replicas`` and at most
   ``max_replicas``. ``spread`` = zone | domain | node means no single such unit
   holds more than ``ceil(replicas / units)`` of its replicas, where ``units`` is
-  the number of such units that have a ready node of a type the service may use
-  (Kubernetes' topology spread with maxSkew 1 over the eligible units).
+  the number of such units that have a ready node of the service's GPU type
+  (all replicas of a service use one type) with the selector's labels and
+  GPUs for one replica: Kubernetes' topology spread with maxSkew 1 over the
+  eligible units.
 * ``Problem.current`` is what runs now. Those workloads are re-planned with the
   rest; keeping one where it is costs nothing, moving or stopping it counts as
   a migration. A non-preemptible training job that runs now is kept where it is.

@@ -198,7 +198,7 @@ class Ledger:
         workload: Workload,
         options: Sequence[Option],
         replicas: int,
-        units: int,
+        units: Mapping[str, int],
         best_fit: bool = True,
         per_option: Mapping[int, int] | None = None,
     ) -> list[Shard]:
@@ -212,7 +212,9 @@ class Ledger:
             return []
         t = options[0].gpu_type
         g = options[0].gpus
-        cap_per_unit = math.ceil(replicas / units) if (spec.spread is not Spread.NONE and units) else replicas
+        spread = spec.spread is not Spread.NONE and units.get(t, 0) > 0
+        n_units = units.get(t, 0)
+        cap_per_unit = math.ceil(replicas / n_units) if spread else replicas
         unit_count: dict[tuple[str, ...], int] = defaultdict(int)
         shards: list[Shard] = []
         wanted = dict(per_option) if per_option is not None else None
@@ -258,6 +260,19 @@ class Ledger:
             shards.append(Shard(nid, opt.gpus))
             if wanted is not None:
                 wanted[best_oi] -= 1
+        if spread:
+            # The cap is ceil(R / units) for the replicas R actually placed: trim the
+            # fullest unit until it holds.
+            while shards:
+                counts: dict[tuple[str, ...], list[Shard]] = defaultdict(list)
+                for sh in shards:
+                    counts[unit_of(sh.node_id)].append(sh)
+                fullest = max(sorted(counts), key=lambda u: len(counts[u]))
+                if len(counts[fullest]) <= math.ceil(len(shards) / n_units):
+                    break
+                drop = counts[fullest][-1]
+                shards.remove(drop)
+                self.release(workload, Placement(workload.id, (drop,), t))
         return shards
 
     def release(self, workload: Workload, placement: Placement) -> None:

@@ -1,0 +1,306 @@
+"""``plan(problem, policy, options) -> Plan``: the pipeline, each stage timed.
+
+1. validate      every violation at once, by path (``solver.validate``)
+2. aggregate     node shapes and workload classes (``solver.aggregate``)
+3. greedy        the best-fit baseline: the hint, and the floor on quality
+4. model         the aggregated formulation and the policy's stages
+5. lp            the LP relaxation of the primary stage (GLOP): bound, duals
+6. solve         each stage with CP-SAT (or CBC), hinted with the last solution
+7. disaggregate  counts per class to concrete nodes
+8. verify        the independent checker recomputes feasibility and objective
+9. explain       a reason for every unplaced workload and every shortfall
+
+The plan returned is never worse than the greedy baseline: if the greedy plan
+is lexicographically better on the policy's stages (it can be, when packing
+loses items or the time limit cuts a solve short), it is returned instead,
+with the bound still proven by the solver.
+
+Bound and gap: ``best_bound`` is the smaller of the LP bound and CP-SAT's
+bound on the primary stage, given the floors that earlier stages set (for
+priority tiers and inference demand); ``gap`` compares it with the objective
+of the verified concrete plan, so packing losses show in the gap.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from solver.aggregate import Index, build_index
+from solver.backends import get_backend
+from solver.disaggregate import disaggregate
+from solver.errors import SolverError
+from solver.explain import Explainer
+from solver.formulation import Formulation, build_formulation, option_values
+from solver.greedy import greedy_place
+from solver.linear import SolveStatus
+from solver.model import (
+    Placement,
+    Plan,
+    PlanOptions,
+    PlanStatus,
+    Problem,
+    Reason,
+    ReasonCode,
+    Shortfall,
+    Unplaced,
+)
+from solver.policies import HeuristicPolicy, OptimizingPolicy, get_policy
+from solver.policies.base import Stage
+from solver.validate import validate
+from solver.verify import verify
+
+__all__ = ["Explanation", "explain", "plan"]
+
+
+class _Timer:
+    def __init__(self, options: PlanOptions) -> None:
+        self.start = time.perf_counter()
+        self.times: dict[str, float] = {}
+        self.progress = options.progress
+
+    @contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        if self.progress is not None:
+            self.progress(name, t0 - self.start)
+        try:
+            yield
+        finally:
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+def _stage_values(form: Formulation, stages: list[Stage], values: Mapping[int, float]) -> list[float]:
+    return [sum(a * values.get(v.index, 0.0) for v, a in st.terms) + st.constant for st in stages]
+
+
+def _lex_better(a: list[float], b: list[float]) -> bool:
+    """Whether stage values ``a`` beat ``b`` lexicographically (with a tolerance)."""
+    for x, y in zip(a, b, strict=True):
+        tol = 1e-6 * max(1.0, abs(x), abs(y))
+        if x > y + tol:
+            return True
+        if x < y - tol:
+            return False
+    return False
+
+
+def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | None = None) -> Plan:
+    """Plan ``problem`` under ``policy``. Raises ValidationError on bad input,
+    UnknownPolicyError for an unknown policy or backend."""
+    options = options or PlanOptions()
+    pol = get_policy(policy)
+    get_backend(options.backend)  # fail fast on an unknown backend
+    timer = _Timer(options)
+    with timer.stage("validate"):
+        validate(problem)
+    with timer.stage("aggregate"):
+        index = build_index(problem)
+    if isinstance(pol, HeuristicPolicy):
+        with timer.stage("greedy"):
+            placed = greedy_place(index, pol.order)
+        return _finish(index, pol.name, "throughput", placed, set(), None, {}, timer, options, PlanStatus.HEURISTIC)
+    assert isinstance(pol, OptimizingPolicy)
+    with timer.stage("greedy"):
+        seed = greedy_place(index, "best-fit")
+    with timer.stage("model"):
+        form = build_formulation(index, options.max_migrations)
+        stages = pol.stages(form, options)
+        hint: dict[int, float] = form.hint(seed.values())
+    greedy_stage_values = _stage_values(form, stages, hint)
+    backend = get_backend(options.backend)
+    deadline = timer.start + options.time_limit_s
+    bound: float | None = None
+    duals: Mapping[str, float] = {}
+    values: dict[int, float] = dict(hint)
+    for k, st in enumerate(stages):
+        form.model.maximize(st.terms, st.constant)
+        if st.primary:
+            with timer.stage("lp"):
+                lp = backend.solve_lp(form.model, time_limit_s=max(1.0, deadline - time.perf_counter()))
+            if lp.status is SolveStatus.OPTIMAL:
+                bound = lp.objective
+                duals = lp.duals
+        left = deadline - time.perf_counter()
+        budget = max(0.05, left / (len(stages) - k))
+        with timer.stage(f"solve: {st.name}"):
+            full_hint = tuple(values.get(i, 0.0) for i in range(len(form.model.vars)))
+            sol = backend.solve_mip(
+                form.model,
+                hint=full_hint,
+                time_limit_s=budget,
+                seed=options.seed,
+                relative_gap=options.relative_gap,
+                num_workers=options.num_workers,
+            )
+        if sol.status is SolveStatus.INFEASIBLE:
+            raise SolverError(f"stage {st.name!r}: the model is infeasible (this is a bug; please report it)")
+        if sol.has_values:
+            values = dict(enumerate(sol.values))
+        achieved = form.model.objective_value(tuple(values.get(i, 0.0) for i in range(len(form.model.vars))))
+        if st.primary and math.isfinite(sol.bound) and sol.status is not SolveStatus.UNKNOWN:
+            bound = sol.bound if bound is None else min(bound, sol.bound)
+        elif st.primary and sol.status is SolveStatus.UNKNOWN and math.isfinite(sol.bound) and sol.bound:
+            bound = sol.bound if bound is None else min(bound, sol.bound)
+        if st.primary and bound is not None:
+            bound = max(bound, achieved)
+        if k < len(stages) - 1:
+            form.set_floor(st.terms, st.constant, achieved, f"floor[{st.name}]")
+    with timer.stage("disaggregate"):
+        vals = tuple(values.get(i, 0.0) for i in range(len(form.model.vars)))
+        placed, lost = disaggregate(index, option_values(form, vals))
+    # Never worse than the greedy seed.
+    final_values = _stage_values(form, stages, form.hint(placed.values()))
+    if _lex_better(greedy_stage_values, final_values):
+        placed, lost = seed, set()
+    shadow: dict[str, float] = {}
+    for name, si in form.gpu_rows.items():
+        t = index.shapes[si].gpu_type
+        shadow[t] = max(shadow.get(t, 0.0), duals.get(name, 0.0))
+    for t in index.types:
+        shadow.setdefault(t, 0.0)
+    return _finish(index, pol.name, pol.name, placed, lost, bound, shadow, timer, options, None)
+
+
+def _finish(
+    index: Index,
+    policy: str,
+    score_policy: str,
+    placed: Mapping[str, Placement],
+    lost: set[str],
+    bound: float | None,
+    shadow: Mapping[str, float],
+    timer: _Timer,
+    options: PlanOptions,
+    status: PlanStatus | None,
+) -> Plan:
+    problem = index.problem
+    placements = tuple(sorted(placed.values(), key=lambda p: p.workload_id))
+    draft = Plan(PlanStatus.FEASIBLE, policy, 0.0, None, None, placements,
+                 tuple(Unplaced(w.id, ()) for w in problem.workloads if w.id not in placed))
+    with timer.stage("verify"):
+        report = verify(problem, draft, score_policy, options.migration_penalty, options.max_migrations)
+    if not report.ok:
+        raise SolverError("the plan failed verification (this is a bug; please report it):\n  "
+                          + "\n  ".join(report.violations))
+    objective = report.objective
+    gap: float | None = None
+    if bound is not None:
+        bound = max(bound, objective)
+        gap = max(0.0, bound - objective) / max(abs(bound), 1e-9)
+        if abs(bound - objective) <= 1e-9:
+            gap = 0.0
+    if status is None:
+        status = PlanStatus.OPTIMAL if gap is not None and gap <= max(options.relative_gap, 1e-6) else PlanStatus.FEASIBLE
+    with timer.stage("explain"):
+        explainer = Explainer(index, placed, gap, options.max_migrations)
+        unplaced = []
+        for w in sorted(problem.workloads, key=lambda w: w.id):
+            if w.id in placed:
+                continue
+            reasons = explainer.unplaced(w)
+            if not reasons:
+                reasons = (Reason(ReasonCode.PACKING, "fits the aggregated model but not the concrete nodes"),)
+            unplaced.append(Unplaced(w.id, reasons))
+        shortfalls = []
+        for p in placements:
+            w = index.workloads[p.workload_id]
+            if w.inference is None:
+                continue
+            served = len(p.shards) * w.inference.replica_rps.get(p.gpu_type, 0.0)
+            if served + 1e-9 < w.inference.target_rps:
+                shortfalls.append(Shortfall(w.id, served, w.inference.target_rps, explainer.shortfall(w, p, served)))
+    return Plan(
+        status=status,
+        policy=policy,
+        objective=objective,
+        best_bound=bound,
+        gap=gap,
+        placements=placements,
+        unplaced=tuple(unplaced),
+        shortfalls=tuple(shortfalls),
+        stage_times_s=dict(timer.times),
+        shadow_prices=dict(sorted(shadow.items())),
+        metrics=report.metrics,
+    )
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Why a workload is where it is, or why it is not placed.
+
+    Attributes:
+        workload_id: the workload.
+        placed: whether the plan runs it.
+        summary: one line for people.
+        details: the reasons and facts behind the summary, one per line.
+        placement: where it runs (None if unplaced).
+    """
+
+    workload_id: str
+    placed: bool
+    summary: str
+    details: tuple[str, ...]
+    placement: Placement | None = None
+
+
+def explain(problem: Problem, plan_: Plan, workload_id: str) -> Explanation:
+    """Explain one workload of ``plan_`` (made for ``problem``)."""
+    from solver.errors import ValidationError, Violation
+    from solver.explain import Explainer as _Explainer
+
+    index = build_index(problem)
+    w = index.workloads.get(workload_id)
+    if w is None:
+        raise ValidationError([Violation("workload_id", f"unknown workload {workload_id!r}")])
+    placed = {p.workload_id: p for p in plan_.placements}
+    p = placed.get(workload_id)
+    if p is None:
+        un = next((u for u in plan_.unplaced if u.workload_id == workload_id), None)
+        reasons = un.reasons if un is not None and un.reasons else _Explainer(
+            index, placed, plan_.gap, None).unplaced(w)
+        return Explanation(workload_id, False, f"{workload_id} is not placed",
+                           tuple(f"[{r.code.value}] {r.message}" for r in reasons))
+    details: list[str] = []
+    nodes = ", ".join(f"{s.node_id}×{s.gpus}" for s in p.shards)
+    t = p.gpu_type or index.nodes[p.shards[0].node_id].gpu_type
+    cur = index.current.get(workload_id)
+    if cur is not None:
+        same = sorted((s.node_id, s.gpus) for s in cur.shards) == sorted((s.node_id, s.gpus) for s in p.shards)
+        details.append("stays where it runs now" if same else "moves from " + ", ".join(
+            f"{s.node_id}×{s.gpus}" for s in cur.shards))
+    if w.training is not None:
+        from solver.aggregate import usable_training_types
+
+        usable = usable_training_types(w, index.types)
+        best = max((s.throughput.get(u, 0.0) for s in w.training.shapes for u in usable), default=0.0)
+        shape = next((s for s in w.training.shapes if s.gpus == p.gpus), None)
+        thr = shape.throughput.get(t, 0.0) if shape else 0.0
+        rho = thr / best if best else 0.0
+        details.append(f"runs {p.gpus} GPUs of {t} at {thr:g} work units/s, {rho:.0%} of its best "
+                       f"({best:g} units/s)")
+        if rho < 1 - 1e-9:
+            others = {o: placed_o for o, placed_o in placed.items() if o != workload_id}
+            ex = _Explainer(index, others, plan_.gap, None)
+            better = {u for u in usable
+                      if max((s.throughput.get(u, 0.0) for s in w.training.shapes), default=0.0) > thr}
+            for r in ex.unplaced(w):
+                if any(r.message.startswith(f"on {u}:") for u in better):
+                    details.append(f"why not better: [{r.code.value}] {r.message}")
+        summary = f"{workload_id} runs on {t}: {nodes}"
+    else:
+        spec = w.inference
+        assert spec is not None
+        served = len(p.shards) * spec.replica_rps.get(t, 0.0)
+        details.append(f"{len(p.shards)} replicas on {t} serve {served:g} of {spec.target_rps:g} req/s")
+        for sf in plan_.shortfalls:
+            if sf.workload_id == workload_id:
+                details += [f"short of target: [{r.code.value}] {r.message}" for r in sf.reasons]
+        summary = f"{workload_id} serves from {t}: {nodes}"
+    return Explanation(workload_id, True, summary, tuple(details), p)
