@@ -1,0 +1,1 @@
+"""Apportion: the API package (generated messages live in apportion.v1)."""

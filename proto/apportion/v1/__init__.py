@@ -1,0 +1,1 @@
+"""Generated protobuf messages and services of package apportion.v1 (run `make proto`)."""

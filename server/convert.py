@@ -1,0 +1,790 @@
+"""Files ⇄ protobuf messages ⇄ the solver's domain.
+
+This is the one module that sees both the generated ``apportion.v1`` messages
+and the solver's dataclasses; servicers and the CLI call it and nothing else
+converts.
+
+Files are the canonical proto3 JSON mapping of ``apportion.v1`` messages, in
+YAML or JSON (told apart by content): an inventory file is an ``Inventory``, a
+workloads file a ``WorkloadList``, a plan file (the ``--current`` input, or a
+plan printed with ``--format json``) a ``Plan``. Field names are snake_case
+(the lowerCamelCase JSON names are accepted too, as json_format does).
+
+Errors. ``json_format.ParseDict`` stops at the first problem and its messages
+do not name a path, so documents are first walked against the message
+descriptors here, collecting *every* structural problem with its path:
+unknown field, wrong type, both members of a oneof. Then the message is built
+and converted to domain objects, which reports the few rules needed to build
+them: enum-like strings (``state``, ``locality``, ``spread``) and a training
+spec that gives both ``gpus`` and ``elastic``. Everything else (unknown GPU
+type, duplicate ids, negative counts, empty ids...) is ``solver.validate``'s
+job, in the same path scheme. When a document has structural problems, the
+domain objects that could still be built are validated too and the semantic
+violations that do not sit on an already reported field are added, so one run
+lists everything. All of it is raised as one :class:`solver.ValidationError`.
+
+Paths are relative to the file root (``nodes[3].gpus``,
+``workloads[1].inference.target_rps``), map entries are written
+``labels["tier"]``, and the placements of a ``--current`` plan are reported as
+``current[i]`` — the scheme of ``solver.validate``, which sees them as
+``Problem.current``. Problems with a whole file (unreadable, not YAML, not a
+mapping) have an empty path and name the file in the message.
+
+Decisions (DESIGN.md is silent on them):
+
+* YAML is read with ``yaml.safe_load`` semantics plus two fixes: a duplicate key
+  is an error (PyYAML silently keeps the last one), and ``1e5`` is a number as
+  in YAML 1.2 and JSON (PyYAML's YAML 1.1 reads it as a string). A document that
+  looks like JSON is parsed as JSON first.
+* ``null`` means absent, as in proto JSON. An empty file is an empty message.
+* Integers must be numbers: ``8`` or ``8.0``, not ``"8"``. Strings must be
+  strings: YAML reads ``zone: 1`` or ``tier: yes`` as a number or a boolean, and
+  the error says to quote it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import re
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import yaml
+from google.protobuf import json_format
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+import solver
+from apportion.v1 import types_pb2 as pb
+from solver import (
+    GangShape,
+    GpuType,
+    InferenceSpec,
+    Locality,
+    Node,
+    NodeState,
+    Placement,
+    Plan,
+    PlanMetrics,
+    PlanStatus,
+    Problem,
+    Reason,
+    ReasonCode,
+    Shard,
+    Shortfall,
+    Spread,
+    Tenant,
+    TrainingSpec,
+    Unplaced,
+    ValidationError,
+    Violation,
+    Workload,
+)
+
+__all__ = [
+    "check_document",
+    "inventory_from_data",
+    "load_document",
+    "load_plan_message",
+    "load_problem",
+    "message_to_dict",
+    "plan_from_data",
+    "plan_from_message",
+    "plan_to_dict",
+    "plan_to_message",
+    "problem_from_messages",
+    "workloads_from_data",
+]
+
+M = TypeVar("M", bound=Message)
+
+# ---------------------------------------------------------------------------
+# Reading files
+
+
+class _Loader(yaml.SafeLoader):
+    """safe_load, plus duplicate-key detection and YAML 1.2 floats like ``1e5``."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[str] = []
+
+
+def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any]:
+    loader.flatten_mapping(node)
+    seen: set[Any] = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            duplicate = key in seen
+            seen.add(key)
+        except TypeError:  # unhashable: construct_mapping reports it
+            continue
+        if duplicate:
+            mark = key_node.start_mark
+            loader.duplicates.append(
+                f"line {mark.line + 1}, column {mark.column + 1}: duplicate key {_describe(key)}"
+            )
+    return loader.construct_mapping(node, deep=True)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_document(path: str | Path) -> Any:
+    """Read a YAML or JSON file into plain Python data.
+
+    Raises:
+        ValidationError: the file cannot be read or is not well-formed YAML/JSON.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ValidationError([Violation("", f"cannot read {path}: {reason}")]) from exc
+    return parse_document(text, str(path))
+
+
+def parse_document(text: str, source: str = "<input>") -> Any:
+    """Parse YAML or JSON text (see :func:`load_document`)."""
+    if text.lstrip().startswith(("{", "[")):
+        duplicates: list[str] = []
+
+        def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+            keys = [k for k, _ in items]
+            duplicates.extend(
+                f"duplicate key {_describe(k)}" for k in sorted({k for k in keys if keys.count(k) > 1})
+            )
+            return dict(items)
+
+        try:
+            data = json.loads(text, object_pairs_hook=pairs)
+        except json.JSONDecodeError:
+            pass  # flow-style YAML also starts with "{": let YAML try
+        else:
+            if duplicates:
+                raise ValidationError([Violation("", f"{source}: {d}") for d in duplicates])
+            return data
+    loader = _Loader(text)
+    try:
+        data = loader.get_single_data()
+    except yaml.YAMLError as exc:
+        raise ValidationError(
+            [Violation("", f"{source}: not valid YAML or JSON: {_yaml_message(exc)}")]
+        ) from exc
+    finally:
+        loader.dispose()
+    if loader.duplicates:
+        raise ValidationError([Violation("", f"{source}: {d}") for d in loader.duplicates])
+    return data
+
+
+def _yaml_message(exc: yaml.YAMLError) -> str:
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}"
+        what = " ".join(p for p in (exc.context, exc.problem) if p)
+        return f"{where}: {what}"
+    return str(exc)
+
+
+# ---------------------------------------------------------------------------
+# Structural checks: plain data against the message descriptors
+
+
+def check_document(
+    data: Any, descriptor: Descriptor, *, source: str = ""
+) -> tuple[dict[str, Any], list[Violation]]:
+    """Walk ``data`` against ``descriptor``; return a cleaned copy and the problems.
+
+    The copy keeps what is well-formed: a bad scalar is left out (so its field
+    has its default), a bad message (also inside a list) becomes ``{}`` so list
+    indices stay those of the file. The copy always parses with json_format.
+    """
+    out: list[Violation] = []
+    if data is None:
+        return {}, out
+    if not isinstance(data, Mapping):
+        keys = ", ".join(f.name for f in descriptor.fields)
+        where = f"{source}: " if source else ""
+        out.append(Violation("", f"{where}expected a mapping with {keys}; got {_describe(data)}"))
+        return {}, out
+    return _walk_message(data, descriptor, "", out), out
+
+
+_INT32 = (-(2**31), 2**31 - 1)
+_CPP = FieldDescriptor
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _walk_message(
+    data: Mapping[Any, Any], desc: Descriptor, path: str, out: list[Violation]
+) -> dict[str, Any]:
+    clean: dict[str, Any] = {}
+    by_json = {f.json_name: f for f in desc.fields}
+    oneof_seen: dict[str, str] = {}
+    for key, value in data.items():
+        if not isinstance(key, str):
+            out.append(Violation(path, f"field names must be strings, got {_describe(key)}"))
+            continue
+        field = desc.fields_by_name.get(key) or by_json.get(key)
+        if field is None:
+            out.append(Violation(_join(path, key), _unknown_field(key, desc)))
+            continue
+        fpath = _join(path, field.name)
+        if field.name in clean:
+            out.append(Violation(fpath, f'given twice (as "{field.name}" and "{field.json_name}")'))
+            continue
+        if value is None:
+            continue
+        oneof = field.containing_oneof
+        if oneof is not None and not _synthetic(oneof.name, field):
+            other = oneof_seen.get(oneof.name)
+            if other is not None:
+                out.append(Violation(path, f"give either {other} or {field.name}, not both"))
+                continue
+            oneof_seen[oneof.name] = field.name
+        ok, cleaned = _walk_field(value, field, fpath, out)
+        if ok:
+            clean[field.name] = cleaned
+    return clean
+
+
+def _message_type(field: FieldDescriptor) -> Descriptor:
+    desc = field.message_type
+    assert desc is not None, field.full_name
+    return desc
+
+
+def _descriptor(message: Message) -> Descriptor:
+    return cast(Descriptor, message.DESCRIPTOR)
+
+
+def _synthetic(oneof_name: str, field: FieldDescriptor) -> bool:
+    """proto3 ``optional`` fields sit in a one-member oneof named ``_<field>``."""
+    return oneof_name == f"_{field.name}"
+
+
+def _walk_field(value: Any, field: FieldDescriptor, path: str, out: list[Violation]) -> tuple[bool, Any]:
+    if _is_map(field):
+        if not isinstance(value, Mapping):
+            out.append(Violation(path, f"expected a mapping, got {_describe(value)}"))
+            return False, None
+        value_field = _message_type(field).fields_by_name["value"]
+        entries: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                out.append(Violation(path, f"keys must be strings, got {_describe(k)} (quote it)"))
+                continue
+            ok, cleaned = _walk_single(v, value_field, f'{path}["{k}"]', out)
+            if ok:
+                entries[k] = cleaned
+        return True, entries
+    if field.is_repeated:
+        if not isinstance(value, list):
+            out.append(Violation(path, f"expected a list, got {_describe(value)}"))
+            return False, None
+        items: list[Any] = []
+        for i, item in enumerate(value):
+            ok, cleaned = _walk_single(item, field, f"{path}[{i}]", out)
+            if ok:
+                items.append(cleaned)
+            elif field.type == _CPP.TYPE_MESSAGE:
+                items.append({})  # keep the indices of the file
+        return True, items
+    return _walk_single(value, field, path, out)
+
+
+def _walk_single(value: Any, field: FieldDescriptor, path: str, out: list[Violation]) -> tuple[bool, Any]:
+    """One value of ``field``'s type (a message or a scalar, not a list or map)."""
+    cpp = field.cpp_type
+    if cpp == _CPP.CPPTYPE_MESSAGE:
+        if not isinstance(value, Mapping):
+            out.append(Violation(path, f"expected a mapping, got {_describe(value)}"))
+            # A bad singular message stays set (as {}) so that a oneof keeps its member and the
+            # fields inside it are not reported again as missing; a bad list item is kept as {}
+            # by the caller so that indices stay those of the file.
+            return not field.is_repeated, {}
+        return True, _walk_message(value, _message_type(field), path, out)
+    if value is None:
+        out.append(Violation(path, "expected a value, got null"))
+        return False, None
+    if cpp in (_CPP.CPPTYPE_INT32, _CPP.CPPTYPE_INT64, _CPP.CPPTYPE_UINT32, _CPP.CPPTYPE_UINT64):
+        number = _as_int(value)
+        if number is None:
+            out.append(Violation(path, f"expected an integer, got {_describe(value)}"))
+            return False, None
+        if cpp == _CPP.CPPTYPE_INT32 and not _INT32[0] <= number <= _INT32[1]:
+            out.append(Violation(path, f"{number} is out of range (a 32-bit integer)"))
+            return False, None
+        return True, number
+    if cpp in (_CPP.CPPTYPE_DOUBLE, _CPP.CPPTYPE_FLOAT):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            out.append(Violation(path, f"expected a number, got {_describe(value)}"))
+            return False, None
+        return True, float(value)
+    if cpp == _CPP.CPPTYPE_BOOL:
+        if not isinstance(value, bool):
+            out.append(Violation(path, f"expected true or false, got {_describe(value)}"))
+            return False, None
+        return True, value
+    if cpp == _CPP.CPPTYPE_STRING:
+        if not isinstance(value, str):
+            hint = " (quote it)" if isinstance(value, int | float | bool) else ""
+            out.append(Violation(path, f"expected a string, got {_describe(value)}{hint}"))
+            return False, None
+        return True, value
+    out.append(Violation(path, f"unsupported field type {cpp}"))  # pragma: no cover - not in our schema
+    return False, None
+
+
+def _is_map(field: FieldDescriptor) -> bool:
+    return (
+        field.type == _CPP.TYPE_MESSAGE and field.is_repeated and _message_type(field).GetOptions().map_entry
+    )
+
+
+def _as_int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, bool | str) or value is None:
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, int | float):
+        return repr(value)
+    return f"{str(value)!r} ({type(value).__name__})"
+
+
+def _unknown_field(key: str, desc: Descriptor) -> str:
+    names = [f.name for f in desc.fields]
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f'unknown field (did you mean "{close[0]}"?)'
+    return f"unknown field (expected one of {', '.join(names)})"
+
+
+def _parse(data: Any, message: M, source: str) -> tuple[M, list[Violation]]:
+    clean, violations = check_document(data, _descriptor(message), source=source)
+    try:
+        json_format.ParseDict(clean, message)
+    except json_format.ParseError as exc:  # the walk should have caught it; never hide it
+        violations.append(Violation("", f"{source or 'input'}: {exc}"))
+    return message, violations
+
+
+def _raise_if(violations: list[Violation]) -> None:
+    if violations:
+        raise ValidationError(violations)
+
+
+def inventory_from_data(data: Any, *, source: str = "") -> pb.Inventory:
+    """An inventory document as a message; raises ValidationError with every structural problem."""
+    msg, violations = _parse(data, pb.Inventory(), source)
+    _raise_if(violations)
+    return msg
+
+
+def workloads_from_data(data: Any, *, source: str = "") -> pb.WorkloadList:
+    """A workloads document as a message; raises ValidationError with every structural problem."""
+    msg, violations = _parse(data, pb.WorkloadList(), source)
+    _raise_if(violations)
+    return msg
+
+
+def plan_from_data(data: Any, *, source: str = "") -> pb.Plan:
+    """A plan document as a message; raises ValidationError with every structural problem."""
+    msg, violations = _parse(data, pb.Plan(), source)
+    _raise_if(violations)
+    return msg
+
+
+def load_plan_message(path: str | Path) -> pb.Plan:
+    """Read a plan file (as printed by ``apportion plan --format json``)."""
+    return plan_from_data(load_document(path), source=str(path))
+
+
+# ---------------------------------------------------------------------------
+# Messages -> domain
+
+
+_E = TypeVar("_E", NodeState, Locality, Spread, PlanStatus, ReasonCode)
+
+
+def _enum(kind: type[_E], value: str, default: _E | None, path: str, out: list[Violation]) -> _E:
+    """The member of ``kind`` named by ``value`` (its default when empty)."""
+    if not value and default is not None:
+        return default
+    try:
+        return kind(value)
+    except ValueError:
+        allowed = ", ".join(m.value for m in kind)
+        out.append(Violation(path, f"must be one of {allowed}; got {json.dumps(value)}"))
+        return default if default is not None else next(iter(kind))
+
+
+def _gpu_type(msg: pb.GpuType) -> GpuType:
+    return GpuType(
+        name=msg.name,
+        memory_gib=msg.memory_gib,
+        cost_per_hour=msg.cost_per_hour if msg.HasField("cost_per_hour") else None,
+    )
+
+
+def _node(msg: pb.Node, path: str, out: list[Violation]) -> Node:
+    return Node(
+        id=msg.id,
+        gpu_type=msg.gpu_type,
+        gpus=msg.gpus,
+        cpus=msg.cpus,
+        memory_gib=msg.memory_gib,
+        zone=msg.zone,
+        domain=msg.domain,
+        labels=dict(msg.labels),
+        state=_enum(NodeState, msg.state, NodeState.READY, f"{path}.state", out),
+    )
+
+
+def _tenant(msg: pb.Tenant) -> Tenant:
+    return Tenant(
+        name=msg.name,
+        max_gpus=msg.max_gpus if msg.HasField("max_gpus") else None,
+        max_gpus_per_type=dict(msg.max_gpus_per_type),
+        weight=msg.weight if msg.HasField("weight") else 1.0,
+    )
+
+
+def _training(msg: pb.TrainingSpec, path: str, out: list[Violation]) -> TrainingSpec:
+    shapes: tuple[GangShape, ...]
+    if msg.elastic:
+        if msg.HasField("gpus"):
+            out.append(
+                Violation(
+                    f"{path}.gpus", "give either gpus (a fixed gang) or elastic (several sizes), not both"
+                )
+            )
+        if msg.throughput:
+            out.append(
+                Violation(f"{path}.throughput", "with elastic, give the throughput inside each elastic entry")
+            )
+        shapes = tuple(GangShape(gpus=e.gpus, throughput=dict(e.throughput)) for e in msg.elastic)
+    elif msg.HasField("gpus"):
+        shapes = (GangShape(gpus=msg.gpus, throughput=dict(msg.throughput)),)
+    else:
+        shapes = ()  # solver.validate reports the missing gpus
+    return TrainingSpec(
+        shapes=shapes,
+        gpu_memory_gib=msg.gpu_memory_gib,
+        cpus_per_gpu=msg.cpus_per_gpu,
+        memory_gib_per_gpu=msg.memory_gib_per_gpu,
+        locality=_enum(Locality, msg.locality, Locality.ANY, f"{path}.locality", out),
+        remaining_work=msg.remaining_work if msg.HasField("remaining_work") else None,
+        deadline_s=msg.deadline_s if msg.HasField("deadline_s") else None,
+        preemptible=msg.preemptible if msg.HasField("preemptible") else True,
+    )
+
+
+def _inference(msg: pb.InferenceSpec, path: str, out: list[Violation]) -> InferenceSpec:
+    return InferenceSpec(
+        gpus_per_replica=dict(msg.gpus_per_replica),
+        replica_rps=dict(msg.replica_rps),
+        target_rps=msg.target_rps,
+        min_replicas=msg.min_replicas if msg.HasField("min_replicas") else 1,
+        max_replicas=msg.max_replicas if msg.HasField("max_replicas") else None,
+        cpus_per_replica=msg.cpus_per_replica,
+        memory_gib_per_replica=msg.memory_gib_per_replica,
+        spread=_enum(Spread, msg.spread, Spread.NONE, f"{path}.spread", out),
+    )
+
+
+def _workload(msg: pb.Workload, path: str, out: list[Violation]) -> Workload:
+    kind = msg.WhichOneof("spec")
+    return Workload(
+        id=msg.id,
+        tenant=msg.tenant,
+        priority=msg.priority,
+        weight=msg.weight if msg.HasField("weight") else 1.0,
+        allowed_gpu_types=tuple(msg.allowed_gpu_types),
+        node_selector=dict(msg.node_selector),
+        submit_time_s=msg.submit_time_s,
+        training=_training(msg.training, f"{path}.training", out) if kind == "training" else None,
+        inference=_inference(msg.inference, f"{path}.inference", out) if kind == "inference" else None,
+    )
+
+
+def _placement(msg: pb.Placement) -> Placement:
+    return Placement(
+        workload_id=msg.workload_id,
+        shards=tuple(Shard(node_id=s.node_id, gpus=s.gpus) for s in msg.shards),
+        gpu_type=msg.gpu_type,
+    )
+
+
+def _build_problem(
+    inventory: pb.Inventory, workloads: pb.WorkloadList, current: pb.Plan | None, out: list[Violation]
+) -> Problem:
+    return Problem(
+        gpu_types=tuple(_gpu_type(t) for t in inventory.gpu_types),
+        nodes=tuple(_node(n, f"nodes[{i}]", out) for i, n in enumerate(inventory.nodes)),
+        tenants=tuple(_tenant(t) for t in inventory.tenants),
+        workloads=tuple(_workload(w, f"workloads[{i}]", out) for i, w in enumerate(workloads.workloads)),
+        current=tuple(_placement(p) for p in current.placements) if current is not None else (),
+    )
+
+
+def problem_from_messages(
+    inventory: pb.Inventory, workloads: pb.WorkloadList, current: pb.Plan | None = None
+) -> Problem:
+    """The domain problem of these messages (only ``current.placements`` is read).
+
+    Raises:
+        ValidationError: an enum-like string is not one of its values, or a
+            training spec gives both ``gpus`` and ``elastic``. Semantic rules are
+            ``solver.validate``'s (``solver.plan`` runs it).
+    """
+    out: list[Violation] = []
+    problem = _build_problem(inventory, workloads, current, out)
+    _raise_if(out)
+    return problem
+
+
+def load_problem(
+    inventory_path: str | Path, workloads_path: str | Path, current_path: str | Path | None = None
+) -> Problem:
+    """Read the input files of a plan into a :class:`solver.Problem`.
+
+    Raises:
+        ValidationError: listing every problem in all the files together (see
+            the module docstring). A problem that loads is not yet validated:
+            ``solver.plan`` does that.
+    """
+    violations: list[Violation] = []
+    all_read = True
+
+    def read(path: str | Path, message: M, prefix: Callable[[str], str]) -> M:
+        nonlocal all_read
+        try:
+            data = load_document(path)
+        except ValidationError as exc:
+            violations.extend(exc.violations)
+            all_read = False
+            return message
+        msg, found = _parse(data, message, str(path))
+        violations.extend(Violation(prefix(v.path), v.message) for v in found)
+        return msg
+
+    inventory = read(inventory_path, pb.Inventory(), _same)
+    workloads = read(workloads_path, pb.WorkloadList(), _same)
+    current = read(current_path, pb.Plan(), _current_path) if current_path is not None else None
+    structural = list(violations)
+    built: list[Violation] = []
+    problem = _build_problem(inventory, workloads, current, built)
+    violations.extend(built)
+    if not violations:
+        return problem
+    if all_read:
+        violations.extend(_semantic_extra(problem, structural + built))
+    raise ValidationError(_in_file_order(violations))
+
+
+def _same(path: str) -> str:
+    return path
+
+
+def _current_path(path: str) -> str:
+    """``placements[i]...`` of a --current plan file is ``current[i]...`` (Problem.current)."""
+    if path.startswith("placements["):
+        return "current" + path[len("placements") :]
+    return _join("current", path) if path else path
+
+
+def _semantic_extra(problem: Problem, reported: list[Violation]) -> list[Violation]:
+    """solver.validate's violations that are not about a field already reported."""
+    try:
+        solver.validate(problem)
+    except ValidationError as exc:
+        bad = [v.path for v in reported if v.path]
+        return [v for v in exc.violations if not any(_within(v.path, b) for b in bad)]
+    return []
+
+
+def _within(path: str, outer: str) -> bool:
+    return path == outer or path.startswith((f"{outer}.", f"{outer}["))
+
+
+_SECTIONS = {"gpu_types": 0, "nodes": 1, "tenants": 2, "workloads": 3, "current": 4}
+_HEAD = re.compile(r"^(\w+)(?:\[(\d+)\])?")
+
+
+def _in_file_order(violations: Iterable[Violation]) -> list[Violation]:
+    """Grouped by file section and entry, keeping the order of discovery inside one entry."""
+
+    def key(v: Violation) -> tuple[int, int]:
+        match = _HEAD.match(v.path)
+        if match is None:
+            return (-1, -1)
+        section = _SECTIONS.get(match.group(1), len(_SECTIONS))
+        return (section, int(match.group(2)) if match.group(2) else -1)
+
+    return sorted(violations, key=key)
+
+
+def plan_from_message(msg: pb.Plan) -> Plan:
+    """A plan message (e.g. a plan file) as a :class:`solver.Plan`.
+
+    Raises:
+        ValidationError: the status or a reason code is not a known one.
+    """
+    out: list[Violation] = []
+
+    def reasons(details: Iterable[pb.Reason], path: str) -> tuple[Reason, ...]:
+        return tuple(
+            Reason(code=_enum(ReasonCode, r.code, None, f"{path}.details[{k}].code", out), message=r.message)
+            for k, r in enumerate(details)
+        )
+
+    m = msg.metrics
+    plan = Plan(
+        status=_enum(PlanStatus, msg.status, None, "status", out),
+        policy=msg.policy,
+        objective=msg.objective,
+        best_bound=msg.best_bound if msg.HasField("best_bound") else None,
+        gap=msg.gap if msg.HasField("gap") else None,
+        placements=tuple(_placement(p) for p in msg.placements),
+        unplaced=tuple(
+            Unplaced(workload_id=u.workload_id, reasons=reasons(u.details, f"unplaced[{i}]"))
+            for i, u in enumerate(msg.unplaced)
+        ),
+        shortfalls=tuple(
+            Shortfall(
+                workload_id=s.workload_id,
+                served_rps=s.served_rps,
+                target_rps=s.target_rps,
+                reasons=reasons(s.details, f"shortfalls[{i}]"),
+            )
+            for i, s in enumerate(msg.shortfalls)
+        ),
+        stage_times_s=dict(msg.stage_times_s),
+        shadow_prices=dict(msg.shadow_prices),
+        metrics=PlanMetrics(
+            gpus_used=m.gpus_used,
+            gpus_total=m.gpus_total,
+            cost_per_hour=m.cost_per_hour,
+            normalized_throughput=m.normalized_throughput,
+            served_fraction=m.served_fraction,
+            migrations=m.migrations,
+            placed=m.placed,
+            unplaced=m.unplaced,
+        ),
+    )
+    _raise_if(out)
+    return plan
+
+
+# ---------------------------------------------------------------------------
+# Domain -> messages -> JSON
+
+
+def _reason_messages(reasons: Iterable[Reason]) -> tuple[list[str], list[pb.Reason]]:
+    reasons = tuple(reasons)
+    return [r.message for r in reasons], [pb.Reason(code=r.code.value, message=r.message) for r in reasons]
+
+
+def placement_to_message(p: Placement) -> pb.Placement:
+    return pb.Placement(
+        workload_id=p.workload_id,
+        gpu_type=p.gpu_type,
+        shards=[pb.Shard(node_id=s.node_id, gpus=s.gpus) for s in p.shards],
+    )
+
+
+def plan_to_message(plan: Plan) -> pb.Plan:
+    """A :class:`solver.Plan` as an ``apportion.v1.Plan``."""
+    msg = pb.Plan(
+        status=plan.status.value,
+        policy=plan.policy,
+        objective=plan.objective,
+        placements=[placement_to_message(p) for p in plan.placements],
+        stage_times_s=dict(plan.stage_times_s),
+        shadow_prices=dict(plan.shadow_prices),
+        metrics=pb.PlanMetrics(
+            gpus_used=plan.metrics.gpus_used,
+            gpus_total=plan.metrics.gpus_total,
+            cost_per_hour=plan.metrics.cost_per_hour,
+            normalized_throughput=plan.metrics.normalized_throughput,
+            served_fraction=plan.metrics.served_fraction,
+            migrations=plan.metrics.migrations,
+            placed=plan.metrics.placed,
+            unplaced=plan.metrics.unplaced,
+        ),
+    )
+    if plan.best_bound is not None:
+        msg.best_bound = plan.best_bound
+    if plan.gap is not None:
+        msg.gap = plan.gap
+    for u in plan.unplaced:
+        texts, details = _reason_messages(u.reasons)
+        msg.unplaced.append(pb.Unplaced(workload_id=u.workload_id, reasons=texts, details=details))
+    for s in plan.shortfalls:
+        texts, details = _reason_messages(s.reasons)
+        msg.shortfalls.append(
+            pb.Shortfall(
+                workload_id=s.workload_id,
+                served_rps=s.served_rps,
+                target_rps=s.target_rps,
+                reasons=texts,
+                details=details,
+            )
+        )
+    return msg
+
+
+def message_to_dict(msg: Message) -> dict[str, Any]:
+    """The canonical JSON mapping of ``msg`` as plain data: snake_case names,
+    fields in declaration order, zero numbers and empty lists included (so
+    ``"gap": 0.0`` is kept), unset ``optional`` fields left out."""
+    data = json_format.MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _declaration_order(data, _descriptor(msg))
+
+
+def _declaration_order(data: dict[str, Any], desc: Descriptor) -> dict[str, Any]:
+    ordered: dict[str, Any] = {}
+    for field in desc.fields:
+        if field.name not in data:
+            continue
+        value = data[field.name]
+        if field.type == _CPP.TYPE_MESSAGE and not _is_map(field):
+            if field.is_repeated:
+                value = [_declaration_order(v, _message_type(field)) for v in value]
+            else:
+                value = _declaration_order(value, _message_type(field))
+        ordered[field.name] = value
+    return ordered
+
+
+def plan_to_dict(plan: Plan) -> dict[str, Any]:
+    """A :class:`solver.Plan` as the plan JSON document."""
+    return message_to_dict(plan_to_message(plan))
