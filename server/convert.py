@@ -781,10 +781,15 @@ def _declaration_order(data: dict[str, Any], desc: Descriptor) -> dict[str, Any]
                 value = [_declaration_order(v, _message_type(field)) for v in value]
             else:
                 value = _declaration_order(value, _message_type(field))
+        elif _is_map(field):
+            value = dict(sorted(value.items()))  # proto maps have no order; make the output stable
         ordered[field.name] = value
     return ordered
 
 
 def plan_to_dict(plan: Plan) -> dict[str, Any]:
-    """A :class:`solver.Plan` as the plan JSON document."""
-    return message_to_dict(plan_to_message(plan))
+    """A :class:`solver.Plan` as the plan JSON document (stage times in pipeline order)."""
+    data = message_to_dict(plan_to_message(plan))
+    times = data["stage_times_s"]
+    data["stage_times_s"] = {name: times[name] for name in plan.stage_times_s}
+    return data
