@@ -67,15 +67,13 @@ def _count(n: int, noun: str) -> str:
 
 
 def _shards(p: Placement) -> str:
-    """``node:gpus`` per shard, runs of equal shards written once with a count (``n3:2×4``)."""
-    groups: list[tuple[str, int, int]] = []
+    """``node:gpus`` per shard; equal shards (replicas on one node) written once with a count:
+    ``n3:2×4``, in order of first appearance."""
+    counts: dict[tuple[str, int], int] = {}
     for shard in p.shards:
-        if groups and groups[-1][:2] == (shard.node_id, shard.gpus):
-            node, gpus, count = groups[-1]
-            groups[-1] = (node, gpus, count + 1)
-        else:
-            groups.append((shard.node_id, shard.gpus, 1))
-    parts = [f"{node}:{gpus}" + (f"×{count}" if count > 1 else "") for node, gpus, count in groups]
+        key = (shard.node_id, shard.gpus)
+        counts[key] = counts.get(key, 0) + 1
+    parts = [f"{node}:{gpus}" + (f"×{n}" if n > 1 else "") for (node, gpus), n in counts.items()]
     if len(parts) > MAX_SHARDS_SHOWN:
         parts = [*parts[:MAX_SHARDS_SHOWN], f"… +{len(parts) - MAX_SHARDS_SHOWN} more"]
     return " ".join(parts)

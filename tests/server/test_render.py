@@ -43,7 +43,7 @@ PLAN = Plan(
     gap=0.0625,
     placements=(
         Placement("train", (Shard("n1", 8), Shard("n2", 8)), "h100-80g"),
-        Placement("chat", (Shard("n1", 1), Shard("n1", 1), Shard("n2", 1)), "h100-80g"),
+        Placement("chat", (Shard("n1", 1), Shard("n2", 1), Shard("n1", 1)), "h100-80g"),
     ),
     unplaced=(
         Unplaced(
