@@ -34,20 +34,25 @@ Feasibility rules checked (numbering used in the code):
 6. Inference: ``min_replicas`` ≤ replicas ≤ ``max_replicas``. Spread over
    zone / (zone, domain) / node: no unit holds more than ``ceil(R / units)``
    replicas, where the units are counted over the service's *eligible* nodes:
-   ready, of the placement's GPU type (a service runs on one type) and usable (in ``gpus_per_replica`` ∩ ``replica_rps`` ∩
-   ``allowed_gpu_types`` when that is given), carrying its ``node_selector``
-   labels and with enough GPUs for one replica. (Counting only nodes that can
-   really host a replica gives the fewest units and so the loosest bound: the
-   checker never rejects a plan that a stricter reading accepts.)
+   ready, of the placement's GPU type (a service runs on one type), which must
+   be usable (in ``gpus_per_replica`` ∩ ``replica_rps`` ∩ ``allowed_gpu_types``
+   when that is given), carrying its ``node_selector`` labels and with enough
+   GPUs for one replica (model.py).
 7. Quotas: per tenant, Σ GPUs ≤ ``max_gpus`` and per type ≤
    ``max_gpus_per_type[type]``.
-8. Migrations: a running workload (in ``problem.current``, still in
-   ``problem.workloads``) whose shards change as a multiset of (node, GPUs), or
-   that is no longer placed. **A current placement with a shard on a down (or
-   unknown) node is not running** (model.py: "treated as not running"), so
-   re-placing it is not a migration. A non-preemptible training job running on
-   ready nodes only must keep exactly its shards; the count must be ≤
-   ``max_migrations`` when given.
+8. Migrations. *Running* workloads are those of ``problem.current`` still in
+   ``problem.workloads`` that still run: **a training job with a shard on a down
+   (or unknown) node is not running, a service is running while one of its
+   replicas is on a live node** (model.py: work on down nodes is "treated as not
+   running"). A running training job *migrates* when its shards change (as a
+   multiset of (node, GPUs)) or it is not placed; a running service when it
+   loses a replica it runs on a live node, or is not placed (replicas on down
+   nodes are lost anyway; adding replicas moves nothing). A migration is
+   *forced* when the workload cannot stay as it runs: a live shard is on a
+   draining node, or its live shards alone break rules (4)-(6) of the current
+   input. A non-preemptible training job may only migrate when forced, and
+   migrations ≤ ``max(max_migrations, forced)`` when a cap is given (the
+   formulation's rule: moves the input forces are always allowed).
 9. Strict priority, **best effort and conservative** (it only flags clear
    cases): an unplaced training job with a shape that fits on one node is
    reported when some ready node it may use would hold it if the
@@ -57,11 +62,11 @@ Feasibility rules checked (numbering used in the code):
    one). An unplaced service likewise when ``max(1, min_replicas)`` replicas of
    one type fit (with the spread rule) on its eligible nodes once lower-priority
    work is removed, but not without. Workloads that cannot be removed are never
-   counted: non-preemptible running jobs, and, when ``max_migrations`` is
+   counted: running non-preemptible jobs, and, when ``max_migrations`` is
    given, any running workload kept where it is (removing it would be a
    migration). A node that hosts a multi-node gang counts as full unless that
-   gang is removed. A unplaced workload that fits in free capacity is a matter of
-   the policy's objective, not of priority, and is not reported.
+   gang is removed. An unplaced workload that fits in free capacity is a matter
+   of the policy's objective, not of priority, and is not reported.
 
 Objective (all policies maximize; M = migrations as in 8):
 
@@ -217,23 +222,38 @@ class _Context:
         for p in placements:
             if p.workload_id in self.workloads and p.workload_id not in self.placed and p.shards:
                 self.placed[p.workload_id] = p
-        # Running now: first current placement of each known workload, none of
-        # its shards on a down or unknown node.
+        # Running now (rule 8): the first current placement of each known workload
+        # that still runs, i.e. a training job with none of its shards on a down
+        # (or unknown) node, a service with at least one replica on a live node.
         self.running: dict[str, Placement] = {}
         for c in problem.current:
-            if c.workload_id in self.workloads and c.workload_id not in self.running and self._alive(c):
+            w = self.workloads.get(c.workload_id)
+            if w is None or c.workload_id in self.running:
+                continue
+            alive = [self.alive(s) for s in c.shards]
+            if all(alive) if w.training is not None else any(alive):
                 self.running[c.workload_id] = c
-        self.migrated: list[str] = [
-            wid
-            for wid, c in self.running.items()
-            if wid not in self.placed or Counter(self.placed[wid].shards) != Counter(c.shards)
-        ]
+        self.migrated: list[str] = [wid for wid, c in self.running.items() if self._moved(wid, c)]
         self.migrated_set = frozenset(self.migrated)
 
-    def _alive(self, c: Placement) -> bool:
-        return all(
-            s.node_id in self.nodes and self.nodes[s.node_id].state is not NodeState.DOWN for s in c.shards
-        )
+    def alive(self, s: Shard) -> bool:
+        node = self.nodes.get(s.node_id)
+        return node is not None and node.state is not NodeState.DOWN
+
+    def _moved(self, wid: str, c: Placement) -> bool:
+        """Is running workload ``wid`` moved or stopped by the placements?
+
+        A training job must keep exactly its shards; a service must keep every
+        replica it runs on a live node (replicas on down nodes are lost anyway,
+        and adding replicas moves nothing).
+        """
+        p = self.placed.get(wid)
+        if p is None:
+            return True
+        if self.workloads[wid].training is not None:
+            return Counter(p.shards) != Counter(c.shards)
+        now = Counter(s for s in c.shards if self.alive(s))
+        return bool(now - Counter(p.shards))
 
     def gpu_type(self, p: Placement) -> str:
         """The placement's type: as stated, else that of its first known node."""
@@ -254,20 +274,25 @@ class _Context:
         for name, t in self.types.items():
             if w.allowed_gpu_types and name not in w.allowed_gpu_types:
                 continue
-            if t.memory_gib < spec.gpu_memory_gib:
+            if not _fits_memory(t, spec):
                 continue
             if any(s.throughput.get(name, 0.0) > 0 for s in spec.shapes):
                 out.append(name)
         return out
 
     def usable_service_types(self, w: Workload, spec: InferenceSpec) -> list[str]:
+        """Known types with a replica size and rate, allowed by the service."""
         return [
             t
-            for t in spec.gpus_per_replica
-            if t in spec.replica_rps and (not w.allowed_gpu_types or t in w.allowed_gpu_types)
+            for t in self.types
+            if spec.gpus_per_replica.get(t, 0) > 0
+            and spec.replica_rps.get(t, 0.0) > 0
+            and (not w.allowed_gpu_types or t in w.allowed_gpu_types)
         ]
 
-    def eligible_service_nodes(self, w: Workload, spec: InferenceSpec, gpu_type: str | None = None) -> list[Node]:
+    def eligible_service_nodes(
+        self, w: Workload, spec: InferenceSpec, gpu_type: str | None = None
+    ) -> list[Node]:
         """Ready nodes that could host one replica of the service (see rule 6),
         of ``gpu_type`` only when given (a service runs on one type)."""
         usable = set(self.usable_service_types(w, spec))
@@ -299,6 +324,10 @@ class _Context:
         if spec.target_rps <= 0:
             return 1.0 if rps > 0 else 0.0
         return min(1.0, rps / spec.target_rps)
+
+
+def _fits_memory(t: GpuType, spec: TrainingSpec) -> bool:
+    return _le(spec.gpu_memory_gib, t.memory_gib)
 
 
 def _has_labels(node: Node, selector: Mapping[str, str]) -> bool:
@@ -396,14 +425,12 @@ class _Checker:
         self.plan = plan
         self.max_migrations = max_migrations
         self.violations: list[str] = []
-        # Running workloads kept exactly where they are, and those that must stay (rule 8).
+        # Running workloads kept exactly where they are; running non-preemptible jobs.
         self.kept = {wid for wid in ctx.running if wid not in ctx.migrated_set}
-        self.pinned = {
+        self.non_preemptible = {
             wid
-            for wid, c in ctx.running.items()
-            if (spec := ctx.workloads[wid].training) is not None
-            and not spec.preemptible
-            and all(ctx.nodes[s.node_id].state is NodeState.READY for s in c.shards)
+            for wid in ctx.running
+            if (spec := ctx.workloads[wid].training) is not None and not spec.preemptible
         }
         self.quota_cache: dict[tuple[str, int], _QuotaUse] = {}
         self.by_tenant: dict[str, list[str]] = defaultdict(list)
@@ -541,7 +568,7 @@ class _Checker:
             gpu_type = ctx.types.get(t)
             if gpu_type is None:
                 self.add(f'workload "{w.id}" runs on unknown GPU type "{t}"')
-            elif gpu_type.memory_gib < spec.gpu_memory_gib:
+            elif not _fits_memory(gpu_type, spec):
                 self.add(
                     f'workload "{w.id}" needs {_fmt(spec.gpu_memory_gib)} GiB per GPU but "{t}" has '
                     f"{_fmt(gpu_type.memory_gib)}"
@@ -566,7 +593,7 @@ class _Checker:
                         )
 
     # Rule (5): gangs and locality.
-    def check_gang(self, w: Workload, spec: TrainingSpec, p: Placement) -> None:
+    def check_gang(self, w: Workload, spec: TrainingSpec, p: Placement, *, exclusive: bool = True) -> None:
         ctx = self.ctx
         counts = Counter(s.node_id for s in p.shards)
         for node_id, k in sorted(counts.items()):
@@ -604,7 +631,7 @@ class _Checker:
         gpus = [s.gpus for s in shards]
         if max(gpus) - min(gpus) > 1:
             self.add(f'training job "{w.id}" is split unevenly ({", ".join(map(str, gpus))} GPUs)')
-        for n in nodes:
+        for n in nodes if exclusive else ():
             others = sorted(x for x in self.use.get(n.id, {}) if x != w.id)
             if others:
                 self.add(
@@ -661,15 +688,42 @@ class _Checker:
     # Rule (8): migrations.
     def check_migrations(self) -> None:
         ctx = self.ctx
-        for wid in ctx.running:
-            if wid in self.pinned and wid in ctx.migrated_set:
+        forced = [wid for wid in ctx.migrated if not self._keepable(wid)]
+        for wid in ctx.migrated:
+            if wid in self.non_preemptible and wid not in forced:
                 verb = "moved" if wid in ctx.placed else "stopped"
                 self.add(f'non-preemptible training job "{wid}" is {verb}')
-        if self.max_migrations is not None and len(ctx.migrated) > self.max_migrations:
+        if self.max_migrations is not None and len(ctx.migrated) > max(self.max_migrations, len(forced)):
+            why = f", {len(forced)} of them forced" if forced else ""
             self.add(
-                f"{len(ctx.migrated)} migrations ({', '.join(ctx.migrated)}), "
+                f"{len(ctx.migrated)} migrations ({', '.join(ctx.migrated)}{why}), "
                 f"more than max_migrations {self.max_migrations}"
             )
+
+    def _keepable(self, wid: str) -> bool:
+        """Could running workload ``wid`` stay exactly as it runs now?
+
+        Only if all its live shards are on ready nodes and, taken alone, they keep
+        rules (4)-(6) of the current input (which may have changed since).
+        Otherwise moving it is *forced* by the input: such moves do not count
+        against ``max_migrations`` and are allowed for non-preemptible jobs.
+        """
+        ctx = self.ctx
+        w = ctx.workloads[wid]
+        shards = tuple(s for s in ctx.running[wid].shards if ctx.alive(s))
+        if any(ctx.nodes[s.node_id].state is not NodeState.READY for s in shards):
+            return False
+        now = Placement(wid, shards, ctx.running[wid].gpu_type)
+        saved, self.violations = self.violations, []
+        try:
+            self.check_types(w, now)
+            if w.training is not None:
+                self.check_gang(w, w.training, now, exclusive=False)
+            if w.inference is not None:
+                self.check_replicas(w, w.inference, now)
+            return not self.violations
+        finally:
+            self.violations = saved
 
     # Rule (9): strict priority (conservative).
     def check_priority(self) -> None:
@@ -687,7 +741,7 @@ class _Checker:
 
     def _removable(self, wid: str, priority: float) -> bool:
         """Could workload ``wid`` be removed to make room for one of ``priority``?"""
-        if self.ctx.workloads[wid].priority >= priority or wid in self.pinned:
+        if self.ctx.workloads[wid].priority >= priority or wid in self.non_preemptible:
             return False
         return self.max_migrations is None or wid not in self.kept
 
@@ -793,21 +847,18 @@ class _Checker:
     def _priority_service(self, w: Workload, spec: InferenceSpec) -> None:
         ctx = self.ctx
         need = max(1, spec.min_replicas)
-        eligible = ctx.eligible_service_nodes(w, spec)
-        units = len({_unit(n, spec.spread) for n in eligible}) if spec.spread is not Spread.NONE else 0
-        per_unit = -(-need // units) if units else need
         quota = self._quota_use(w)
         fits_free = blocked = False
         for gpu_type in sorted(ctx.usable_service_types(w, spec)):
+            eligible = ctx.eligible_service_nodes(w, spec, gpu_type)
+            units = len({_unit(n, spec.spread) for n in eligible}) if spec.spread is not Spread.NONE else 0
+            per_unit = -(-need // units) if units else need
             gpus = spec.gpus_per_replica[gpu_type]
             one = _NodeUse(gpus, spec.cpus_per_replica, spec.memory_gib_per_replica)
             for remove in (False, True):
                 held: Counter[tuple[str, ...]] = Counter()
                 for node in eligible:
-                    if node.gpu_type == gpu_type:
-                        held[_unit(node, spec.spread)] += _replicas(
-                            one, self._room(w, node, remove=remove), node
-                        )
+                    held[_unit(node, spec.spread)] += _replicas(one, self._room(w, node, remove=remove), node)
                 if sum(min(k, per_unit) for k in held.values()) < need:
                     continue
                 if not _quota_allows(quota, gpu_type, need * gpus, remove=remove):
