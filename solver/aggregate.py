@@ -50,8 +50,8 @@ __all__ = [
     "WorkloadClass",
     "build_index",
     "effective_weight",
-    "usable_training_types",
     "usable_service_types",
+    "usable_training_types",
 ]
 
 Loc = tuple[str, str]  # (zone, domain)
@@ -189,7 +189,7 @@ def usable_service_types(w: Workload, types: Mapping[str, GpuType]) -> list[str]
 
 
 def _node_shapes(nodes: Sequence[Node]) -> tuple[list[NodeShape], dict[str, int]]:
-    groups: dict[tuple[object, ...], list[Node]] = defaultdict(list)
+    groups: dict[tuple[str, int, float, float, frozenset[tuple[str, str]]], list[Node]] = defaultdict(list)
     for n in nodes:
         if n.state is NodeState.READY:
             key = (n.gpu_type, n.gpus, n.cpus, n.memory_gib, frozenset(n.labels.items()))
@@ -445,9 +445,18 @@ def build_index(problem: Problem) -> Index:
                     )
                     thr = w.training.shapes[gi].throughput.get(host.gpu_type, 0.0)
                     opts.append(
-                        Option(OptionKind.STAY, host.gpu_type, -1, p.gpus, 0, ("node",), gi,
-                               thr / top if top > 0 else 0.0,
-                               p.gpus * w.training.cpus_per_gpu, p.gpus * w.training.memory_gib_per_gpu)
+                        Option(
+                            OptionKind.STAY,
+                            host.gpu_type,
+                            -1,
+                            p.gpus,
+                            0,
+                            ("node",),
+                            gi,
+                            thr / top if top > 0 else 0.0,
+                            p.gpus * w.training.cpus_per_gpu,
+                            p.gpus * w.training.memory_gib_per_gpu,
+                        )
                     )
                     cur_opt = len(opts) - 1
                 wc = WorkloadClass(
@@ -474,22 +483,28 @@ def build_index(problem: Problem) -> Index:
                 options=opts,
                 tier=w.priority,
                 weight=effective_weight(w, tenant_weight),
-                spread_units=spread_units(w, problem.nodes, types) if w.inference.spread is not Spread.NONE else {},
+                spread_units=spread_units(w, problem.nodes, types)
+                if w.inference.spread is not Spread.NONE
+                else {},
             )
             if w.id in current and any(
-                s.node_id in nodes and nodes[s.node_id].state is not NodeState.DOWN for s in current[w.id].shards
+                s.node_id in nodes and nodes[s.node_id].state is not NodeState.DOWN
+                for s in current[w.id].shards
             ):
                 wc.current_count = 1
                 for shard in current[w.id].shards:
-                    host = nodes.get(shard.node_id)
-                    if host is None or host.state is NodeState.DOWN:
+                    maybe = nodes.get(shard.node_id)
+                    if maybe is None or maybe.state is NodeState.DOWN:
                         continue
+                    host = maybe
                     if host.state is NodeState.DRAINING:
                         wc.forced_move = True
                         continue
                     for i, o in enumerate(opts):
-                        if o.shape == node_shape[host.id] and o.gpus == shard.gpus and (
-                            o.scope in (("any",), scope_of_nodes([host], o.scope[0]))
+                        if (
+                            o.shape == node_shape[host.id]
+                            and o.gpus == shard.gpus
+                            and (o.scope in (("any",), scope_of_nodes([host], o.scope[0])))
                         ):
                             wc.current_replicas[i] = wc.current_replicas.get(i, 0) + 1
                             break

@@ -21,12 +21,14 @@ from collections.abc import Mapping
 from solver.aggregate import Index, OptionKind
 from solver.greedy import place_training
 from solver.model import Placement, Shard, Workload
-from solver.packing import Ledger
+from solver.packing import Ledger, _in_scope
 
 __all__ = ["disaggregate"]
 
 
-def disaggregate(index: Index, counts: Mapping[tuple[int, int], int]) -> tuple[dict[str, Placement], set[str]]:
+def disaggregate(
+    index: Index, counts: Mapping[tuple[int, int], int]
+) -> tuple[dict[str, Placement], set[str]]:
     """Returns (placements by workload id, ids that lost their slot in packing)."""
     ledger = Ledger(index)
     placed: dict[str, Placement] = {}
@@ -67,12 +69,11 @@ def disaggregate(index: Index, counts: Mapping[tuple[int, int], int]) -> tuple[d
                     break
                 if index.node_shape.get(shard.node_id) != opt.shape or shard.gpus != opt.gpus:
                     continue
-                if opt.scope != ("any",):
-                    from solver.packing import _in_scope
-
-                    if not _in_scope(index.nodes[shard.node_id], opt.scope):
-                        continue
-                if shard in service_kept[c.index] and service_kept[c.index].count(shard) >= cur.shards.count(shard):
+                if opt.scope != ("any",) and not _in_scope(index.nodes[shard.node_id], opt.scope):
+                    continue
+                if shard in service_kept[c.index] and service_kept[c.index].count(shard) >= cur.shards.count(
+                    shard
+                ):
                     continue
                 if ledger.fits(shard.node_id, opt.gpus, opt.cpus, opt.memory_gib):
                     ledger.take(w, shard.node_id, opt.gpus, opt.cpus, opt.memory_gib)
@@ -100,9 +101,11 @@ def disaggregate(index: Index, counts: Mapping[tuple[int, int], int]) -> tuple[d
         else:
             placed[w.id] = p
 
-    # 2. gangs (and STAY on draining nodes).
+    # 2. gangs bound to a zone or domain (and STAY on draining nodes).
     for _tier, ci, o, w in wanted:
         opt = index.classes[ci].options[o]
+        if opt.kind is OptionKind.GANG and opt.scope == ("any",):
+            continue
         if opt.kind is OptionKind.STAY:
             p = index.current[w.id]
             p = Placement(w.id, p.shards, opt.gpu_type)
@@ -115,15 +118,41 @@ def disaggregate(index: Index, counts: Mapping[tuple[int, int], int]) -> tuple[d
             else:
                 placed[w.id] = got
 
-    # 3. services.
-    for c in sorted(index.classes, key=lambda c: (-c.tier, c.index)):
+    # 3. services bound to zones or domains, largest replicas first; 4. gangs that may
+    # go anywhere; 5. services and single-node jobs together, largest item first
+    # (first-fit decreasing), node-spread services first among equals, then by tier.
+    items: list[tuple[int, int, int, int, str, int, int, Workload | None]] = []
+    for c in index.classes:
         if c.is_training:
             continue
-        w = c.members[0]
-        per_option = {o: n for (ci, o), n in remaining.items() if ci == c.index and n > 0}
-        kept = service_kept.get(c.index, [])
-        if not per_option and not kept:
+        per = [o for (ci, o), n in remaining.items() if ci == c.index and n > 0]
+        gpus = max((c.options[o].gpus for o in per), default=0)
+        if per or service_kept.get(c.index):
+            spread = c.members[0].inference.spread.value  # type: ignore[union-attr]
+            located = 0 if spread in ("zone", "domain") else 2
+            items.append(
+                (located, -gpus, 0 if spread == "node" else 1, -c.tier, c.members[0].id, c.index, -1, None)
+            )
+    for tier, ci, o, w in wanted:
+        opt = index.classes[ci].options[o]
+        if opt.kind is OptionKind.SINGLE:
+            items.append((2, -opt.gpus, 1, -tier, w.id, ci, o, w))
+        elif opt.kind is OptionKind.GANG and opt.scope == ("any",):
+            items.append((1, -opt.gpus, 1, -tier, w.id, ci, o, w))
+    items.sort(key=lambda x: x[:5])
+    for *_key, ci, o, member in items:
+        if member is not None:
+            opt = index.classes[ci].options[o]
+            got = ledger.try_training(member, opt, best_fit=True)
+            if got is None:
+                fallback(member, ci)
+            else:
+                placed[member.id] = got
             continue
+        c = index.classes[ci]
+        w = c.members[0]
+        per_option = {o: n for (cj, o), n in remaining.items() if cj == c.index and n > 0}
+        kept = service_kept.get(c.index, [])
         types = {c.options[o].gpu_type for o in per_option} | (
             {index.nodes[kept[0].node_id].gpu_type} if kept else set()
         )
@@ -131,13 +160,12 @@ def disaggregate(index: Index, counts: Mapping[tuple[int, int], int]) -> tuple[d
         opts = [opt for opt in c.options if opt.gpu_type == t]
         local = {opts.index(c.options[o]): n for o, n in per_option.items() if c.options[o].gpu_type == t}
         total = sum(local.values()) + len(kept)
-        shards = ledger.try_service(w, opts, sum(local.values()), c.spread_units, True, local) if local else []
+        shards = ledger.try_service(w, opts, total, c.spread_units, True, local, kept) if local else []
         spec = w.inference
         assert spec is not None
         if len(shards) + len(kept) < total:
             # Packing left some out: try the other options of the same type.
-            extra = ledger.try_service(w, opts, total - len(shards) - len(kept), c.spread_units, True)
-            shards += extra
+            shards += ledger.try_service(w, opts, total, c.spread_units, True, None, [*kept, *shards])
         all_shards = tuple(kept) + tuple(shards)
         if len(all_shards) >= max(1, spec.min_replicas):
             placed[w.id] = Placement(w.id, all_shards, t)
@@ -145,15 +173,4 @@ def disaggregate(index: Index, counts: Mapping[tuple[int, int], int]) -> tuple[d
             if all_shards:
                 ledger.release(w, Placement(w.id, all_shards, t))
             lost.add(w.id)
-
-    # 4. single-node jobs, largest first.
-    singles = [x for x in wanted if index.classes[x[1]].options[x[2]].kind is OptionKind.SINGLE]
-    singles.sort(key=lambda x: (-x[0], -index.classes[x[1]].options[x[2]].gpus, x[3].id))
-    for _tier, ci, o, w in singles:
-        opt = index.classes[ci].options[o]
-        got = ledger.try_training(w, opt, best_fit=True)
-        if got is None:
-            fallback(w, ci)
-        else:
-            placed[w.id] = got
     return placed, lost

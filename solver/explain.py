@@ -44,8 +44,9 @@ class Explainer:
     """Explains workloads against one plan. Ledgers with some work removed are
     built once per removal rule and reused for every workload."""
 
-    def __init__(self, index: Index, placements: Mapping[str, Placement], gap: float | None,
-                 max_migrations: int | None) -> None:
+    def __init__(
+        self, index: Index, placements: Mapping[str, Placement], gap: float | None, max_migrations: int | None
+    ) -> None:
         self.index = index
         self.placements = placements
         self.gap = gap
@@ -73,7 +74,9 @@ class Explainer:
         for wid, p in self.placements.items():
             if wid == exclude:
                 continue
-            if p.gpu_type == gpu_type or (p.shards and self.index.nodes[p.shards[0].node_id].gpu_type == gpu_type):
+            if p.gpu_type == gpu_type or (
+                p.shards and self.index.nodes[p.shards[0].node_id].gpu_type == gpu_type
+            ):
                 out.append(wid)
         return out
 
@@ -122,35 +125,50 @@ class Explainer:
                     detail += ("; " if detail else "") + (
                         f"holds {now.quota.used_type[w.tenant, gpu_type]} of {per} {gpu_type} GPUs"
                     )
-                return Reason(ReasonCode.QUOTA, f"on {gpu_type}: tenant {w.tenant!r} quota is exhausted ({detail}); "
-                                                f"needs {need}")
+                return Reason(
+                    ReasonCode.QUOTA,
+                    f"on {gpu_type}: tenant {w.tenant!r} quota is exhausted ({detail}); needs {need}",
+                )
             if self.max_migrations is not None:
-                return Reason(ReasonCode.MIGRATION_LIMIT,
-                              f"on {gpu_type}: room is free, but max_migrations={self.max_migrations} "
-                              "forbids the moves a better plan needs")
+                return Reason(
+                    ReasonCode.MIGRATION_LIMIT,
+                    f"on {gpu_type}: room is free, but max_migrations={self.max_migrations} "
+                    "forbids the moves a better plan needs",
+                )
             gap = f" (gap {self.gap:.2%})" if self.gap is not None else ""
-            return Reason(ReasonCode.CAPACITY,
-                          f"on {gpu_type}: room for {need} is free, but the policy's objective did not "
-                          f"gain from it within the time limit{gap}")
+            return Reason(
+                ReasonCode.CAPACITY,
+                f"on {gpu_type}: room for {need} is free, but the policy's objective did not "
+                f"gain from it within the time limit{gap}",
+            )
         same = self.ledger("lower-or-equal", w.priority)
         if fits(same, True):
-            holders = [h for h in self._holders(now, gpu_type, w.id)
-                       if self.index.workloads[h].priority <= w.priority]
+            holders = [
+                h
+                for h in self._holders(now, gpu_type, w.id)
+                if self.index.workloads[h].priority <= w.priority
+            ]
             lower = [h for h in holders if self.index.workloads[h].priority < w.priority]
             if lower and not fits(self.ledger("lower-or-equal", w.priority - 1), True):
                 lower = []
             who = lower or holders
-            return Reason(ReasonCode.CAPACITY,
-                          f"on {gpu_type}: no room for {need}; the capacity is held by workloads of equal "
-                          f"priority ({w.priority}) that the policy values more: {_names(who)}")
+            return Reason(
+                ReasonCode.CAPACITY,
+                f"on {gpu_type}: no room for {need}; the capacity is held by workloads of equal "
+                f"priority ({w.priority}) that the policy values more: {_names(who)}",
+            )
         if fits(self.ledger("all", 0), True):
-            holders = [h for h in self._holders(now, gpu_type, w.id)
-                       if self.index.workloads[h].priority > w.priority]
-            return Reason(ReasonCode.HIGHER_PRIORITY,
-                          f"on {gpu_type}: no room for {need}; the capacity is held by higher-priority "
-                          f"workloads: {_names(holders)}")
-        return Reason(ReasonCode.PACKING,
-                      f"on {gpu_type}: {need} does not fit on the nodes even when they are empty")
+            holders = [
+                h for h in self._holders(now, gpu_type, w.id) if self.index.workloads[h].priority > w.priority
+            ]
+            return Reason(
+                ReasonCode.HIGHER_PRIORITY,
+                f"on {gpu_type}: no room for {need}; the capacity is held by higher-priority "
+                f"workloads: {_names(holders)}",
+            )
+        return Reason(
+            ReasonCode.PACKING, f"on {gpu_type}: {need} does not fit on the nodes even when they are empty"
+        )
 
     # -- static checks -------------------------------------------------------------------
 
@@ -163,16 +181,26 @@ class Explainer:
         with_numbers = [t for t in types if any(s.throughput.get(t, 0) > 0 for s in spec.shapes)]
         allowed = [t for t in with_numbers if not w.allowed_gpu_types or t in w.allowed_gpu_types]
         if not with_numbers:
-            return [Reason(ReasonCode.NO_GPU_TYPE, "no throughput is given for any GPU type in the inventory")]
+            return [
+                Reason(ReasonCode.NO_GPU_TYPE, "no throughput is given for any GPU type in the inventory")
+            ]
         if not allowed:
-            return [Reason(ReasonCode.NO_GPU_TYPE,
-                           f"none of its allowed GPU types ({', '.join(w.allowed_gpu_types)}) has a throughput")]
+            return [
+                Reason(
+                    ReasonCode.NO_GPU_TYPE,
+                    f"none of its allowed GPU types ({', '.join(w.allowed_gpu_types)}) has a throughput",
+                )
+            ]
         usable = usable_training_types(w, types)
         if not usable:
             largest = max(types[t].memory_gib for t in allowed)
-            return [Reason(ReasonCode.NO_GPU_TYPE,
-                           f"needs {spec.gpu_memory_gib:g} GiB per GPU; the largest GPU type it may use has "
-                           f"{largest:g} GiB")]
+            return [
+                Reason(
+                    ReasonCode.NO_GPU_TYPE,
+                    f"needs {spec.gpu_memory_gib:g} GiB per GPU; the largest GPU type it may use has "
+                    f"{largest:g} GiB",
+                )
+            ]
         ready = [n for n in idx.problem.nodes if n.state is NodeState.READY and n.gpu_type in usable]
         if not ready:
             return [Reason(ReasonCode.NO_NODE, f"no ready node of type {', '.join(sorted(usable))}")]
@@ -184,16 +212,28 @@ class Explainer:
         if not [o for o in c.options if o.kind is not OptionKind.STAY]:
             biggest = max(n.gpus for n in selected)
             if spec.locality is Locality.NODE:
-                return [Reason(ReasonCode.TOO_LARGE,
-                               f"needs {need_g} GPUs on one node (locality node); the largest usable node has "
-                               f"{biggest}")]
+                return [
+                    Reason(
+                        ReasonCode.TOO_LARGE,
+                        f"needs {need_g} GPUs on one node (locality node); the largest usable node has "
+                        f"{biggest}",
+                    )
+                ]
             if need_g <= biggest:
-                return [Reason(ReasonCode.TOO_LARGE,
-                               f"needs {need_g * spec.cpus_per_gpu:g} CPUs and {need_g * spec.memory_gib_per_gpu:g} "
-                               "GiB of host memory on one node; no usable node has that much")]
+                return [
+                    Reason(
+                        ReasonCode.TOO_LARGE,
+                        f"needs {need_g * spec.cpus_per_gpu:g} CPUs and {need_g * spec.memory_gib_per_gpu:g} "
+                        "GiB of host memory on one node; no usable node has that much",
+                    )
+                ]
             scope = spec.locality.value
-            return [Reason(ReasonCode.TOO_LARGE,
-                           f"needs {need_g} GPUs in one {scope}; no {scope} has enough whole usable nodes")]
+            return [
+                Reason(
+                    ReasonCode.TOO_LARGE,
+                    f"needs {need_g} GPUs in one {scope}; no {scope} has enough whole usable nodes",
+                )
+            ]
         lim = next((t for t in idx.problem.tenants if t.name == w.tenant), None)
         if lim is not None:
             caps = [lim.max_gpus] if lim.max_gpus is not None else []
@@ -201,8 +241,12 @@ class Explainer:
             if all(p is not None for p in per):
                 caps.append(max(p for p in per if p is not None))
             if caps and min(caps) < need_g:
-                return [Reason(ReasonCode.QUOTA,
-                               f"needs {need_g} GPUs; tenant {w.tenant!r} may hold at most {min(caps)}")]
+                return [
+                    Reason(
+                        ReasonCode.QUOTA,
+                        f"needs {need_g} GPUs; tenant {w.tenant!r} may hold at most {min(caps)}",
+                    )
+                ]
         return []
 
     def _static_service(self, w: Workload) -> list[Reason]:
@@ -211,13 +255,21 @@ class Explainer:
         idx = self.index
         usable = usable_service_types(w, idx.types)
         if not usable:
-            return [Reason(ReasonCode.NO_GPU_TYPE,
-                           "no GPU type in the inventory has both gpus_per_replica and replica_rps for it"
-                           + (" among its allowed types" if w.allowed_gpu_types else ""))]
+            return [
+                Reason(
+                    ReasonCode.NO_GPU_TYPE,
+                    "no GPU type in the inventory has both gpus_per_replica and replica_rps for it"
+                    + (" among its allowed types" if w.allowed_gpu_types else ""),
+                )
+            ]
         c = idx.classes[idx.workload_class[w.id]]
         if not c.options:
-            return [Reason(ReasonCode.NO_NODE,
-                           f"no ready node of type {', '.join(sorted(usable))} can hold one replica")]
+            return [
+                Reason(
+                    ReasonCode.NO_NODE,
+                    f"no ready node of type {', '.join(sorted(usable))} can hold one replica",
+                )
+            ]
         return []
 
     # -- public --------------------------------------------------------------------------
@@ -235,8 +287,11 @@ class Explainer:
                     by_type.setdefault(o.gpu_type, []).append(o)
             for t in sorted(by_type, key=lambda t: (-max(o.value for o in by_type[t]), t)):
                 opts = sorted(by_type[t], key=lambda o: (-o.value, o.gpus))
-                need = f"{opts[0].gpus} GPUs" if len({o.gpus for o in opts}) == 1 else (
-                    f"{min(o.gpus for o in opts)}+ GPUs")
+                need = (
+                    f"{opts[0].gpus} GPUs"
+                    if len({o.gpus for o in opts}) == 1
+                    else (f"{min(o.gpus for o in opts)}+ GPUs")
+                )
 
                 def fits(led: Ledger, quota: bool, opts: list[Option] = opts) -> bool:
                     return any(self._fits_training(led, w, o, quota) for o in opts)
@@ -248,7 +303,9 @@ class Explainer:
             return tuple(static)
         return self._service_reasons(w, max(1, w.inference.min_replicas) if w.inference else 1)
 
-    def _service_reasons(self, w: Workload, replicas: int, placed_type: str | None = None) -> tuple[Reason, ...]:
+    def _service_reasons(
+        self, w: Workload, replicas: int, placed_type: str | None = None
+    ) -> tuple[Reason, ...]:
         c = self.index.classes[self.index.workload_class[w.id]]
         by_type: dict[str, list[Option]] = {}
         for o in c.options:
@@ -260,7 +317,7 @@ class Explainer:
             g = opts[0].gpus
             need = f"{replicas} replica{'s' if replicas != 1 else ''} of {g} GPU{'s' if g != 1 else ''}"
 
-            def fits(led: Ledger, quota: bool, opts: list[Option] = opts, g: int = g) -> bool:
+            def fits(led: Ledger, quota: bool, opts: list[Option] = opts, g: int = g, t: str = t) -> bool:
                 if quota and not led.quota.allows(w.tenant, t, g * replicas):
                     return False
                 return self._replica_slots(led, w, opts) >= replicas
@@ -273,7 +330,11 @@ class Explainer:
         assert spec is not None
         r = len(p.shards)
         if spec.max_replicas is not None and r >= spec.max_replicas:
-            return (Reason(ReasonCode.CAPACITY,
-                           f"max_replicas={spec.max_replicas} caps it at {served:g} of {spec.target_rps:g} req/s"),)
+            return (
+                Reason(
+                    ReasonCode.CAPACITY,
+                    f"max_replicas={spec.max_replicas} caps it at {served:g} of {spec.target_rps:g} req/s",
+                ),
+            )
         # One more replica: why not?
         return self._service_reasons(w, 1, p.gpu_type)

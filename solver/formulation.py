@@ -30,7 +30,8 @@ Constraints
          max(1, min_i) y_i <= sum_o r_{i,o} <= R_i y_i,  f_i <= y_i,
          target_i f_i <= sum_o rps_o r_{i,o}
     (9)  spread over the U_{i,t} units of type t: U_{i,t} * (replicas in unit u) -
-         sum_{o of type t} r_{i,o} <= U_{i,t} - 1; for node spread, r_{i,o} <= K_s ceil(R_i / U_{i,t})
+         sum_{o of type t} r_{i,o} <= U_{i,t} - 1; for node spread, with q = ceil(R_i / U_{i,t}),
+         r_{i,o} + q * (items on s as large as a node + gang nodes on s) <= q K_s   (9b)
     (10) migrations: moves = sum_j (running_j - n_{j,o*}) + sum_i m_i <= max_migrations,
          m_i >= (running replicas of i on o - r_{i,o}) / running replicas on o
 Objectives are supplied by the policies (``solver.policies``) as stages solved
@@ -109,7 +110,8 @@ class Formulation:
 
     def set_floor(self, terms: Terms, constant: float, value: float, name: str) -> None:
         """Constraint (11): keep a solved stage's objective (with a small tolerance)."""
-        tol = 1e-6 * max(1.0, abs(value))
+        # CP-SAT scales rows to integers; the tolerance absorbs that rounding.
+        tol = 1e-5 * max(1.0, abs(value))
         self.model.add(terms, Sense.GE, value - constant - tol, name)
 
     # -- hints ----------------------------------------------------------------------------
@@ -141,10 +143,16 @@ class Formulation:
                     if opt.kind is OptionKind.SINGLE and len(hosts) == 1:
                         values[self.n[ci, o].index] += 1
                         break
-                    if opt.kind is OptionKind.GANG and len(hosts) == opt.nodes:
-                        if opt.scope == ("any",) or all(scope_of_nodes([h], opt.scope[0]) == opt.scope for h in hosts):
-                            values[self.n[ci, o].index] += 1
-                            break
+                    if (
+                        opt.kind is OptionKind.GANG
+                        and len(hosts) == opt.nodes
+                        and (
+                            opt.scope == ("any",)
+                            or all(scope_of_nodes([h], opt.scope[0]) == opt.scope for h in hosts)
+                        )
+                    ):
+                        values[self.n[ci, o].index] += 1
+                        break
             else:
                 t = hosts[0].gpu_type
                 for h in hosts:
@@ -167,7 +175,8 @@ class Formulation:
                 spec = c.members[0].inference
                 assert spec is not None
                 served = sum(values[self.n[c.index, o].index] * opt.value for o, opt in enumerate(c.options))
-                values[self.f[c.index].index] = min(1.0, served / spec.target_rps)
+                res = self.f[c.index].resolution
+                values[self.f[c.index].index] = math.floor(min(1.0, served / spec.target_rps) * res) / res
                 if c.index in self.m:
                     moved = any(
                         values[self.n[c.index, o].index] < cur for o, cur in c.current_replicas.items()
@@ -186,8 +195,7 @@ def _service_max_replicas(c: WorkloadClass, idx: Index) -> int:
     if spec.max_replicas is not None:
         r = min(r, spec.max_replicas)
     room = sum(
-        idx.shapes[s].count * (idx.shapes[s].gpus // g)
-        for s, g in {(o.shape, o.gpus) for o in c.options}
+        idx.shapes[s].count * (idx.shapes[s].gpus // g) for s, g in {(o.shape, o.gpus) for o in c.options}
     )
     return max(0, min(r, room))
 
@@ -204,6 +212,7 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
     cpu_use: dict[int, Terms] = defaultdict(list)
     mem_use: dict[int, Terms] = defaultdict(list)
     items_by_size: dict[int, list[tuple[Var, int]]] = defaultdict(list)  # shape -> (var, size)
+    node_spread: list[tuple[Var, int, int]] = []  # (replica var, shape, per-node cap)
     gang_nodes: dict[int, Terms] = defaultdict(list)
     loc_use: dict[tuple[int, tuple[str, ...]], Terms] = defaultdict(list)
     tenant_use: dict[str, Terms] = defaultdict(list)
@@ -274,17 +283,24 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
                 form.z[c.index, t] = model.bool_var(f"z[{wid},{t}]")
                 # Constraint (8): one type, only if the service runs.
                 model.add([(form.z[c.index, t], 1.0), (y, -1.0)], Sense.LE, 0, f"zy[{wid},{t}]")
-            model.add([(form.z[c.index, t], 1.0) for t in {o.gpu_type for o in c.options}], Sense.LE, 1,
-                      f"onetype[{wid}]")
+            model.add(
+                [(form.z[c.index, t], 1.0) for t in {o.gpu_type for o in c.options}],
+                Sense.LE,
+                1,
+                f"onetype[{wid}]",
+            )
             by_unit: dict[tuple[str, tuple[str, ...]], Terms] = defaultdict(list)
             reps_by_type: dict[str, Terms] = defaultdict(list)
             for o, opt in enumerate(c.options):
                 s = shapes[opt.shape]
                 cap = r_max
                 units_t = c.spread_units.get(opt.gpu_type, 0)
-                if spec.spread.value == "node" and units_t:
-                    cap = min(cap, s.count * math.ceil(r_max / units_t))
+                per_node = math.ceil(r_max / units_t) if spec.spread.value == "node" and units_t else 0
+                if per_node:
+                    cap = min(cap, s.count * per_node)
                 v = model.int_var(0, cap, f"r[{wid},{o}]")
+                if per_node:
+                    node_spread.append((v, s.index, per_node))
                 form.n[c.index, o] = v
                 reps.append((v, 1.0))
                 served.append((v, opt.value))
@@ -309,8 +325,12 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
             for (t, unit), terms in sorted(by_unit.items()):
                 units = c.spread_units.get(t, 0)
                 if units > 1:
-                    model.add([(v, units * a) for v, a in terms] + [(v, -a) for v, a in reps_by_type[t]],
-                              Sense.LE, units - 1, f"spread[{wid},{t},{'/'.join(unit)}]")
+                    model.add(
+                        [(v, units * a) for v, a in terms] + [(v, -a) for v, a in reps_by_type[t]],
+                        Sense.LE,
+                        units - 1,
+                        f"spread[{wid},{t},{'/'.join(unit)}]",
+                    )
             # Constraint (10), service part.
             if c.forced_move:
                 form.move_constant += 1
@@ -339,18 +359,26 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
             model.add(cpu_use[s.index], Sense.LE, s.cpus * s.count, f"cpu[{s.index}]")
         if s.memory_gib > 0 and any(a for _, a in mem_use[s.index]):
             model.add(mem_use[s.index], Sense.LE, s.memory_gib * s.count, f"mem[{s.index}]")
+    # Constraint (9b): node-spread replicas need distinct nodes that full-node items
+    # (jobs as large as the node, gangs) leave free.
+    for v, si, per_node in node_spread:
+        s = shapes[si]
+        full = [(x, per_node * 1.0) for x, g in items_by_size[si] if g >= s.gpus and x is not v]
+        full += [(x, per_node * a) for x, a in gang_nodes[si]]
+        if full:
+            model.add([(v, 1.0), *full], Sense.LE, per_node * s.count, f"nodespread[{v.name}]")
     # Constraint (6): per location.
     for (si, loc), terms in sorted(loc_use.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         s = shapes[si]
         nodes = s.by_domain.get((loc[1], loc[2]), 0) if loc[0] == "domain" else s.by_zone.get(loc[1], 0)
         model.add(terms, Sense.LE, s.gpus * nodes, f"loc[{si},{'/'.join(loc)}]")
     # Constraint (7): quotas.
-    for tenant in problem.tenants:
-        if tenant.max_gpus is not None and tenant_use.get(tenant.name):
-            model.add(tenant_use[tenant.name], Sense.LE, tenant.max_gpus, f"quota[{tenant.name}]")
-        for t, cap in sorted(tenant.max_gpus_per_type.items()):
-            if tenant_type_use.get((tenant.name, t)):
-                model.add(tenant_type_use[tenant.name, t], Sense.LE, cap, f"quota[{tenant.name},{t}]")
+    for ten in problem.tenants:
+        if ten.max_gpus is not None and tenant_use.get(ten.name):
+            model.add(tenant_use[ten.name], Sense.LE, ten.max_gpus, f"quota[{ten.name}]")
+        for t, cap in sorted(ten.max_gpus_per_type.items()):
+            if tenant_type_use.get((ten.name, t)):
+                model.add(tenant_type_use[ten.name, t], Sense.LE, cap, f"quota[{ten.name},{t}]")
     # Constraint (10): the migration cap (moves the input forces do not count against it).
     if max_migrations is not None and form.move_terms:
         allowed = max(float(max_migrations), form.forced_moves)

@@ -100,7 +100,9 @@ def keep_running(index: Index, ledger: Ledger, allow_draining: bool = False) -> 
             if len(types) != 1:
                 continue
             t = types.pop()
-            if spec.gpus_per_replica.get(t, 0) <= 0 or any(s.gpus != spec.gpus_per_replica[t] for s in p.shards):
+            if spec.gpus_per_replica.get(t, 0) <= 0 or any(
+                s.gpus != spec.gpus_per_replica[t] for s in p.shards
+            ):
                 continue
             if not all(ledger.fits(s.node_id, s.gpus, 0, 0) for s in p.shards):
                 continue
@@ -148,7 +150,9 @@ def place_service(ledger: Ledger, w: Workload, c: WorkloadClass, best_fit: bool)
     return None
 
 
-def greedy_place(index: Index, order_name: str = "best-fit", ledger: Ledger | None = None) -> dict[str, Placement]:
+def greedy_place(
+    index: Index, order_name: str = "best-fit", ledger: Ledger | None = None
+) -> dict[str, Placement]:
     """Place workloads greedily; returns workload id -> placement."""
     order, best_fit = BASELINE_ORDERS[order_name]
     ledger = ledger if ledger is not None else Ledger(index)
@@ -157,9 +161,96 @@ def greedy_place(index: Index, order_name: str = "best-fit", ledger: Ledger | No
         if w.id in placed:
             continue
         c = index.classes[index.workload_class[w.id]]
-        p = place_training(ledger, w, c, best_fit) if w.training is not None else place_service(
-            ledger, w, c, best_fit
+        got = (
+            place_training(ledger, w, c, best_fit)
+            if w.training is not None
+            else place_service(ledger, w, c, best_fit)
         )
-        if p is not None:
-            placed[w.id] = p
+        if got is not None:
+            placed[w.id] = got
     return placed
+
+
+def complete(index: Index, placed: dict[str, Placement]) -> dict[str, Placement]:
+    """Keep ``placed`` and add, best-fit decreasing, every other workload that
+    fits in what is left. Used to turn a stage's solution (which ignores lower
+    tiers) into a full hint, and to fill what packing or a time limit left free."""
+    ledger = Ledger(index)
+    out = dict(placed)
+    for wid, held in sorted(out.items()):
+        ledger.place(index.workloads[wid], held)
+    order, best_fit = BASELINE_ORDERS["best-fit"]
+    for w in order([w for w in index.problem.workloads if w.id not in out]):
+        c = index.classes[index.workload_class[w.id]]
+        got = (
+            place_training(ledger, w, c, best_fit)
+            if w.training is not None
+            else place_service(ledger, w, c, best_fit)
+        )
+        if got is not None:
+            out[w.id] = got
+    return out
+
+
+def repair_priority(
+    index: Index, placed: dict[str, Placement], max_migrations: int | None
+) -> dict[str, Placement]:
+    """Strict priority on concrete nodes: an unplaced training job that would fit
+    on one node if strictly-lower-priority single-node work there were evicted
+    takes that node, and the evicted work is unplaced (the caller re-fills).
+    Running work is never evicted when a migration cap is set, nor is a
+    non-preemptible running job. A safety net for plans cut short by the time
+    limit or by packing; an optimal plan needs no repair."""
+    out = dict(placed)
+    ledger = Ledger(index)
+    for wid, p in sorted(out.items()):
+        ledger.place(index.workloads[wid], p)
+
+    def evictable(holder: str, below: int) -> bool:
+        w = index.workloads[holder]
+        if w.priority >= below or w.training is None or len(out[holder].shards) != 1:
+            return False
+        return not (holder in index.current and (max_migrations is not None or not w.training.preemptible))
+
+    pending = sorted(
+        (w for w in index.problem.workloads if w.id not in out and w.training is not None),
+        key=lambda w: (-w.priority, w.id),
+    )
+    for w in pending:
+        if w.priority == min(index.tiers, default=0):
+            break
+        c = index.classes[index.workload_class[w.id]]
+        for opt in sorted((o for o in c.options if o.kind is OptionKind.SINGLE), key=lambda o: -o.value):
+            done = False
+            for nid in index.shapes[opt.shape].node_ids:
+                if nid in ledger.exclusive:
+                    continue
+                victims = sorted(
+                    (h for h, _ in ledger.holders.get(nid, []) if h in out and evictable(h, w.priority)),
+                    key=lambda h: (index.workloads[h].priority, -out[h].gpus, h),
+                )
+                free = ledger.free[nid].gpus
+                chosen: list[str] = []
+                for h in victims:
+                    if free >= opt.gpus:
+                        break
+                    chosen.append(h)
+                    free += out[h].gpus
+                if free < opt.gpus or not chosen:
+                    continue
+                for h in chosen:
+                    ledger.release(index.workloads[h], out.pop(h))
+                new = ledger.try_training(w, opt)
+                if new is None:  # host resources or quota still bind: undo
+                    for h in chosen:
+                        hp = placed.get(h)
+                        if hp is not None:
+                            ledger.place(index.workloads[h], hp)
+                            out[h] = hp
+                    continue
+                out[w.id] = new
+                done = True
+                break
+            if done:
+                break
+    return out

@@ -122,9 +122,7 @@ class LinearModel:
         for c in self.constraints:
             lhs = self.evaluate(c.terms, values)
             slack = tol * max(1.0, abs(c.rhs))
-            if (c.sense is Sense.LE and lhs > c.rhs + slack) or (
-                c.sense is Sense.GE and lhs < c.rhs - slack
-            ):
+            if (c.sense is Sense.LE and lhs > c.rhs + slack) or (c.sense is Sense.GE and lhs < c.rhs - slack):
                 bad.append(f"{c.name}: {lhs} {c.sense.value} {c.rhs}")
             elif c.sense is Sense.EQ and abs(lhs - c.rhs) > slack:
                 bad.append(f"{c.name}: {lhs} == {c.rhs}")

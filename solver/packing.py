@@ -60,9 +60,7 @@ class Ledger:
         self.exclusive: set[str] = set()  # nodes held whole by a gang
         self.holders: dict[str, list[tuple[str, int]]] = defaultdict(list)  # node -> (workload, gpus)
         # shape -> free gpus -> sorted node positions
-        self.buckets: dict[int, dict[int, list[int]]] = {
-            s.index: defaultdict(list) for s in index.shapes
-        }
+        self.buckets: dict[int, dict[int, list[int]]] = {s.index: defaultdict(list) for s in index.shapes}
         self.by_pos = [n.id for n in index.problem.nodes]
         for s in index.shapes:
             for nid in s.node_ids:
@@ -111,7 +109,9 @@ class Ledger:
         f = self.free[node_id]
         if node_id in self.exclusive or f.gpus < gpus:
             return False
-        return (n.cpus <= 0 or f.cpus + 1e-9 >= cpus) and (n.memory_gib <= 0 or f.memory_gib + 1e-9 >= memory_gib)
+        return (n.cpus <= 0 or f.cpus + 1e-9 >= cpus) and (
+            n.memory_gib <= 0 or f.memory_gib + 1e-9 >= memory_gib
+        )
 
     def candidates(self, shape: int, gpus: int, best_fit: bool) -> Iterable[str]:
         """Nodes of a shape with at least ``gpus`` free, best-fit or first-fit order."""
@@ -127,8 +127,10 @@ class Ledger:
                 yield self.by_pos[pos]
 
     def find_single(self, option: Option, best_fit: bool = True, prefer: str | None = None) -> str | None:
-        if prefer is not None and self.index.node_shape.get(prefer) == option.shape and self.fits(
-            prefer, option.gpus, option.cpus, option.memory_gib
+        if (
+            prefer is not None
+            and self.index.node_shape.get(prefer) == option.shape
+            and self.fits(prefer, option.gpus, option.cpus, option.memory_gib)
         ):
             return prefer
         for nid in self.candidates(option.shape, option.gpus, best_fit):
@@ -201,11 +203,13 @@ class Ledger:
         units: Mapping[str, int],
         best_fit: bool = True,
         per_option: Mapping[int, int] | None = None,
+        existing: Sequence[Shard] = (),
     ) -> list[Shard]:
-        """Place up to ``replicas`` replicas over the given options of one GPU type,
+        """Place replicas over the given options of one GPU type until the service
+        has ``replicas`` (counting the ``existing`` ones, already recorded),
         honouring spread (no unit above ceil(replicas / units)). With
         ``per_option``, place that many on each option (indices into ``options``).
-        Returns the shards placed (and records them)."""
+        Returns the new shards placed (and records them)."""
         spec = workload.inference
         assert spec is not None
         if not options:
@@ -217,6 +221,7 @@ class Ledger:
         cap_per_unit = math.ceil(replicas / n_units) if spread else replicas
         unit_count: dict[tuple[str, ...], int] = defaultdict(int)
         shards: list[Shard] = []
+        have = len(existing)
         wanted = dict(per_option) if per_option is not None else None
 
         def unit_of(nid: str) -> tuple[str, ...]:
@@ -229,7 +234,9 @@ class Ledger:
                 return (n.id,)
             return ()
 
-        while len(shards) < replicas:
+        for sh in existing:
+            unit_count[unit_of(sh.node_id)] += 1
+        while have + len(shards) < replicas:
             if not self.quota.allows(workload.tenant, t, g):
                 break
             best: tuple[tuple[int, int, int], str] | None = None
@@ -265,12 +272,16 @@ class Ledger:
             # fullest unit until it holds.
             while shards:
                 counts: dict[tuple[str, ...], list[Shard]] = defaultdict(list)
-                for sh in shards:
+                for sh in [*existing, *shards]:
                     counts[unit_of(sh.node_id)].append(sh)
-                fullest = max(sorted(counts), key=lambda u: len(counts[u]))
-                if len(counts[fullest]) <= math.ceil(len(shards) / n_units):
+                fullest = max(
+                    sorted(counts), key=lambda u: (len(counts[u]), any(x in shards for x in counts[u]))
+                )
+                if len(counts[fullest]) <= math.ceil((have + len(shards)) / n_units):
                     break
-                drop = counts[fullest][-1]
+                if not any(x in shards for x in counts[fullest]):
+                    break
+                drop = [x for x in counts[fullest] if x in shards][-1]
                 shards.remove(drop)
                 self.release(workload, Placement(workload.id, (drop,), t))
         return shards

@@ -35,7 +35,7 @@ from solver.disaggregate import disaggregate
 from solver.errors import SolverError
 from solver.explain import Explainer
 from solver.formulation import Formulation, build_formulation, option_values
-from solver.greedy import greedy_place
+from solver.greedy import complete, greedy_place, repair_priority
 from solver.linear import SolveStatus
 from solver.model import (
     Placement,
@@ -80,6 +80,16 @@ def _stage_values(form: Formulation, stages: list[Stage], values: Mapping[int, f
     return [sum(a * values.get(v.index, 0.0) for v, a in st.terms) + st.constant for st in stages]
 
 
+def _upper(form: Formulation, st: Stage) -> float:
+    """A trivial upper bound of a stage: every variable at its most favourable bound."""
+    model = form.model
+    total = st.constant
+    for v, a in st.terms:
+        var = model.vars[v.index]
+        total += a * (var.ub if a > 0 else var.lb)
+    return total
+
+
 def _lex_better(a: list[float], b: list[float]) -> bool:
     """Whether stage values ``a`` beat ``b`` lexicographically (with a tolerance)."""
     for x, y in zip(a, b, strict=True):
@@ -105,7 +115,9 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     if isinstance(pol, HeuristicPolicy):
         with timer.stage("greedy"):
             placed = greedy_place(index, pol.order)
-        return _finish(index, pol.name, "throughput", placed, set(), None, {}, timer, options, PlanStatus.HEURISTIC)
+        return _finish(
+            index, pol.name, "throughput", placed, set(), None, {}, timer, options, PlanStatus.HEURISTIC
+        )
     assert isinstance(pol, OptimizingPolicy)
     with timer.stage("greedy"):
         seed = greedy_place(index, "best-fit")
@@ -121,6 +133,12 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     values: dict[int, float] = dict(hint)
     for k, st in enumerate(stages):
         form.model.maximize(st.terms, st.constant)
+        current = form.model.objective_value(tuple(values.get(i, 0.0) for i in range(len(form.model.vars))))
+        if not st.primary and current >= _upper(form, st) - 1e-9 * max(1.0, abs(current)):
+            # The incumbent already reaches this stage's trivial bound (e.g. every
+            # workload of the tier runs): no solve needed.
+            form.set_floor(st.terms, st.constant, current, f"floor[{st.name}]")
+            continue
         if st.primary:
             with timer.stage("lp"):
                 lp = backend.solve_lp(form.model, time_limit_s=max(1.0, deadline - time.perf_counter()))
@@ -128,7 +146,9 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                 bound = lp.objective
                 duals = lp.duals
         left = deadline - time.perf_counter()
-        budget = max(0.05, left / (len(stages) - k))
+        # Earlier stages get at most a quarter of what is left each; the primary the rest.
+        later = len(stages) - k - 1
+        budget = max(0.05, left if later == 0 else (left / (later + 1) if st.primary else left / 6))
         with timer.stage(f"solve: {st.name}"):
             full_hint = tuple(values.get(i, 0.0) for i in range(len(form.model.vars)))
             sol = backend.solve_mip(
@@ -136,25 +156,42 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                 hint=full_hint,
                 time_limit_s=budget,
                 seed=options.seed,
-                relative_gap=options.relative_gap,
+                relative_gap=options.relative_gap if st.primary else max(options.relative_gap, 1e-3),
                 num_workers=options.num_workers,
             )
-        if sol.status is SolveStatus.INFEASIBLE:
+        if sol.status is SolveStatus.INFEASIBLE and k == 0 and not stages[0].primary and not seed:
             raise SolverError(f"stage {st.name!r}: the model is infeasible (this is a bug; please report it)")
-        if sol.has_values:
+        # An infeasible later stage can only come from rounding a floor: keep the incumbent.
+        if sol.has_values and form.model.objective_value(sol.values) >= current - 1e-9 * max(
+            1.0, abs(current)
+        ):
             values = dict(enumerate(sol.values))
         achieved = form.model.objective_value(tuple(values.get(i, 0.0) for i in range(len(form.model.vars))))
-        if st.primary and math.isfinite(sol.bound) and sol.status is not SolveStatus.UNKNOWN:
-            bound = sol.bound if bound is None else min(bound, sol.bound)
-        elif st.primary and sol.status is SolveStatus.UNKNOWN and math.isfinite(sol.bound) and sol.bound:
+        if st.primary and math.isfinite(sol.bound) and sol.has_values:
             bound = sol.bound if bound is None else min(bound, sol.bound)
         if st.primary and bound is not None:
             bound = max(bound, achieved)
         if k < len(stages) - 1:
             form.set_floor(st.terms, st.constant, achieved, f"floor[{st.name}]")
+            if sol.has_values:
+                # The stage ignores lower tiers: complete its solution greedily so
+                # the next stage starts from a full plan.
+                with timer.stage("complete"):
+                    vals = tuple(values.get(i, 0.0) for i in range(len(form.model.vars)))
+                    partial, _ = disaggregate(index, option_values(form, vals))
+                    full = complete(index, partial)
+                    filled = form.hint(full.values())
+                if all(
+                    _stage_values(form, stages[: k + 1], filled)[j] >= floor - 1e-6 * max(1.0, abs(floor))
+                    for j, floor in enumerate(_stage_values(form, stages[: k + 1], values))
+                ):
+                    values = filled
     with timer.stage("disaggregate"):
         vals = tuple(values.get(i, 0.0) for i in range(len(form.model.vars)))
         placed, lost = disaggregate(index, option_values(form, vals))
+    with timer.stage("repair"):
+        placed = complete(index, repair_priority(index, complete(index, placed), options.max_migrations))
+        lost -= set(placed)
     # Never worse than the greedy seed.
     final_values = _stage_values(form, stages, form.hint(placed.values()))
     if _lex_better(greedy_stage_values, final_values):
@@ -182,22 +219,35 @@ def _finish(
 ) -> Plan:
     problem = index.problem
     placements = tuple(sorted(placed.values(), key=lambda p: p.workload_id))
-    draft = Plan(PlanStatus.FEASIBLE, policy, 0.0, None, None, placements,
-                 tuple(Unplaced(w.id, ()) for w in problem.workloads if w.id not in placed))
+    draft = Plan(
+        PlanStatus.FEASIBLE,
+        policy,
+        0.0,
+        None,
+        None,
+        placements,
+        tuple(Unplaced(w.id, ()) for w in problem.workloads if w.id not in placed),
+    )
     with timer.stage("verify"):
         report = verify(problem, draft, score_policy, options.migration_penalty, options.max_migrations)
     if not report.ok:
-        raise SolverError("the plan failed verification (this is a bug; please report it):\n  "
-                          + "\n  ".join(report.violations))
+        raise SolverError(
+            "the plan failed verification (this is a bug; please report it):\n  "
+            + "\n  ".join(report.violations)
+        )
     objective = report.objective
     gap: float | None = None
     if bound is not None:
         bound = max(bound, objective)
-        gap = max(0.0, bound - objective) / max(abs(bound), 1e-9)
+        gap = max(0.0, bound - objective) / max(abs(bound), abs(objective), 1e-9)
         if abs(bound - objective) <= 1e-9:
             gap = 0.0
     if status is None:
-        status = PlanStatus.OPTIMAL if gap is not None and gap <= max(options.relative_gap, 1e-6) else PlanStatus.FEASIBLE
+        status = (
+            PlanStatus.OPTIMAL
+            if gap is not None and gap <= max(options.relative_gap, 1e-6)
+            else PlanStatus.FEASIBLE
+        )
     with timer.stage("explain"):
         explainer = Explainer(index, placed, gap, options.max_migrations)
         unplaced = []
@@ -206,7 +256,9 @@ def _finish(
                 continue
             reasons = explainer.unplaced(w)
             if not reasons:
-                reasons = (Reason(ReasonCode.PACKING, "fits the aggregated model but not the concrete nodes"),)
+                reasons = (
+                    Reason(ReasonCode.PACKING, "fits the aggregated model but not the concrete nodes"),
+                )
             unplaced.append(Unplaced(w.id, reasons))
         shortfalls = []
         for p in placements:
@@ -215,7 +267,9 @@ def _finish(
                 continue
             served = len(p.shards) * w.inference.replica_rps.get(p.gpu_type, 0.0)
             if served + 1e-9 < w.inference.target_rps:
-                shortfalls.append(Shortfall(w.id, served, w.inference.target_rps, explainer.shortfall(w, p, served)))
+                shortfalls.append(
+                    Shortfall(w.id, served, w.inference.target_rps, explainer.shortfall(w, p, served))
+                )
     return Plan(
         status=status,
         policy=policy,
@@ -263,18 +317,30 @@ def explain(problem: Problem, plan_: Plan, workload_id: str) -> Explanation:
     p = placed.get(workload_id)
     if p is None:
         un = next((u for u in plan_.unplaced if u.workload_id == workload_id), None)
-        reasons = un.reasons if un is not None and un.reasons else _Explainer(
-            index, placed, plan_.gap, None).unplaced(w)
-        return Explanation(workload_id, False, f"{workload_id} is not placed",
-                           tuple(f"[{r.code.value}] {r.message}" for r in reasons))
+        reasons = (
+            un.reasons
+            if un is not None and un.reasons
+            else _Explainer(index, placed, plan_.gap, None).unplaced(w)
+        )
+        return Explanation(
+            workload_id,
+            False,
+            f"{workload_id} is not placed",
+            tuple(f"[{r.code.value}] {r.message}" for r in reasons),
+        )
     details: list[str] = []
     nodes = ", ".join(f"{s.node_id}×{s.gpus}" for s in p.shards)
     t = p.gpu_type or index.nodes[p.shards[0].node_id].gpu_type
     cur = index.current.get(workload_id)
     if cur is not None:
-        same = sorted((s.node_id, s.gpus) for s in cur.shards) == sorted((s.node_id, s.gpus) for s in p.shards)
-        details.append("stays where it runs now" if same else "moves from " + ", ".join(
-            f"{s.node_id}×{s.gpus}" for s in cur.shards))
+        same = sorted((s.node_id, s.gpus) for s in cur.shards) == sorted(
+            (s.node_id, s.gpus) for s in p.shards
+        )
+        details.append(
+            "stays where it runs now"
+            if same
+            else "moves from " + ", ".join(f"{s.node_id}×{s.gpus}" for s in cur.shards)
+        )
     if w.training is not None:
         from solver.aggregate import usable_training_types
 
@@ -283,13 +349,17 @@ def explain(problem: Problem, plan_: Plan, workload_id: str) -> Explanation:
         shape = next((s for s in w.training.shapes if s.gpus == p.gpus), None)
         thr = shape.throughput.get(t, 0.0) if shape else 0.0
         rho = thr / best if best else 0.0
-        details.append(f"runs {p.gpus} GPUs of {t} at {thr:g} work units/s, {rho:.0%} of its best "
-                       f"({best:g} units/s)")
+        details.append(
+            f"runs {p.gpus} GPUs of {t} at {thr:g} work units/s, {rho:.0%} of its best ({best:g} units/s)"
+        )
         if rho < 1 - 1e-9:
             others = {o: placed_o for o, placed_o in placed.items() if o != workload_id}
             ex = _Explainer(index, others, plan_.gap, None)
-            better = {u for u in usable
-                      if max((s.throughput.get(u, 0.0) for s in w.training.shapes), default=0.0) > thr}
+            better = {
+                u
+                for u in usable
+                if max((s.throughput.get(u, 0.0) for s in w.training.shapes), default=0.0) > thr
+            }
             for r in ex.unplaced(w):
                 if any(r.message.startswith(f"on {u}:") for u in better):
                     details.append(f"why not better: [{r.code.value}] {r.message}")

@@ -17,12 +17,10 @@ from solver.linear import LinearModel, Sense, Solution, SolveStatus
 
 __all__ = ["OrToolsBackend"]
 
-_INF = 1e18
-
 
 def _row_scale(coefs: list[float], rhs: float) -> int:
     for power in range(7):
-        factor = 10**power
+        factor: int = 10**power
         if all(abs(c * factor - round(c * factor)) <= 1e-9 * max(1.0, abs(c * factor)) for c in coefs):
             return factor
     return 10**6
@@ -52,7 +50,7 @@ class OrToolsBackend:
         ]
         for c in model.constraints:
             if not c.terms:
-                ok = {Sense.LE: 0 <= c.rhs + 1e-9, Sense.GE: 0 >= c.rhs - 1e-9, Sense.EQ: abs(c.rhs) <= 1e-9}
+                ok = {Sense.LE: c.rhs + 1e-9 >= 0, Sense.GE: c.rhs - 1e-9 <= 0, Sense.EQ: abs(c.rhs) <= 1e-9}
                 if not ok[c.sense]:
                     return Solution(SolveStatus.INFEASIBLE, (), 0.0, 0.0, time.perf_counter() - start)
                 continue
@@ -89,7 +87,7 @@ class OrToolsBackend:
         if status == cp_model.INFEASIBLE:
             return Solution(SolveStatus.INFEASIBLE, (), 0.0, 0.0, wall)
         if status not in (cp_model.OPTIMAL, cp_model.FEASIBLE):
-            return Solution(SolveStatus.UNKNOWN, (), 0.0, solver.best_objective_bound, wall)
+            return Solution(SolveStatus.UNKNOWN, (), 0.0, math.inf, wall)
         values = tuple(solver.value(x) / s for x, s in zip(xs, scale, strict=True))
         objective = model.objective_value(values)
         bound = solver.best_objective_bound + model.objective_constant
@@ -107,8 +105,8 @@ class OrToolsBackend:
         xs = [lp.NumVar(v.lb, v.ub, v.name) for v in model.vars]
         rows = []
         for c in model.constraints:
-            lo = c.rhs if c.sense in (Sense.GE, Sense.EQ) else -_INF
-            hi = c.rhs if c.sense in (Sense.LE, Sense.EQ) else _INF
+            lo = c.rhs if c.sense in (Sense.GE, Sense.EQ) else -lp.infinity()
+            hi = c.rhs if c.sense in (Sense.LE, Sense.EQ) else lp.infinity()
             row = lp.RowConstraint(lo, hi, c.name)
             for i, a in c.terms.items():
                 row.SetCoefficient(xs[i], a)
@@ -122,7 +120,7 @@ class OrToolsBackend:
         if status == pywraplp.Solver.INFEASIBLE:
             return Solution(SolveStatus.INFEASIBLE, (), 0.0, 0.0, wall)
         if status != pywraplp.Solver.OPTIMAL:
-            return Solution(SolveStatus.UNKNOWN, (), 0.0, _INF, wall)
+            return Solution(SolveStatus.UNKNOWN, (), 0.0, math.inf, wall)
         values = tuple(x.solution_value() for x in xs)
         value = objective.Value() + model.objective_constant
         duals = {c.name: row.dual_value() for c, row in zip(model.constraints, rows, strict=True)}

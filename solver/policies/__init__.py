@@ -24,6 +24,4 @@ def get_policy(name: str) -> Policy:
     try:
         return POLICIES[name]
     except KeyError:
-        raise UnknownPolicyError(
-            f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}"
-        ) from None
+        raise UnknownPolicyError(f"unknown policy {name!r}; choose one of: {', '.join(POLICIES)}") from None

@@ -32,13 +32,15 @@ class Stage:
     primary: bool = False
 
 
-class Policy(ABC):
+class Policy:
+    """A common base: the two kinds below define what a policy does."""
+
     name: str = ""
     description: str = ""
     heuristic: bool = False
 
 
-class OptimizingPolicy(Policy):
+class OptimizingPolicy(Policy, ABC):
     @abstractmethod
     def stages(self, form: Formulation, options: PlanOptions) -> list[Stage]:
         """Stages to solve in order (may add variables and constraints to ``form``)."""

@@ -24,5 +24,7 @@ BASELINES = (
     _baseline("sjf", "shortest remaining time first; first-fit nodes"),
     _baseline("priority", "highest priority first, then submission order; first-fit nodes"),
     _baseline("first-fit", "priority, then largest first (first-fit decreasing)"),
-    _baseline("best-fit", "priority, then largest first onto the fullest node that fits (best-fit decreasing)"),
+    _baseline(
+        "best-fit", "priority, then largest first onto the fullest node that fits (best-fit decreasing)"
+    ),
 )

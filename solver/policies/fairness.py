@@ -17,7 +17,7 @@ benchmark reports both.
 from __future__ import annotations
 
 from solver.formulation import Formulation, Terms
-from solver.linear import Sense
+from solver.linear import Sense, Var
 from solver.model import PlanOptions
 from solver.policies.base import OptimizingPolicy, Stage, tier_stages
 
@@ -34,16 +34,22 @@ class FairnessPolicy(OptimizingPolicy):
         weights = [c.weight for c in form.index.classes]
         big = 1.0 / min(weights) if weights else 1.0
         t = model.num_var(0, big, "t", resolution=10_000)
+        running: list[tuple[Var, float]] = []  # t is 0 unless something runs
         for c in form.index.classes:
             if c.is_training:
                 for o, opt in enumerate(c.options):
                     n = form.n[c.index, o]
                     u = model.bool_var(f"u[{c.index},{o}]")
                     model.add([(n, 1.0), (u, -float(c.count))], Sense.LE, 0, f"used[{c.index},{o}]")
-                    model.add([(t, 1.0), (u, big)], Sense.LE, opt.value / c.weight + big, f"min[{c.index},{o}]")
+                    model.add(
+                        [(t, 1.0), (u, big)], Sense.LE, opt.value / c.weight + big, f"min[{c.index},{o}]"
+                    )
+                    running.append((u, -big))
             elif c.index in form.f:
                 y, f = form.y[c.index], form.f[c.index]
                 model.add([(t, 1.0), (y, big), (f, -1.0 / c.weight)], Sense.LE, big, f"min[{c.index}]")
+                running.append((y, -big))
+        model.add([(t, 1.0), *running], Sense.LE, 0, "t-needs-work")
         moves, constant = form.moves(options.migration_penalty)
         primary: Terms = [(t, 1.0), *moves]
         stages.append(Stage("max-min", primary, constant, primary=True))
