@@ -52,6 +52,11 @@ class Explainer:
         self.gap = gap
         self.max_migrations = max_migrations
         self._ledgers: dict[tuple[str, int], Ledger] = {}
+        self._by_type: dict[str, list[str]] = {}
+        for wid, p in sorted(placements.items()):
+            t = p.gpu_type or (index.nodes[p.shards[0].node_id].gpu_type if p.shards else "")
+            self._by_type.setdefault(t, []).append(wid)
+        self._memo: dict[int, tuple[Reason, ...]] = {}
 
     # -- ledgers -----------------------------------------------------------------------
 
@@ -70,15 +75,7 @@ class Explainer:
         return self._ledgers[key]
 
     def _holders(self, led: Ledger, gpu_type: str, exclude: str) -> list[str]:
-        out = []
-        for wid, p in self.placements.items():
-            if wid == exclude:
-                continue
-            if p.gpu_type == gpu_type or (
-                p.shards and self.index.nodes[p.shards[0].node_id].gpu_type == gpu_type
-            ):
-                out.append(wid)
-        return out
+        return [wid for wid in self._by_type.get(gpu_type, []) if wid != exclude]
 
     # -- fitting one workload ----------------------------------------------------------
 
@@ -275,6 +272,13 @@ class Explainer:
     # -- public --------------------------------------------------------------------------
 
     def unplaced(self, w: Workload) -> tuple[Reason, ...]:
+        """Reasons for an unplaced workload; members of one class share them."""
+        ci = self.index.workload_class[w.id]
+        if ci not in self._memo:
+            self._memo[ci] = self._unplaced(w)
+        return self._memo[ci]
+
+    def _unplaced(self, w: Workload) -> tuple[Reason, ...]:
         if w.training is not None:
             static = self._static_training(w)
             if static:

@@ -812,6 +812,29 @@ class _Checker:
         return _NodeUse(free.gpus + c.gpus, free.cpus + c.cpus, free.memory_gib + c.memory_gib)
 
     def _priority_training(self, w: Workload, spec: TrainingSpec) -> None:
+        # Workloads asking for the same thing get the same verdict: check each once.
+        key = (
+            w.priority,
+            w.tenant,
+            tuple(sorted(w.allowed_gpu_types)),
+            tuple(sorted(w.node_selector.items())),
+            spec.gpu_memory_gib,
+            spec.cpus_per_gpu,
+            spec.memory_gib_per_gpu,
+            tuple((s.gpus, tuple(sorted(t for t, v in s.throughput.items() if v > 0))) for s in spec.shapes),
+        )
+        cache: dict[tuple[object, ...], str] = self.__dict__.setdefault("_priority_cache", {})
+        if key not in cache:
+            cache[key] = self._priority_blocker(w, spec)
+        blocked_by = cache[key]
+        if blocked_by:
+            self.add(
+                f'workload "{w.id}" (priority {w.priority}) is left out while lower-priority work '
+                f'holds node "{blocked_by}" (or its quota)'
+            )
+
+    def _priority_blocker(self, w: Workload, spec: TrainingSpec) -> str:
+        """A node whose lower-priority work keeps ``w`` out, or "" if none does."""
         ctx = self.ctx
         usable = set(ctx.usable_training_types(w, spec))
         quota = self._quota_use(w)
@@ -831,18 +854,14 @@ class _Checker:
                     shape.gpus, spec.cpus_per_gpu * shape.gpus, spec.memory_gib_per_gpu * shape.gpus
                 )
                 if _fits(need, room, node) and _quota_allows(quota, node.gpu_type, shape.gpus, remove=False):
-                    return  # it fits without removing anything: not a priority matter
+                    return ""  # it fits without removing anything: not a priority matter
                 if (
                     not blocked_by
                     and _fits(need, room_after, node)
                     and _quota_allows(quota, node.gpu_type, shape.gpus, remove=True)
                 ):
                     blocked_by = node.id
-        if blocked_by:
-            self.add(
-                f'workload "{w.id}" (priority {w.priority}) is left out while lower-priority work '
-                f'holds node "{blocked_by}" (or its quota)'
-            )
+        return blocked_by
 
     def _priority_service(self, w: Workload, spec: InferenceSpec) -> None:
         ctx = self.ctx
