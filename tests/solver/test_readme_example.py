@@ -1,0 +1,17 @@
+"""The embedding example in README.md runs and places the job on the faster type."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+
+def test_readme_embedding_example_runs(capsys):
+    text = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", text, re.S)
+    assert code is not None, "README.md lost its embedding example"
+    namespace: dict[str, object] = {}
+    exec(compile(code.group(1), "README.md", "exec"), namespace)
+    out = capsys.readouterr().out
+    assert "PlanStatus.OPTIMAL" in out
+    assert "j1 runs on h100-80g: n1×8" in out
