@@ -386,6 +386,42 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
     return form
 
 
+def round_down(form: Formulation, values: tuple[float, ...]) -> dict[tuple[int, int], int]:
+    """Counts per (class, option) from an LP solution: jobs rounded down (so the
+    capacity rows still hold), a service's replicas on its largest type rounded
+    up if they reach its minimum; packing and greedy completion do the rest."""
+    counts: dict[tuple[int, int], int] = {}
+    for c in form.index.classes:
+        if c.is_training:
+            for o in range(len(c.options)):
+                k = math.floor(values[form.n[c.index, o].index] + 1e-6)
+                if k > 0:
+                    counts[c.index, o] = k
+        elif c.index in form.y:
+            spec = c.members[0].inference
+            assert spec is not None
+            mass: dict[str, float] = defaultdict(float)
+            for o, opt in enumerate(c.options):
+                mass[opt.gpu_type] += values[form.n[c.index, o].index]
+            if not mass:
+                continue
+            t = max(sorted(mass), key=lambda k: mass[k])
+            # Replicas round up: a service's demand counts in early stages, and the
+            # packing, which places services before same-sized jobs, drops what does not fit.
+            mine = [o for o, opt in enumerate(c.options) if opt.gpu_type == t]
+            raw = {o: values[form.n[c.index, o].index] for o in mine}
+            reps = {o: math.floor(x + 1e-6) for o, x in raw.items()}
+            total = min(form.max_replicas[c.index], math.ceil(sum(raw.values()) - 1e-6))
+            for o in sorted(mine, key=lambda o: (reps[o] - raw[o], o)):  # largest fractions first
+                if sum(reps.values()) >= total:
+                    break
+                if reps[o] < raw[o] - 1e-6:
+                    reps[o] += 1
+            if sum(reps.values()) >= max(1, spec.min_replicas):
+                counts.update({(c.index, o): k for o, k in reps.items() if k > 0})
+    return counts
+
+
 def option_values(form: Formulation, values: tuple[float, ...]) -> Mapping[tuple[int, int], int]:
     """Integer counts per (class, option) from a solution."""
     return {key: round(values[v.index]) for key, v in form.n.items() if values[v.index] > 0.5}

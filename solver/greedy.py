@@ -112,9 +112,22 @@ def keep_running(index: Index, ledger: Ledger, allow_draining: bool = False) -> 
     return kept
 
 
-def place_training(ledger: Ledger, w: Workload, c: WorkloadClass, best_fit: bool) -> Placement | None:
+def _price(ledger: Ledger, o: Option) -> float:
+    return (ledger.index.types[o.gpu_type].cost_per_hour or 0.0) * o.gpus
+
+
+def place_training(
+    ledger: Ledger, w: Workload, c: WorkloadClass, best_fit: bool, prefer: str = "value"
+) -> Placement | None:
+    """Try the job's options best first: highest normalized throughput, or, with
+    ``prefer="cost"``, cheapest $/hour."""
     opts = [o for o in c.options if o.kind in (OptionKind.SINGLE, OptionKind.GANG)]
-    opts.sort(key=lambda o: (-o.value, o.kind is OptionKind.GANG, o.gpus, o.shape, o.scope))
+    if prefer == "cost":
+        opts.sort(
+            key=lambda o: (_price(ledger, o), -o.value, o.kind is OptionKind.GANG, o.gpus, o.shape, o.scope)
+        )
+    else:
+        opts.sort(key=lambda o: (-o.value, o.kind is OptionKind.GANG, o.gpus, o.shape, o.scope))
     for opt in opts:
         p = ledger.try_training(w, opt, best_fit)
         if p is not None:
@@ -131,13 +144,21 @@ def replicas_wanted(w: Workload, rps: float, cap: int) -> int:
     return min(r, cap) if cap else r
 
 
-def place_service(ledger: Ledger, w: Workload, c: WorkloadClass, best_fit: bool) -> Placement | None:
+def place_service(
+    ledger: Ledger, w: Workload, c: WorkloadClass, best_fit: bool, prefer: str = "value"
+) -> Placement | None:
+    """The type with the most requests/s per GPU (or, with ``prefer="cost"``, per $)."""
     spec = w.inference
     assert spec is not None
     by_type: dict[str, list[Option]] = {}
     for o in c.options:
         by_type.setdefault(o.gpu_type, []).append(o)
-    order = sorted(by_type, key=lambda t: (-by_type[t][0].value / by_type[t][0].gpus, t))
+    if prefer == "cost":
+        order = sorted(
+            by_type, key=lambda t: (-by_type[t][0].value / max(1e-9, _price(ledger, by_type[t][0])), t)
+        )
+    else:
+        order = sorted(by_type, key=lambda t: (-by_type[t][0].value / by_type[t][0].gpus, t))
     for t in order:
         opts = by_type[t]
         want = replicas_wanted(w, opts[0].value, 0)
@@ -151,7 +172,7 @@ def place_service(ledger: Ledger, w: Workload, c: WorkloadClass, best_fit: bool)
 
 
 def greedy_place(
-    index: Index, order_name: str = "best-fit", ledger: Ledger | None = None
+    index: Index, order_name: str = "best-fit", ledger: Ledger | None = None, prefer: str = "value"
 ) -> dict[str, Placement]:
     """Place workloads greedily; returns workload id -> placement."""
     order, best_fit = BASELINE_ORDERS[order_name]
@@ -162,33 +183,43 @@ def greedy_place(
             continue
         c = index.classes[index.workload_class[w.id]]
         got = (
-            place_training(ledger, w, c, best_fit)
+            place_training(ledger, w, c, best_fit, prefer)
             if w.training is not None
-            else place_service(ledger, w, c, best_fit)
+            else place_service(ledger, w, c, best_fit, prefer)
         )
         if got is not None:
             placed[w.id] = got
     return placed
 
 
-def complete(index: Index, placed: dict[str, Placement]) -> dict[str, Placement]:
-    """Keep ``placed`` and add, best-fit decreasing, every other workload that
-    fits in what is left. Used to turn a stage's solution (which ignores lower
-    tiers) into a full hint, and to fill what packing or a time limit left free."""
+def complete(index: Index, placed: dict[str, Placement], prefer: str = "value") -> dict[str, Placement]:
+    """Keep ``placed`` and, in best-fit order (priority first), add every other
+    workload that fits in what is left and give services below their target the
+    replicas that fit. Turns a stage's solution (which ignores lower tiers) into
+    a full hint, and fills what packing or a time limit left free."""
     ledger = Ledger(index)
     out = dict(placed)
     for wid, held in sorted(out.items()):
         ledger.place(index.workloads[wid], held)
     order, best_fit = BASELINE_ORDERS["best-fit"]
-    for w in order([w for w in index.problem.workloads if w.id not in out]):
+    for w in order(list(index.problem.workloads)):
         c = index.classes[index.workload_class[w.id]]
-        got = (
-            place_training(ledger, w, c, best_fit)
-            if w.training is not None
-            else place_service(ledger, w, c, best_fit)
-        )
-        if got is not None:
-            out[w.id] = got
+        p = out.get(w.id)
+        if p is None:
+            got = (
+                place_training(ledger, w, c, best_fit, prefer)
+                if w.training is not None
+                else place_service(ledger, w, c, best_fit, prefer)
+            )
+            if got is not None:
+                out[w.id] = got
+        elif w.inference is not None and p.shards:
+            opts = [o for o in c.options if o.gpu_type == p.gpu_type]
+            if opts and len(p.shards) < replicas_wanted(w, opts[0].value, 0):
+                want = replicas_wanted(w, opts[0].value, 0)
+                more = ledger.try_service(w, opts, want, c.spread_units, best_fit, None, p.shards)
+                if more:
+                    out[w.id] = Placement(w.id, (*p.shards, *more), p.gpu_type)
     return out
 
 

@@ -34,9 +34,9 @@ from solver.backends import get_backend
 from solver.disaggregate import disaggregate
 from solver.errors import SolverError
 from solver.explain import Explainer
-from solver.formulation import Formulation, build_formulation, option_values
+from solver.formulation import Formulation, build_formulation, option_values, round_down
 from solver.greedy import complete, greedy_place, repair_priority
-from solver.linear import SolveStatus
+from solver.linear import LinearModel, SolveStatus
 from solver.model import (
     Placement,
     Plan,
@@ -90,6 +90,11 @@ def _upper(form: Formulation, st: Stage) -> float:
     return total
 
 
+def _pareto_ge(a: list[float], b: list[float]) -> bool:
+    """Whether ``a`` is at least ``b`` on every stage (so it satisfies b's floors)."""
+    return all(x >= y - 1e-9 * max(1.0, abs(y)) for x, y in zip(a, b, strict=True))
+
+
 def _lex_better(a: list[float], b: list[float]) -> bool:
     """Whether stage values ``a`` beat ``b`` lexicographically (with a tolerance)."""
     for x, y in zip(a, b, strict=True):
@@ -116,11 +121,21 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         with timer.stage("greedy"):
             placed = greedy_place(index, pol.order)
         return _finish(
-            index, pol.name, "throughput", placed, set(), None, {}, timer, options, PlanStatus.HEURISTIC
+            index,
+            pol.name,
+            "throughput",
+            placed,
+            set(),
+            None,
+            {},
+            timer,
+            options,
+            PlanStatus.HEURISTIC,
+            strict_priority=pol.respects_priority,
         )
     assert isinstance(pol, OptimizingPolicy)
     with timer.stage("greedy"):
-        seed = greedy_place(index, "best-fit")
+        seed = greedy_place(index, "best-fit", prefer=pol.prefer)
     with timer.stage("model"):
         form = build_formulation(index, options.max_migrations)
         stages = pol.stages(form, options)
@@ -131,66 +146,99 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     bound: float | None = None
     duals: Mapping[str, float] = {}
     values: dict[int, float] = dict(hint)
+    nvars = len(form.model.vars)
+
+    def vector(vals: Mapping[int, float]) -> tuple[float, ...]:
+        return tuple(vals.get(i, 0.0) for i in range(nvars))
+
+    def concrete(counts: Mapping[tuple[int, int], int]) -> tuple[dict[str, Placement], dict[int, float]]:
+        """A solution's counts packed on nodes and completed greedily, with its variable values."""
+        partial, _ = disaggregate(index, counts)
+        full = complete(index, partial, pol.prefer)
+        return full, form.hint(full.values())
+
+    incumbent: dict[str, Placement] | None = dict(seed)  # concrete plan behind ``values``, if any
+    # Hard rows a packed candidate can break although the LP or CP-SAT solution held them.
+    guarded = [c for c in form.model.constraints if c.name == "migrations" or c.name.startswith("pin[")]
+
+    def admissible(vals: Mapping[int, float]) -> bool:
+        probe = LinearModel()
+        probe.vars, probe.constraints = form.model.vars, guarded
+        return not probe.violations(vector(vals))
+
     for k, st in enumerate(stages):
         form.model.maximize(st.terms, st.constant)
-        current = form.model.objective_value(tuple(values.get(i, 0.0) for i in range(len(form.model.vars))))
-        if not st.primary and current >= _upper(form, st) - 1e-9 * max(1.0, abs(current)):
+        current = form.model.objective_value(vector(values))
+        tol = 1e-9 * max(1.0, abs(current))
+        if not st.primary and current >= _upper(form, st) - tol:
             # The incumbent already reaches this stage's trivial bound (e.g. every
             # workload of the tier runs): no solve needed.
             form.set_floor(st.terms, st.constant, current, f"floor[{st.name}]")
             continue
-        if st.primary:
-            with timer.stage("lp"):
-                lp = backend.solve_lp(form.model, time_limit_s=max(1.0, deadline - time.perf_counter()))
-            if lp.status is SolveStatus.OPTIMAL:
-                bound = lp.objective
-                duals = lp.duals
+        # LP relaxation: a bound, duals, and (rounded down, completed) a candidate.
+        with timer.stage("lp"):
+            lp = backend.solve_lp(form.model, time_limit_s=max(1.0, deadline - time.perf_counter()))
+        lp_bound = lp.objective if lp.status is SolveStatus.OPTIMAL else math.inf
+        if lp.status is SolveStatus.OPTIMAL:
+            if st.primary:
+                bound, duals = lp.objective, lp.duals
+            with timer.stage("round"):
+                cand_placed, candidate = concrete(round_down(form, lp.values))
+            if admissible(candidate) and _pareto_ge(
+                _stage_values(form, stages[: k + 1], candidate), _stage_values(form, stages[: k + 1], values)
+            ):
+                values, incumbent = candidate, cand_placed
+                current = form.model.objective_value(vector(values))
+        target = options.relative_gap if st.primary else 0.0
+        proven = lp_bound - current <= max(target * max(abs(lp_bound), 1e-9), 1e-9 * max(1.0, abs(current)))
         left = deadline - time.perf_counter()
-        # Earlier stages get at most a quarter of what is left each; the primary the rest.
-        later = len(stages) - k - 1
-        budget = max(0.05, left if later == 0 else (left / (later + 1) if st.primary else left / 6))
-        with timer.stage(f"solve: {st.name}"):
-            full_hint = tuple(values.get(i, 0.0) for i in range(len(form.model.vars)))
-            sol = backend.solve_mip(
-                form.model,
-                hint=full_hint,
-                time_limit_s=budget,
-                seed=options.seed,
-                relative_gap=options.relative_gap if st.primary else max(options.relative_gap, 1e-3),
-                num_workers=options.num_workers,
-            )
-        if sol.status is SolveStatus.INFEASIBLE and k == 0 and not stages[0].primary and not seed:
-            raise SolverError(f"stage {st.name!r}: the model is infeasible (this is a bug; please report it)")
-        # An infeasible later stage can only come from rounding a floor: keep the incumbent.
-        if sol.has_values and form.model.objective_value(sol.values) >= current - 1e-9 * max(
-            1.0, abs(current)
-        ):
-            values = dict(enumerate(sol.values))
-        achieved = form.model.objective_value(tuple(values.get(i, 0.0) for i in range(len(form.model.vars))))
-        if st.primary and math.isfinite(sol.bound) and sol.has_values:
-            bound = sol.bound if bound is None else min(bound, sol.bound)
+        if not proven and left > 0.05:
+            # Earlier stages get at most a sixth of what is left each; the primary the rest.
+            later = len(stages) - k - 1
+            budget = left if later == 0 else (left / (later + 1) if st.primary else left / 6)
+            with timer.stage(f"solve: {st.name}"):
+                sol = backend.solve_mip(
+                    form.model,
+                    hint=vector(values),
+                    time_limit_s=max(0.05, budget),
+                    seed=options.seed,
+                    relative_gap=options.relative_gap if st.primary else max(options.relative_gap, 1e-3),
+                    num_workers=options.num_workers,
+                )
+            if sol.status is SolveStatus.INFEASIBLE and k == 0 and not seed:
+                raise SolverError(
+                    f"stage {st.name!r}: the model is infeasible (this is a bug; please report it)"
+                )
+            # An infeasible later stage can only come from rounding a floor: keep the incumbent.
+            if sol.has_values and form.model.objective_value(sol.values) > current + tol:
+                values, incumbent = dict(enumerate(sol.values)), None
+                # Pack it (and, for an early stage that ignores lower tiers, complete it
+                # greedily so the next stage starts from a full plan).
+                with timer.stage("complete"):
+                    filled_placed, filled = concrete(option_values(form, sol.values))
+                if admissible(filled) and _pareto_ge(
+                    _stage_values(form, stages[: k + 1], filled), _stage_values(form, stages[: k + 1], values)
+                ):
+                    values, incumbent = filled, filled_placed
+            if st.primary and sol.has_values and math.isfinite(sol.bound):
+                bound = sol.bound if bound is None else min(bound, sol.bound)
+        achieved = form.model.objective_value(vector(values))
         if st.primary and bound is not None:
             bound = max(bound, achieved)
         if k < len(stages) - 1:
             form.set_floor(st.terms, st.constant, achieved, f"floor[{st.name}]")
-            if sol.has_values:
-                # The stage ignores lower tiers: complete its solution greedily so
-                # the next stage starts from a full plan.
-                with timer.stage("complete"):
-                    vals = tuple(values.get(i, 0.0) for i in range(len(form.model.vars)))
-                    partial, _ = disaggregate(index, option_values(form, vals))
-                    full = complete(index, partial)
-                    filled = form.hint(full.values())
-                if all(
-                    _stage_values(form, stages[: k + 1], filled)[j] >= floor - 1e-6 * max(1.0, abs(floor))
-                    for j, floor in enumerate(_stage_values(form, stages[: k + 1], values))
-                ):
-                    values = filled
     with timer.stage("disaggregate"):
-        vals = tuple(values.get(i, 0.0) for i in range(len(form.model.vars)))
-        placed, lost = disaggregate(index, option_values(form, vals))
+        lost: set[str] = set()
+        if incumbent is not None:
+            placed = incumbent
+        else:
+            placed, lost = disaggregate(index, option_values(form, vector(values)))
     with timer.stage("repair"):
-        placed = complete(index, repair_priority(index, complete(index, placed), options.max_migrations))
+        placed = complete(
+            index,
+            repair_priority(index, complete(index, placed, pol.prefer), options.max_migrations),
+            pol.prefer,
+        )
         lost -= set(placed)
     # Never worse than the greedy seed.
     final_values = _stage_values(form, stages, form.hint(placed.values()))
@@ -216,6 +264,7 @@ def _finish(
     timer: _Timer,
     options: PlanOptions,
     status: PlanStatus | None,
+    strict_priority: bool = True,
 ) -> Plan:
     problem = index.problem
     placements = tuple(sorted(placed.values(), key=lambda p: p.workload_id))
@@ -229,7 +278,9 @@ def _finish(
         tuple(Unplaced(w.id, ()) for w in problem.workloads if w.id not in placed),
     )
     with timer.stage("verify"):
-        report = verify(problem, draft, score_policy, options.migration_penalty, options.max_migrations)
+        report = verify(
+            problem, draft, score_policy, options.migration_penalty, options.max_migrations, strict_priority
+        )
     if not report.ok:
         raise SolverError(
             "the plan failed verification (this is a bug; please report it):\n  "

@@ -149,8 +149,12 @@ def verify(
     policy: str = "throughput",
     migration_penalty: float = 0.05,
     max_migrations: int | None = None,
+    strict_priority: bool = True,
 ) -> VerifyReport:
     """Check ``plan`` against every rule of ``problem`` and recompute its objective.
+
+    ``strict_priority=False`` skips rule 9, for baselines that ignore priority by
+    design (``fcfs``, ``sjf``).
 
     Raises:
         UnknownPolicyError: ``policy`` is not a known policy name.
@@ -158,6 +162,7 @@ def verify(
     kind = _objective_kind(policy)
     ctx = _Context(problem, plan.placements)
     checker = _Checker(ctx, plan, max_migrations)
+    checker.strict_priority = strict_priority
     checker.run()
     score = _score(ctx)
     metrics = PlanMetrics(
@@ -424,6 +429,7 @@ class _Checker:
         self.ctx = ctx
         self.plan = plan
         self.max_migrations = max_migrations
+        self.strict_priority = True
         self.violations: list[str] = []
         # Running workloads kept exactly where they are; running non-preemptible jobs.
         self.kept = {wid for wid in ctx.running if wid not in ctx.migrated_set}
@@ -465,7 +471,8 @@ class _Checker:
                 self.check_replicas(w, w.inference, p)
         self.check_quotas()
         self.check_migrations()
-        self.check_priority()
+        if self.strict_priority:
+            self.check_priority()
 
     # Rule (1): references and completeness.
     def check_references(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 from solver.errors import SolverError
 from solver.linear import LinearModel, Sense, Solution, SolveStatus
@@ -94,24 +95,34 @@ class OrToolsBackend:
         st = SolveStatus.OPTIMAL if status == cp_model.OPTIMAL else SolveStatus.FEASIBLE
         return Solution(st, values, objective, max(bound, objective), wall)
 
+    def __init__(self) -> None:
+        # One GLOP model per LinearModel, kept warm across solves: a later solve
+        # adds only the rows appended since (stage floors) and swaps the objective.
+        self._lp: tuple[int, Any, list[Any], list[Any]] | None = None
+
     def solve_lp(self, model: LinearModel, *, time_limit_s: float) -> Solution:
         from ortools.linear_solver import pywraplp
 
         start = time.perf_counter()
-        lp = pywraplp.Solver.CreateSolver("GLOP")
-        if lp is None:  # pragma: no cover - GLOP ships with every OR-Tools wheel
-            raise SolverError("GLOP is not available")
-        lp.SetTimeLimit(max(10, int(time_limit_s * 1000)))
-        xs = [lp.NumVar(v.lb, v.ub, v.name) for v in model.vars]
-        rows = []
-        for c in model.constraints:
+        cached = self._lp
+        if cached is None or cached[0] != id(model) or len(cached[2]) != len(model.vars):
+            lp = pywraplp.Solver.CreateSolver("GLOP")
+            if lp is None:  # pragma: no cover - GLOP ships with every OR-Tools wheel
+                raise SolverError("GLOP is not available")
+            xs: list[Any] = [lp.NumVar(v.lb, v.ub, v.name) for v in model.vars]
+            rows: list[Any] = []
+            self._lp = cached = (id(model), lp, xs, rows)
+        _, lp, xs, rows = cached
+        for c in model.constraints[len(rows) :]:
             lo = c.rhs if c.sense in (Sense.GE, Sense.EQ) else -lp.infinity()
             hi = c.rhs if c.sense in (Sense.LE, Sense.EQ) else lp.infinity()
             row = lp.RowConstraint(lo, hi, c.name)
             for i, a in c.terms.items():
                 row.SetCoefficient(xs[i], a)
             rows.append(row)
+        lp.SetTimeLimit(max(10, int(time_limit_s * 1000)))
         objective = lp.Objective()
+        objective.Clear()
         for i, a in model.objective.items():
             objective.SetCoefficient(xs[i], a)
         objective.SetMaximization()

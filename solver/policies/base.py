@@ -41,6 +41,9 @@ class Policy:
 
 
 class OptimizingPolicy(Policy, ABC):
+    #: what the greedy seed and completions try first: "value" (throughput) or "cost"
+    prefer: str = "value"
+
     @abstractmethod
     def stages(self, form: Formulation, options: PlanOptions) -> list[Stage]:
         """Stages to solve in order (may add variables and constraints to ``form``)."""
@@ -49,6 +52,9 @@ class OptimizingPolicy(Policy, ABC):
 class HeuristicPolicy(Policy):
     heuristic = True
     order: str = ""
+    #: False for classic orders that ignore priority (fcfs, sjf): their plans are
+    #: not held to strict priority tiers.
+    respects_priority: bool = True
 
 
 def tier_stages(form: Formulation, include_lowest: bool) -> list[Stage]:

@@ -11,17 +11,18 @@ from solver.policies.base import HeuristicPolicy
 __all__ = ["BASELINES"]
 
 
-def _baseline(name: str, description: str) -> HeuristicPolicy:
+def _baseline(name: str, description: str, respects_priority: bool = True) -> HeuristicPolicy:
     p = HeuristicPolicy()
     p.name = name
     p.order = name
     p.description = description
+    p.respects_priority = respects_priority
     return p
 
 
 BASELINES = (
-    _baseline("fcfs", "first come, first served; first-fit nodes"),
-    _baseline("sjf", "shortest remaining time first; first-fit nodes"),
+    _baseline("fcfs", "first come, first served; first-fit nodes", respects_priority=False),
+    _baseline("sjf", "shortest remaining time first; first-fit nodes", respects_priority=False),
     _baseline("priority", "highest priority first, then submission order; first-fit nodes"),
     _baseline("first-fit", "priority, then largest first (first-fit decreasing)"),
     _baseline(

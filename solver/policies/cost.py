@@ -18,6 +18,7 @@ __all__ = ["CostPolicy"]
 class CostPolicy(OptimizingPolicy):
     name = "cost"
     description = "place all demand, then minimize $/hour"
+    prefer = "cost"
 
     def stages(self, form: Formulation, options: PlanOptions) -> list[Stage]:
         stages = tier_stages(form, include_lowest=True)
