@@ -9,9 +9,10 @@ solution and by the explanations ("would it fit if...").
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from solver.aggregate import Index, NodeShape, Option, OptionKind, scope_of_nodes
@@ -66,6 +67,8 @@ class Ledger:
             for nid in s.node_ids:
                 bisect.insort(self.buckets[s.index][s.gpus], self.order[nid])
         self.quota = Quota(index)
+        self.freed: dict[int, int] = defaultdict(int)  # shape -> times a node became whole
+        self._gang_miss: dict[Option, int] = {}  # option -> ``freed`` when it last found nothing
 
     # -- bookkeeping ------------------------------------------------------------------
 
@@ -74,6 +77,8 @@ class Ledger:
         if si is None:
             return
         pos = self.order[node_id]
+        if after == self.index.shapes[si].gpus:
+            self.freed[si] += 1  # a node became whole again: gang searches may succeed now
         b = self.buckets[si][before]
         i = bisect.bisect_left(b, pos)
         if i < len(b) and b[i] == pos:
@@ -113,17 +118,18 @@ class Ledger:
             n.memory_gib <= 0 or f.memory_gib + 1e-9 >= memory_gib
         )
 
-    def candidates(self, shape: int, gpus: int, best_fit: bool) -> Iterable[str]:
-        """Nodes of a shape with at least ``gpus`` free, best-fit or first-fit order."""
+    def candidates(self, shape: int, gpus: int, best_fit: bool) -> Iterator[str]:
+        """Nodes of a shape with at least ``gpus`` free, best-fit or first-fit order.
+        Lazy: callers take a node and stop, so no bucket is copied or sorted whole
+        (the ledger must not change while the iterator is used)."""
         buckets = self.buckets[shape]
         levels = sorted(lv for lv, b in buckets.items() if lv >= gpus and b)
         if best_fit:
             for lv in levels:
-                for pos in list(buckets[lv]):
+                for pos in buckets[lv]:
                     yield self.by_pos[pos]
         else:
-            merged = sorted(pos for lv in levels for pos in buckets[lv])
-            for pos in merged:
+            for pos in heapq.merge(*(buckets[lv] for lv in levels)):
                 yield self.by_pos[pos]
 
     def find_single(self, option: Option, best_fit: bool = True, prefer: str | None = None) -> str | None:
@@ -142,11 +148,21 @@ class Ledger:
         """``option.nodes`` whole idle nodes of the shape inside the option's scope,
         preferring one domain (the one with the fewest idle nodes that suffice)."""
         shape = self.index.shapes[option.shape]
-        idle = [self.by_pos[p] for p in self.buckets[shape.index].get(shape.gpus, [])]
+        full = self.buckets[shape.index].get(shape.gpus, [])
+        if len(full) < option.nodes:  # the common case in a full cluster: decide at once
+            return None
+        if self._gang_miss.get(option) == self.freed[shape.index]:
+            return None  # nothing became whole since this search last failed
+        idle = [self.by_pos[p] for p in full]
         idle = [nid for nid in idle if not self.holders.get(nid) and nid not in self.exclusive]
-        if option.scope != ("any",):
-            idle = [nid for nid in idle if _in_scope(self.index.nodes[nid], option.scope)]
+        nodes = self.index.nodes
+        if option.scope[0] == "domain":
+            zone, domain = option.scope[1], option.scope[2]
+            idle = [nid for nid in idle if nodes[nid].domain == domain and nodes[nid].zone == zone]
+        elif option.scope[0] == "zone":
+            idle = [nid for nid in idle if nodes[nid].zone == option.scope[1]]
         if len(idle) < option.nodes:
+            self._gang_miss[option] = self.freed[shape.index]
             return None
         by_domain: dict[tuple[str, str], list[str]] = defaultdict(list)
         for nid in idle:
