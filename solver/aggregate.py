@@ -97,6 +97,8 @@ class Option:
         gpus: GPUs one item takes (a job, a replica; for GANG all of its GPUs).
         nodes: whole nodes one GANG item takes (0 otherwise).
         scope: where a GANG or located REPLICA must be: ``("domain", zone, domain)``,
+            ``("domains", zone, size)`` (a gang inside any one domain of the zone that
+            has ``size`` nodes of the shape: such domains are interchangeable),
             ``("zone", zone)``, ``("node",)`` or ``("any",)``.
         gang_shape: index into ``TrainingSpec.shapes`` (training only).
         value: normalized throughput (training) or requests/s per replica (service).
@@ -260,7 +262,8 @@ def _training_options(w: Workload, shapes: Sequence[NodeShape], types: Mapping[s
             cpus, mem = g * spec.cpus_per_gpu, g * spec.memory_gib_per_gpu
             scopes: list[tuple[str, ...]]
             if spec.locality is Locality.DOMAIN:
-                scopes = [("domain", z, d) for (z, d), c in shape.by_domain.items() if c >= nodes]
+                sizes = sorted({(z, c) for (z, _d), c in shape.by_domain.items() if c >= nodes})
+                scopes = [("domains", z, str(c)) for z, c in sizes]
             elif spec.locality is Locality.ZONE:
                 scopes = [("zone", z) for z, c in shape.by_zone.items() if c >= nodes]
             else:
@@ -332,6 +335,22 @@ def _service_options(w: Workload, shapes: Sequence[NodeShape], types: Mapping[st
     return options
 
 
+def gang_fits_scope(shape: NodeShape, hosts: Sequence[Node], scope: tuple[str, ...]) -> bool:
+    """Whether the nodes of a gang lie inside a gang option's scope."""
+    kind = scope[0]
+    if kind == "any":
+        return True
+    if kind == "zone":
+        return all(h.zone == scope[1] for h in hosts)
+    locs = {(h.zone, h.domain) for h in hosts}
+    if len(locs) != 1:
+        return False
+    zone, domain = locs.pop()
+    if kind == "domain":
+        return (zone, domain) == (scope[1], scope[2])
+    return zone == scope[1] and shape.by_domain.get((zone, domain), 0) == int(scope[2])
+
+
 def scope_of_nodes(nodes: Sequence[Node], kind: str) -> tuple[str, ...]:
     if kind == "domain":
         return ("domain", nodes[0].zone, nodes[0].domain)
@@ -346,6 +365,7 @@ def _current_option(
     options: Sequence[Option],
     nodes: Mapping[str, Node],
     node_shape: Mapping[str, int],
+    shapes: Sequence[NodeShape],
 ) -> int | None:
     """The option a running training job's placement corresponds to (None if
     it matches none, e.g. its node is down or its shape changed)."""
@@ -374,10 +394,8 @@ def _current_option(
             continue
         if o.kind is OptionKind.SINGLE and len(real) == 1:
             return i
-        if o.kind is OptionKind.GANG and len(real) == o.nodes:
-            kind = o.scope[0]
-            if len({scope_of_nodes([h], kind) for h in real}) == 1 and scope_of_nodes(real, kind) == o.scope:
-                return i
+        if o.kind is OptionKind.GANG and len(real) == o.nodes and gang_fits_scope(shapes[sh], real, o.scope):
+            return i
     return None
 
 
@@ -427,7 +445,7 @@ def build_index(problem: Problem) -> Index:
             options = options_cache[sig]
             cur_opt: int | None = None
             if w.id in current:
-                cur_opt = _current_option(w, current[w.id], options, nodes, node_shape)
+                cur_opt = _current_option(w, current[w.id], options, nodes, node_shape, shapes)
             stays_draining = cur_opt == -2
             key = (sig, cur_opt, w.id if stays_draining else "")
             if key in by_key:

@@ -118,7 +118,7 @@ class Formulation:
 
     def hint(self, placements: Iterable[Placement]) -> dict[int, float]:
         """Variable values that describe concrete placements (e.g. a greedy plan)."""
-        from solver.aggregate import scope_of_nodes
+        from solver.aggregate import gang_fits_scope, scope_of_nodes
 
         idx = self.index
         values: dict[int, float] = {v.index: 0.0 for v in self.model.vars if v.integer}
@@ -147,8 +147,7 @@ class Formulation:
                         opt.kind is OptionKind.GANG
                         and len(hosts) == opt.nodes
                         and (
-                            opt.scope == ("any",)
-                            or all(scope_of_nodes([h], opt.scope[0]) == opt.scope for h in hosts)
+                            opt.scope == ("any",) or gang_fits_scope(idx.shapes[opt.shape], hosts, opt.scope)
                         )
                     ):
                         values[self.n[ci, o].index] += 1
@@ -221,6 +220,8 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
     def locations(scope: tuple[str, ...]) -> list[tuple[str, ...]]:
         if scope[0] == "domain":
             return [("domain", scope[1], scope[2]), ("zone", scope[1])]
+        if scope[0] == "domains":
+            return [("zone", scope[1]), scope]
         if scope[0] == "zone":
             return [("zone", scope[1])]
         return []
@@ -370,6 +371,22 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
     # Constraint (6): per location.
     for (si, loc), terms in sorted(loc_use.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         s = shapes[si]
+        if loc[0] == "domains":
+            # Gangs in interchangeable domains (same zone, same size): whole nodes,
+            # and per gang size k, at most floor(size / k) gangs in one domain.
+            size = int(loc[2])
+            count = sum(1 for (z, _d), c in s.by_domain.items() if z == loc[1] and c == size)
+            model.add(terms, Sense.LE, s.gpus * size * count, f"loc[{si},{'/'.join(loc)}]")
+            gang_vars = [(v, round(a / s.gpus)) for v, a in terms]
+            for k in sorted({k for _, k in gang_vars}):
+                if size % k:
+                    model.add(
+                        [(v, 1.0) for v, kk in gang_vars if kk >= k],
+                        Sense.LE,
+                        count * (size // k),
+                        f"gangpack[{si},{'/'.join(loc)},{k}]",
+                    )
+            continue
         nodes = s.by_domain.get((loc[1], loc[2]), 0) if loc[0] == "domain" else s.by_zone.get(loc[1], 0)
         model.add(terms, Sense.LE, s.gpus * nodes, f"loc[{si},{'/'.join(loc)}]")
     # Constraint (7): quotas.

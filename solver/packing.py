@@ -159,6 +159,13 @@ class Ledger:
         if option.scope[0] == "domain":
             zone, domain = option.scope[1], option.scope[2]
             idle = [nid for nid in idle if nodes[nid].domain == domain and nodes[nid].zone == zone]
+        elif option.scope[0] == "domains":
+            zone, size = option.scope[1], int(option.scope[2])
+            idle = [
+                nid
+                for nid in idle
+                if nodes[nid].zone == zone and shape.by_domain.get((zone, nodes[nid].domain), 0) == size
+            ]
         elif option.scope[0] == "zone":
             idle = [nid for nid in idle if nodes[nid].zone == option.scope[1]]
         if len(idle) < option.nodes:
@@ -172,6 +179,9 @@ class Ledger:
         if fitting:
             d = min(fitting, key=lambda d: (len(by_domain[d]), d))
             return by_domain[d][: option.nodes]
+        if option.scope[0] in ("domain", "domains"):  # must sit inside one domain
+            self._gang_miss[option] = self.freed[shape.index]
+            return None
         if option.scope[0] == "any":
             # Spread over zones only if no zone holds it.
             by_zone: dict[str, list[str]] = defaultdict(list)
