@@ -166,8 +166,16 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         probe.vars, probe.constraints = form.model.vars, guarded
         return not probe.violations(vector(vals))
 
+    # Stages before the primary share at most half of the time; the primary gets the rest.
+    early_until = time.perf_counter() + 0.5 * max(0.0, deadline - time.perf_counter())
     for k, st in enumerate(stages):
         form.model.maximize(st.terms, st.constant)
+        early_left = sum(1 for x in stages[k:] if not x.primary)
+        stage_end = (
+            deadline
+            if st.primary
+            else (time.perf_counter() + max(0.0, early_until - time.perf_counter()) / max(1, early_left))
+        )
         current = form.model.objective_value(vector(values))
         tol = 1e-9 * max(1.0, abs(current))
         if not st.primary and current >= _upper(form, st) - tol:
@@ -177,7 +185,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             continue
         # LP relaxation: a bound, duals, and (rounded down, completed) a candidate.
         with timer.stage("lp"):
-            lp = backend.solve_lp(form.model, time_limit_s=max(1.0, deadline - time.perf_counter()))
+            lp = backend.solve_lp(form.model, time_limit_s=max(0.2, stage_end - time.perf_counter()))
         lp_bound = lp.objective if lp.status is SolveStatus.OPTIMAL else math.inf
         if lp.status is SolveStatus.OPTIMAL:
             if st.primary:
@@ -193,9 +201,8 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         proven = lp_bound - current <= max(target * max(abs(lp_bound), 1e-9), 1e-9 * max(1.0, abs(current)))
         left = deadline - time.perf_counter()
         if not proven and left > 0.05:
-            # Earlier stages get at most a sixth of what is left each; the primary the rest.
             later = len(stages) - k - 1
-            budget = left if later == 0 else (left / (later + 1) if st.primary else left / 6)
+            budget = left / (later + 1) if st.primary and later else stage_end - time.perf_counter()
             with timer.stage(f"solve: {st.name}"):
                 sol = backend.solve_mip(
                     form.model,
