@@ -471,7 +471,8 @@ def build_index(problem: Problem) -> Index:
                             0,
                             ("node",),
                             gi,
-                            thr / top if top > 0 else 0.0,
+                            # A hair below moving: a drain moves work off when it can.
+                            (thr / top if top > 0 else 0.0) * (1 - 1e-6),
                             p.gpus * w.training.cpus_per_gpu,
                             p.gpus * w.training.memory_gib_per_gpu,
                         )

@@ -27,14 +27,26 @@ __all__ = ["disaggregate"]
 
 
 def disaggregate(
-    index: Index, counts: Mapping[tuple[int, int], int]
+    index: Index,
+    counts: Mapping[tuple[int, int], int],
+    preplaced: Mapping[str, Placement] | None = None,
 ) -> tuple[dict[str, Placement], set[str]]:
-    """Returns (placements by workload id, ids that lost their slot in packing)."""
+    """Returns (placements by workload id, ids that lost their slot in packing).
+    ``preplaced`` placements are taken as they are, first; ``counts`` of their
+    classes are ignored."""
     ledger = Ledger(index)
     placed: dict[str, Placement] = {}
     lost: set[str] = set()
-    remaining: dict[tuple[int, int], int] = dict(counts)
-    todo: dict[int, list[Workload]] = {c.index: sorted(c.members, key=lambda w: w.id) for c in index.classes}
+    fixed_classes: set[int] = set()
+    for wid, p in sorted((preplaced or {}).items()):
+        ledger.place(index.workloads[wid], p)
+        placed[wid] = p
+        fixed_classes.add(index.workload_class[wid])
+    remaining: dict[tuple[int, int], int] = {k: n for k, n in counts.items() if k[0] not in fixed_classes}
+    todo: dict[int, list[Workload]] = {
+        c.index: sorted((w for w in c.members if w.id not in placed), key=lambda w: w.id)
+        for c in index.classes
+    }
 
     # 1. keep what runs where it runs (training: the class's current option).
     for c in index.classes:
@@ -44,13 +56,13 @@ def disaggregate(
         for w in list(todo[c.index]):
             if keep <= 0:
                 break
-            p = index.current.get(w.id)
-            if p is None:
+            now = index.current.get(w.id)
+            if now is None:
                 continue
-            if all(ledger.fits(s.node_id, s.gpus, 0, 0) for s in p.shards):
-                p = Placement(w.id, p.shards, c.options[c.current_option].gpu_type)
-                ledger.place(w, p)
-                placed[w.id] = p
+            if all(ledger.fits(s.node_id, s.gpus, 0, 0) for s in now.shards):
+                stay = Placement(w.id, now.shards, c.options[c.current_option].gpu_type)
+                ledger.place(w, stay)
+                placed[w.id] = stay
                 todo[c.index].remove(w)
                 keep -= 1
                 remaining[c.index, c.current_option] -= 1
@@ -118,9 +130,10 @@ def disaggregate(
             else:
                 placed[w.id] = got
 
-    # 3. services bound to zones or domains, largest replicas first; 4. gangs that may
-    # go anywhere; 5. services and single-node jobs together, largest item first
-    # (first-fit decreasing), node-spread services first among equals, then by tier.
+    # 3. services bound to zones or domains, then the other services, largest replicas
+    # first (services are few, and their demand is a stage of its own: they pack
+    # before jobs); 4. gangs that may go anywhere; 5. single-node jobs, largest
+    # first (first-fit decreasing), then by tier.
     items: list[tuple[int, int, int, int, str, int, int, Workload | None]] = []
     for c in index.classes:
         if c.is_training:
@@ -129,16 +142,16 @@ def disaggregate(
         gpus = max((c.options[o].gpus for o in per), default=0)
         if per or service_kept.get(c.index):
             spread = c.members[0].inference.spread.value  # type: ignore[union-attr]
-            located = 0 if spread in ("zone", "domain") else 2
+            located = 0 if spread in ("zone", "domain") else 1
             items.append(
                 (located, -gpus, 0 if spread == "node" else 1, -c.tier, c.members[0].id, c.index, -1, None)
             )
     for tier, ci, o, w in wanted:
         opt = index.classes[ci].options[o]
         if opt.kind is OptionKind.SINGLE:
-            items.append((2, -opt.gpus, 1, -tier, w.id, ci, o, w))
+            items.append((3, -opt.gpus, 1, -tier, w.id, ci, o, w))
         elif opt.kind is OptionKind.GANG and opt.scope == ("any",):
-            items.append((1, -opt.gpus, 1, -tier, w.id, ci, o, w))
+            items.append((2, -opt.gpus, 1, -tier, w.id, ci, o, w))
     items.sort(key=lambda x: x[:5])
     for *_key, ci, o, member in items:
         if member is not None:

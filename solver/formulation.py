@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from solver.aggregate import Index, OptionKind, WorkloadClass
@@ -68,6 +68,33 @@ class Formulation:
     forced_moves: float = 0.0  # of which the input forces (running work that cannot stay)
     move_terms: Terms = field(default_factory=list)
     gpu_rows: dict[str, int] = field(default_factory=dict)  # capacity row name -> shape
+    # Policies that add variables derived from the counts (fairness' t) register how
+    # to compute them, so hints from concrete plans are complete.
+    derived: list[Callable[[dict[int, float]], None]] = field(default_factory=list)
+
+    def class_vars(self, ci: int) -> list[Var]:
+        """Every variable that belongs to class ``ci``."""
+        out = [v for (c, _o), v in self.n.items() if c == ci]
+        out += [
+            v
+            for key, v in ((ci, self.y.get(ci)), (ci, self.f.get(ci)), (ci, self.m.get(ci)))
+            if v is not None
+        ]
+        out += [v for (c, _t), v in self.z.items() if c == ci]
+        return out
+
+    def idle_classes(self, objective_vars: set[int]) -> frozenset[int]:
+        """Variables of classes that no objective so far uses and that run nowhere now
+        (so no migration or pin row sees them): a stage may hold them at 0, which
+        cannot lower its optimum and keeps its model small."""
+        fixed: set[int] = set()
+        for c in self.index.classes:
+            if c.current_count or c.current_replicas or c.forced_move:
+                continue
+            vs = self.class_vars(c.index)
+            if not any(v.index in objective_vars for v in vs):
+                fixed.update(v.index for v in vs)
+        return frozenset(fixed)
 
     # -- objective building blocks (all to maximize) -------------------------------------
 
@@ -75,7 +102,8 @@ class Formulation:
         return (c for c in self.index.classes if tier is None or c.tier == tier)
 
     def coverage(self, tier: int | None = None) -> Terms:
-        """Weighted count of running jobs plus weighted served fraction of services."""
+        """Weighted count of running jobs plus weighted served fraction of services:
+        a tier's demand is met before any lower tier's."""
         terms: Terms = []
         for c in self.classes(tier):
             if c.is_training:
@@ -108,11 +136,14 @@ class Formulation:
         """``-penalty * migrations`` as terms and a constant."""
         return [(v, -penalty * a) for v, a in self.move_terms], -penalty * self.move_constant
 
-    def set_floor(self, terms: Terms, constant: float, value: float, name: str) -> None:
-        """Constraint (11): keep a solved stage's objective (with a small tolerance)."""
-        # CP-SAT scales rows to integers; the tolerance absorbs that rounding.
-        tol = 1e-5 * max(1.0, abs(value))
-        self.model.add(terms, Sense.GE, value - constant - tol, name)
+    def set_floor(
+        self, terms: Terms, constant: float, value: float, name: str, tolerance: float = 0.0
+    ) -> float:
+        """Constraint (11): keep a solved stage's objective, less ``tolerance``
+        (relative) and a small slack for CP-SAT's integer scaling. Returns the floor."""
+        floor = value - max(1e-5, tolerance) * max(1.0, abs(value))
+        self.model.add(terms, Sense.GE, floor - constant, name)
+        return floor
 
     # -- hints ----------------------------------------------------------------------------
 
@@ -134,7 +165,11 @@ class Formulation:
                     if spec_shape is None or spec_shape.gpus != p.gpus or opt.gpu_type != hosts[0].gpu_type:
                         continue
                     if opt.kind is OptionKind.STAY:
-                        if c.current_option == o and idx.current.get(p.workload_id) == p:
+                        now = idx.current.get(p.workload_id)
+                        same = now is not None and sorted((x.node_id, x.gpus) for x in now.shards) == sorted(
+                            (x.node_id, x.gpus) for x in p.shards
+                        )
+                        if c.current_option == o and same:
                             values[self.n[ci, o].index] += 1
                             break
                         continue
@@ -181,6 +216,8 @@ class Formulation:
                         values[self.n[c.index, o].index] < cur for o, cur in c.current_replicas.items()
                     )
                     values[self.m[c.index].index] = 1.0 if moved else 0.0
+        for fill in self.derived:
+            fill(values)
         return values
 
 
@@ -259,9 +296,14 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
             # Constraint (10), training part.
             if c.current_count:
                 form.move_constant += c.current_count
-                if c.current_option is not None:
+                stays_draining = (
+                    c.current_option is not None and c.options[c.current_option].kind is OptionKind.STAY
+                )
+                if c.current_option is not None and not stays_draining:
                     form.move_terms.append((form.n[c.index, c.current_option], -1.0))
                 else:
+                    # Work that cannot stay, or sits on a draining node (staying there
+                    # counts as its migration too): forced, never against the cap.
                     form.forced_moves += c.current_count
         else:
             spec = c.members[0].inference
@@ -410,10 +452,18 @@ def round_down(form: Formulation, values: tuple[float, ...]) -> dict[tuple[int, 
     counts: dict[tuple[int, int], int] = {}
     for c in form.index.classes:
         if c.is_training:
-            for o in range(len(c.options)):
-                k = math.floor(values[form.n[c.index, o].index] + 1e-6)
-                if k > 0:
-                    counts[c.index, o] = k
+            # Round the class's total (LP values sit on floors that carry a small slack:
+            # a total of 1 - 1e-5 is 1), then split it over the options, whole parts
+            # first, then the largest remainders.
+            lp_n = [values[form.n[c.index, o].index] for o in range(len(c.options))]
+            total = math.floor(sum(lp_n) + 1e-3)
+            whole = [math.floor(x + 1e-6) for x in lp_n]
+            for o in sorted(range(len(lp_n)), key=lambda o: (whole[o] - lp_n[o], o)):
+                if sum(whole) >= total:
+                    break
+                if lp_n[o] - whole[o] > 1e-6:
+                    whole[o] += 1
+            counts.update({(c.index, o): k for o, k in enumerate(whole) if k > 0})
         elif c.index in form.y:
             spec = c.members[0].inference
             assert spec is not None
@@ -425,15 +475,21 @@ def round_down(form: Formulation, values: tuple[float, ...]) -> dict[tuple[int, 
             t = max(sorted(mass), key=lambda k: mass[k])
             # Replicas round up: a service's demand counts in early stages, and the
             # packing, which places services before same-sized jobs, drops what does not fit.
+            # The LP may split a service over types; the plan may not. Give the chosen
+            # type enough replicas for the requests/s the LP served (rounded up,
+            # capped), spread like the LP's replicas of that type.
             mine = [o for o, opt in enumerate(c.options) if opt.gpu_type == t]
             raw = {o: values[form.n[c.index, o].index] for o in mine}
-            reps = {o: math.floor(x + 1e-6) for o, x in raw.items()}
-            total = min(form.max_replicas[c.index], math.ceil(sum(raw.values()) - 1e-6))
-            for o in sorted(mine, key=lambda o: (reps[o] - raw[o], o)):  # largest fractions first
+            served = sum(values[form.n[c.index, o].index] * opt.value for o, opt in enumerate(c.options))
+            rps = c.options[mine[0]].value
+            total = min(form.max_replicas[c.index], math.ceil(served / rps - 1e-6))
+            mass_t = sum(raw.values())
+            share = {o: (raw[o] / mass_t if mass_t > 0 else 1.0 / len(mine)) * total for o in mine}
+            reps = {o: math.floor(x + 1e-6) for o, x in share.items()}
+            for o in sorted(mine, key=lambda o: (reps[o] - share[o], o)):  # largest fractions first
                 if sum(reps.values()) >= total:
                     break
-                if reps[o] < raw[o] - 1e-6:
-                    reps[o] += 1
+                reps[o] += 1
             if sum(reps.values()) >= max(1, spec.min_replicas):
                 counts.update({(c.index, o): k for o, k in reps.items() if k > 0})
     return counts

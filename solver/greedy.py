@@ -74,10 +74,15 @@ BASELINE_ORDERS: dict[str, tuple[Callable[[Sequence[Workload]], list[Workload]],
 }
 
 
-def keep_running(index: Index, ledger: Ledger, allow_draining: bool = False) -> dict[str, Placement]:
-    """Put running workloads back where they are (nodes ready, shape still valid)."""
+def keep_running(
+    index: Index, ledger: Ledger, allow_draining: bool = False, skip: frozenset[str] = frozenset()
+) -> dict[str, Placement]:
+    """Put running workloads (but those in ``skip``) back where they are (nodes
+    ready, shape still valid)."""
     kept: dict[str, Placement] = {}
     for wid in sorted(index.current):
+        if wid in skip:
+            continue
         p = index.current[wid]
         w = index.workloads[wid]
         ok_states = (NodeState.READY, NodeState.DRAINING) if allow_draining else (NodeState.READY,)
@@ -201,6 +206,9 @@ def complete(index: Index, placed: dict[str, Placement], prefer: str = "value") 
     out = dict(placed)
     for wid, held in sorted(out.items()):
         ledger.place(index.workloads[wid], held)
+    # What runs now and is not placed yet goes back where it runs, if that is free:
+    # re-placing it elsewhere would be a migration for nothing.
+    out.update(keep_running(index, ledger, skip=frozenset(out)))
     order, best_fit = BASELINE_ORDERS["best-fit"]
     for w in order(list(index.problem.workloads)):
         c = index.classes[index.workload_class[w.id]]

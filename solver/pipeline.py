@@ -90,11 +90,6 @@ def _upper(form: Formulation, st: Stage) -> float:
     return total
 
 
-def _pareto_ge(a: list[float], b: list[float]) -> bool:
-    """Whether ``a`` is at least ``b`` on every stage (so it satisfies b's floors)."""
-    return all(x >= y - 1e-9 * max(1.0, abs(y)) for x, y in zip(a, b, strict=True))
-
-
 def _lex_better(a: list[float], b: list[float]) -> bool:
     """Whether stage values ``a`` beat ``b`` lexicographically (with a tolerance)."""
     for x, y in zip(a, b, strict=True):
@@ -151,9 +146,11 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     def vector(vals: Mapping[int, float]) -> tuple[float, ...]:
         return tuple(vals.get(i, 0.0) for i in range(nvars))
 
-    def concrete(counts: Mapping[tuple[int, int], int]) -> tuple[dict[str, Placement], dict[int, float]]:
+    def concrete(
+        counts: Mapping[tuple[int, int], int], preplaced: Mapping[str, Placement] | None = None
+    ) -> tuple[dict[str, Placement], dict[int, float]]:
         """A solution's counts packed on nodes and completed greedily, with its variable values."""
-        partial, _ = disaggregate(index, counts)
+        partial, _ = disaggregate(index, counts, preplaced)
         full = complete(index, partial, pol.prefer)
         return full, form.hint(full.values())
 
@@ -161,17 +158,39 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     # Hard rows a packed candidate can break although the LP or CP-SAT solution held them.
     guarded = [c for c in form.model.constraints if c.name == "migrations" or c.name.startswith("pin[")]
 
+    floors: list[float] = []  # floor of each stage solved so far
+
     def admissible(vals: Mapping[int, float]) -> bool:
+        """Keeps the hard rows and the floors of the stages solved so far."""
         probe = LinearModel()
         probe.vars, probe.constraints = form.model.vars, guarded
-        return not probe.violations(vector(vals))
+        if probe.violations(vector(vals)):
+            return False
+        done = _stage_values(form, stages[: len(floors)], vals)
+        return all(v >= f - 1e-9 * max(1.0, abs(f)) for v, f in zip(done, floors, strict=True))
 
-    # Stages before the primary share at most half of the time; the primary gets the rest.
-    early_until = time.perf_counter() + 0.5 * max(0.0, deadline - time.perf_counter())
+    def at_least(vals: Mapping[int, float], k: int, strictly: bool) -> bool:
+        """Admissible, and at least as good as the incumbent on stage k (or better)."""
+        if not admissible(vals):
+            return False
+        new, old = _stage_values(form, [stages[k]], vals)[0], _stage_values(form, [stages[k]], values)[0]
+        tol = 1e-9 * max(1.0, abs(old))
+        return new > old + tol if strictly else new >= old - tol
+
+    # Stages before the primary share at most 60% of the time; the primary gets the rest.
+    early_until = time.perf_counter() + 0.6 * max(0.0, deadline - time.perf_counter())
+    objective_vars: set[int] = set()
     for k, st in enumerate(stages):
         form.model.maximize(st.terms, st.constant)
+        objective_vars.update(v.index for v, _a in st.terms)
+        # Classes no objective so far can use are held at 0 (for a priority stage:
+        # every lower tier), which keeps early models small.
+        fixed = frozenset() if st.primary and k == len(stages) - 1 else form.idle_classes(objective_vars)
         early_left = sum(1 for x in stages[k:] if not x.primary)
-        stage_end = (
+        # An early stage may use what the early stages have left (an LP cut short is
+        # lost), its CP-SAT search only its even share of it.
+        stage_end = deadline if st.primary else early_until
+        search_end = (
             deadline
             if st.primary
             else (time.perf_counter() + max(0.0, early_until - time.perf_counter()) / max(1, early_left))
@@ -181,20 +200,33 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         if not st.primary and current >= _upper(form, st) - tol:
             # The incumbent already reaches this stage's trivial bound (e.g. every
             # workload of the tier runs): no solve needed.
-            form.set_floor(st.terms, st.constant, current, f"floor[{st.name}]")
+            floors.append(form.set_floor(st.terms, st.constant, current, f"floor[{st.name}]", st.tolerance))
             continue
         # LP relaxation: a bound, duals, and (rounded down, completed) a candidate.
         with timer.stage("lp"):
-            lp = backend.solve_lp(form.model, time_limit_s=max(0.2, stage_end - time.perf_counter()))
+            lp = backend.solve_lp(
+                form.model, time_limit_s=max(0.2, stage_end - time.perf_counter()), fixed_zero=fixed
+            )
         lp_bound = lp.objective if lp.status is SolveStatus.OPTIMAL else math.inf
         if lp.status is SolveStatus.OPTIMAL:
             if st.primary:
                 bound, duals = lp.objective, lp.duals
             with timer.stage("round"):
-                cand_placed, candidate = concrete(round_down(form, lp.values))
-            if admissible(candidate) and _pareto_ge(
-                _stage_values(form, stages[: k + 1], candidate), _stage_values(form, stages[: k + 1], values)
-            ):
+                counts = round_down(form, lp.values)
+                cand_placed, candidate = concrete(counts)
+                if incumbent is not None and not at_least(candidate, k, strictly=True):
+                    # Packing the rounded solution can lose a little of what earlier
+                    # stages protect (services' replicas to fragmentation, a tier's job):
+                    # keep the incumbent's placements of those classes, round the rest.
+                    floor_vars = {v.index for st_ in stages[:k] for v, _a in st_.terms}
+                    protected = {
+                        w
+                        for w, p in incumbent.items()
+                        if any(v.index in floor_vars for v in form.class_vars(index.workload_class[w]))
+                    }
+                    keep = {w: incumbent[w] for w in protected}
+                    cand_placed, candidate = concrete(counts, keep)
+            if at_least(candidate, k, strictly=True):
                 values, incumbent = candidate, cand_placed
                 current = form.model.objective_value(vector(values))
         target = options.relative_gap if st.primary else 0.0
@@ -202,7 +234,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         left = deadline - time.perf_counter()
         if not proven and left > 0.05:
             later = len(stages) - k - 1
-            budget = left / (later + 1) if st.primary and later else stage_end - time.perf_counter()
+            budget = left / (later + 1) if st.primary and later else search_end - time.perf_counter()
             with timer.stage(f"solve: {st.name}"):
                 sol = backend.solve_mip(
                     form.model,
@@ -211,6 +243,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                     seed=options.seed,
                     relative_gap=options.relative_gap if st.primary else max(options.relative_gap, 1e-3),
                     num_workers=options.num_workers,
+                    fixed_zero=fixed,
                 )
             if sol.status is SolveStatus.INFEASIBLE and k == 0 and not seed:
                 raise SolverError(
@@ -218,14 +251,12 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                 )
             # An infeasible later stage can only come from rounding a floor: keep the incumbent.
             if sol.has_values and form.model.objective_value(sol.values) > current + tol:
-                values, incumbent = dict(enumerate(sol.values)), None
-                # Pack it (and, for an early stage that ignores lower tiers, complete it
-                # greedily so the next stage starts from a full plan).
+                # The aggregated model is a relaxation (sizes that do not divide the node
+                # size): only the solution as packed on the nodes (and, for a stage that
+                # ignores lower tiers, completed greedily) can replace the incumbent.
                 with timer.stage("complete"):
                     filled_placed, filled = concrete(option_values(form, sol.values))
-                if admissible(filled) and _pareto_ge(
-                    _stage_values(form, stages[: k + 1], filled), _stage_values(form, stages[: k + 1], values)
-                ):
+                if at_least(filled, k, strictly=True):
                     values, incumbent = filled, filled_placed
             if st.primary and sol.has_values and math.isfinite(sol.bound):
                 bound = sol.bound if bound is None else min(bound, sol.bound)
@@ -233,7 +264,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         if st.primary and bound is not None:
             bound = max(bound, achieved)
         if k < len(stages) - 1:
-            form.set_floor(st.terms, st.constant, achieved, f"floor[{st.name}]")
+            floors.append(form.set_floor(st.terms, st.constant, achieved, f"floor[{st.name}]", st.tolerance))
     with timer.stage("disaggregate"):
         lost: set[str] = set()
         if incumbent is not None:

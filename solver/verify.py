@@ -45,7 +45,8 @@ Feasibility rules checked (numbering used in the code):
    (or unknown) node is not running, a service is running while one of its
    replicas is on a live node** (model.py: work on down nodes is "treated as not
    running"). A running training job *migrates* when its shards change (as a
-   multiset of (node, GPUs)) or it is not placed; a running service when it
+   multiset of (node, GPUs)) or it is not placed, or while it stays on a draining
+   node (a drain is a move the input asks for); a running service when it
    loses a replica it runs on a live node, or is not placed (replicas on down
    nodes are lost anyway; adding replicas moves nothing). A migration is
    *forced* when the workload cannot stay as it runs: a live shard is on a
@@ -256,7 +257,13 @@ class _Context:
         if p is None:
             return True
         if self.workloads[wid].training is not None:
-            return Counter(p.shards) != Counter(c.shards)
+            # A job on a draining node is due to move: staying there counts as its
+            # (forced) migration too, so a drain moves work off wherever it can.
+            draining = any(
+                (n := self.nodes.get(s.node_id)) is not None and n.state is NodeState.DRAINING
+                for s in c.shards
+            )
+            return draining or Counter(p.shards) != Counter(c.shards)
         now = Counter(s for s in c.shards if self.alive(s))
         return bool(now - Counter(p.shards))
 

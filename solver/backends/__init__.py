@@ -1,6 +1,7 @@
 """Solver backends: each turns a :class:`~solver.linear.LinearModel` into a
 :class:`~solver.linear.Solution`, as an integer program (``solve_mip``) or as
-its LP relaxation (``solve_lp``, which also returns duals).
+its LP relaxation (``solve_lp``, which also returns duals). ``fixed_zero``
+names variables held at 0 for that solve (classes a stage cannot use).
 
 ``ortools`` (CP-SAT for the integer model, GLOP for the LP) is the default;
 ``pulp`` (the CBC bundled with pulp) solves the same models and is used to
@@ -29,9 +30,12 @@ class Backend(Protocol):
         seed: int,
         relative_gap: float,
         num_workers: int,
+        fixed_zero: frozenset[int] = frozenset(),
     ) -> Solution: ...
 
-    def solve_lp(self, model: LinearModel, *, time_limit_s: float) -> Solution: ...
+    def solve_lp(
+        self, model: LinearModel, *, time_limit_s: float, fixed_zero: frozenset[int] = frozenset()
+    ) -> Solution: ...
 
 
 BACKENDS = ("ortools", "pulp")

@@ -39,6 +39,7 @@ class OrToolsBackend:
         seed: int,
         relative_gap: float,
         num_workers: int,
+        fixed_zero: frozenset[int] = frozenset(),
     ) -> Solution:
         from ortools.sat.python import cp_model
 
@@ -46,7 +47,9 @@ class OrToolsBackend:
         cp = cp_model.CpModel()
         scale = [1 if v.integer else v.resolution for v in model.vars]
         xs = [
-            cp.new_int_var(math.ceil(v.lb * s - 1e-9), math.floor(v.ub * s + 1e-9), v.name)
+            cp.new_int_var(0, 0, v.name)
+            if v.index in fixed_zero
+            else cp.new_int_var(math.ceil(v.lb * s - 1e-9), math.floor(v.ub * s + 1e-9), v.name)
             for v, s in zip(model.vars, scale, strict=True)
         ]
         for c in model.constraints:
@@ -74,8 +77,8 @@ class OrToolsBackend:
             )
         )
         if hint is not None:
-            for x, value, s in zip(xs, hint, scale, strict=True):
-                cp.add_hint(x, round(value * s))
+            for i, (x, value, s) in enumerate(zip(xs, hint, scale, strict=True)):
+                cp.add_hint(x, 0 if i in fixed_zero else round(value * s))
         solver = cp_model.CpSolver()
         solver.parameters.max_time_in_seconds = max(0.01, time_limit_s)
         solver.parameters.random_seed = seed
@@ -99,8 +102,11 @@ class OrToolsBackend:
         # One GLOP model per LinearModel, kept warm across solves: a later solve
         # adds only the rows appended since (stage floors) and swaps the objective.
         self._lp: tuple[int, Any, list[Any], list[Any]] | None = None
+        self._lp_fixed: frozenset[int] = frozenset()
 
-    def solve_lp(self, model: LinearModel, *, time_limit_s: float) -> Solution:
+    def solve_lp(
+        self, model: LinearModel, *, time_limit_s: float, fixed_zero: frozenset[int] = frozenset()
+    ) -> Solution:
         from ortools.linear_solver import pywraplp
 
         start = time.perf_counter()
@@ -109,10 +115,19 @@ class OrToolsBackend:
             lp = pywraplp.Solver.CreateSolver("GLOP")
             if lp is None:  # pragma: no cover - GLOP ships with every OR-Tools wheel
                 raise SolverError("GLOP is not available")
+            # GLOP's presolve costs more than it saves on these models once a stage
+            # holds many variables at 0 (measured at 10k x 4k: 2.9 s -> 0.56 s).
+            lp.SetSolverSpecificParametersAsString("use_preprocessing: false")
             xs: list[Any] = [lp.NumVar(v.lb, v.ub, v.name) for v in model.vars]
             rows: list[Any] = []
             self._lp = cached = (id(model), lp, xs, rows)
+            self._lp_fixed = frozenset()
         _, lp, xs, rows = cached
+        for i in self._lp_fixed - fixed_zero:
+            xs[i].SetBounds(model.vars[i].lb, model.vars[i].ub)
+        for i in fixed_zero - self._lp_fixed:
+            xs[i].SetBounds(0.0, 0.0)
+        self._lp_fixed = fixed_zero
         for c in model.constraints[len(rows) :]:
             lo = c.rhs if c.sense in (Sense.GE, Sense.EQ) else -lp.infinity()
             hi = c.rhs if c.sense in (Sense.LE, Sense.EQ) else lp.infinity()

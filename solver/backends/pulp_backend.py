@@ -18,7 +18,9 @@ __all__ = ["PulpBackend"]
 class PulpBackend:
     name = "pulp"
 
-    def _build(self, model: LinearModel, relax: bool) -> tuple[object, list[object], list[object]]:
+    def _build(
+        self, model: LinearModel, relax: bool, fixed_zero: frozenset[int] = frozenset()
+    ) -> tuple[object, list[object], list[object]]:
         import pulp
 
         prob = pulp.LpProblem("apportion", pulp.LpMaximize)
@@ -26,7 +28,7 @@ class PulpBackend:
             pulp.LpVariable(
                 f"x{v.index}",
                 lowBound=v.lb,
-                upBound=v.ub,
+                upBound=0.0 if v.index in fixed_zero else v.ub,
                 cat=pulp.LpInteger if (v.integer and not relax) else pulp.LpContinuous,
             )
             for v in model.vars
@@ -54,14 +56,16 @@ class PulpBackend:
         seed: int,
         relative_gap: float,
         num_workers: int,
+        fixed_zero: frozenset[int] = frozenset(),
     ) -> Solution:
         import pulp
 
         start = time.perf_counter()
-        prob, xs, _ = self._build(model, relax=False)
+        prob, xs, _ = self._build(model, relax=False, fixed_zero=fixed_zero)
         warm = hint is not None
         if hint is not None:
-            for x, value in zip(xs, hint, strict=True):
+            for i, (x, value) in enumerate(zip(xs, hint, strict=True)):
+                value = 0.0 if i in fixed_zero else value
                 x.setInitialValue(round(value) if x.cat == pulp.LpInteger else value)  # type: ignore[attr-defined]
         cmd = pulp.PULP_CBC_CMD(
             msg=False,
@@ -86,11 +90,13 @@ class PulpBackend:
             return Solution(SolveStatus.FEASIBLE, values, obj, math.inf, wall)
         return Solution(SolveStatus.UNKNOWN, (), 0.0, math.inf, wall)
 
-    def solve_lp(self, model: LinearModel, *, time_limit_s: float) -> Solution:
+    def solve_lp(
+        self, model: LinearModel, *, time_limit_s: float, fixed_zero: frozenset[int] = frozenset()
+    ) -> Solution:
         import pulp
 
         start = time.perf_counter()
-        prob, xs, rows = self._build(model, relax=True)
+        prob, xs, rows = self._build(model, relax=True, fixed_zero=fixed_zero)
         prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, math.ceil(time_limit_s))))  # type: ignore[attr-defined]
         wall = time.perf_counter() - start
         if prob.status != pulp.LpStatusOptimal:  # type: ignore[attr-defined]

@@ -6,9 +6,10 @@ the next (lexicographic optimization). Exactly one stage is ``primary``: its
 objective is the policy's objective, the one reported with a bound and a gap.
 
 Strict priority tiers come first: for tiers t1 > t2 > ... the coverage of t1
-(weighted count of its jobs running plus weighted served fraction of its
-services) is maximized, then that of t2 with t1's kept, and so on, so a higher
-tier never loses a workload to make room for a lower one.
+(weighted count of its running jobs plus weighted served fraction of its
+services) is maximized, then that of
+t2 with t1's kept, and so on, so a higher tier never loses a workload to make
+room for a lower one.
 
 A heuristic policy (a baseline) instead names a greedy order (``solver.greedy``).
 """
@@ -21,15 +22,31 @@ from dataclasses import dataclass
 from solver.formulation import Formulation, Terms
 from solver.model import PlanOptions
 
-__all__ = ["HeuristicPolicy", "OptimizingPolicy", "Policy", "Stage", "tier_stages"]
+__all__ = [
+    "HeuristicPolicy",
+    "OptimizingPolicy",
+    "Policy",
+    "Stage",
+    "demand_stage",
+    "tier_stages",
+]
 
 
 @dataclass(frozen=True)
 class Stage:
+    """One objective of a lexicographic solve. ``tolerance``: how far (relative)
+    later stages may let its value fall below the optimum found."""
+
     name: str
     terms: Terms
     constant: float = 0.0
     primary: bool = False
+    tolerance: float = 0.0
+
+
+def demand_stage(form: Formulation) -> list[Stage]:
+    """Inference demand of every service (after the tiers, which cover their own)."""
+    return [Stage("inference demand", form.served())] if form.f else []
 
 
 class Policy:

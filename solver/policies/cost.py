@@ -1,7 +1,7 @@
 """``cost``: meet every demand at the least $/hour.
 
-Stages: coverage of every priority tier (all jobs that can run do run, every
-service's demand is met where possible), then maximize minus the $/hour of the
+Stages: coverage of every priority tier (all workloads that can run do run),
+inference demand (met where possible), then maximize minus the $/hour of the
 GPUs held (GPU types without a price count as free), minus the migration
 penalty. The objective is therefore negative: -cost.
 """
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from solver.formulation import Formulation
 from solver.model import PlanOptions
-from solver.policies.base import OptimizingPolicy, Stage, tier_stages
+from solver.policies.base import OptimizingPolicy, Stage, demand_stage, tier_stages
 
 __all__ = ["CostPolicy"]
 
@@ -21,7 +21,7 @@ class CostPolicy(OptimizingPolicy):
     prefer = "cost"
 
     def stages(self, form: Formulation, options: PlanOptions) -> list[Stage]:
-        stages = tier_stages(form, include_lowest=True)
+        stages = tier_stages(form, include_lowest=True) + demand_stage(form)
         moves, constant = form.moves(options.migration_penalty)
         stages.append(Stage("cost", form.cost() + moves, constant, primary=True))
         return stages

@@ -16,6 +16,8 @@ benchmark reports both.
 
 from __future__ import annotations
 
+import math
+
 from solver.formulation import Formulation, Terms
 from solver.linear import Sense, Var
 from solver.model import PlanOptions
@@ -35,11 +37,13 @@ class FairnessPolicy(OptimizingPolicy):
         big = 1.0 / min(weights) if weights else 1.0
         t = model.num_var(0, big, "t", resolution=10_000)
         running: list[tuple[Var, float]] = []  # t is 0 unless something runs
+        used: dict[tuple[int, int], Var] = {}
         for c in form.index.classes:
             if c.is_training:
                 for o, opt in enumerate(c.options):
                     n = form.n[c.index, o]
                     u = model.bool_var(f"u[{c.index},{o}]")
+                    used[c.index, o] = u
                     model.add([(n, 1.0), (u, -float(c.count))], Sense.LE, 0, f"used[{c.index},{o}]")
                     model.add(
                         [(t, 1.0), (u, big)], Sense.LE, opt.value / c.weight + big, f"min[{c.index},{o}]"
@@ -50,6 +54,25 @@ class FairnessPolicy(OptimizingPolicy):
                 model.add([(t, 1.0), (y, big), (f, -1.0 / c.weight)], Sense.LE, big, f"min[{c.index}]")
                 running.append((y, -big))
         model.add([(t, 1.0), *running], Sense.LE, 0, "t-needs-work")
+        used_vars = used
+
+        def fill(values: dict[int, float]) -> None:
+            """t and the u indicators for a hint made from a concrete plan."""
+            low = big
+            anything = False
+            for (ci, o), u in used_vars.items():
+                n = values.get(form.n[ci, o].index, 0.0)
+                values[u.index] = 1.0 if n > 0.5 else 0.0
+                if n > 0.5:
+                    c = form.index.classes[ci]
+                    low, anything = min(low, c.options[o].value / c.weight), True
+            for c in form.index.classes:
+                if c.index in form.y and values.get(form.y[c.index].index, 0.0) > 0.5:
+                    low = min(low, values.get(form.f[c.index].index, 0.0) / c.weight)
+                    anything = True
+            values[t.index] = math.floor((low if anything else 0.0) * t.resolution) / t.resolution
+
+        form.derived.append(fill)
         moves, constant = form.moves(options.migration_penalty)
         primary: Terms = [(t, 1.0), *moves]
         stages.append(Stage("max-min", primary, constant, primary=True))
