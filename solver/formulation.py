@@ -71,17 +71,19 @@ class Formulation:
     # Policies that add variables derived from the counts (fairness' t) register how
     # to compute them, so hints from concrete plans are complete.
     derived: list[Callable[[dict[int, float]], None]] = field(default_factory=list)
+    _class_vars: dict[int, list[Var]] = field(default_factory=dict)  # built on first use
 
     def class_vars(self, ci: int) -> list[Var]:
         """Every variable that belongs to class ``ci``."""
-        out = [v for (c, _o), v in self.n.items() if c == ci]
-        out += [
-            v
-            for key, v in ((ci, self.y.get(ci)), (ci, self.f.get(ci)), (ci, self.m.get(ci)))
-            if v is not None
-        ]
-        out += [v for (c, _t), v in self.z.items() if c == ci]
-        return out
+        if not self._class_vars:
+            for (c, _o), v in self.n.items():
+                self._class_vars.setdefault(c, []).append(v)
+            for part in (self.y, self.f, self.m):
+                for c, v in part.items():
+                    self._class_vars.setdefault(c, []).append(v)
+            for (c, _t), v in self.z.items():
+                self._class_vars.setdefault(c, []).append(v)
+        return self._class_vars.get(ci, [])
 
     def idle_classes(self, objective_vars: set[int]) -> frozenset[int]:
         """Variables of classes that no objective so far uses and that run nowhere now
