@@ -366,6 +366,7 @@ def _current_option(
     nodes: Mapping[str, Node],
     node_shape: Mapping[str, int],
     shapes: Sequence[NodeShape],
+    types_of: Mapping[str, GpuType],
 ) -> int | None:
     """The option a running training job's placement corresponds to (None if
     it matches none, e.g. its node is down or its shape changed)."""
@@ -384,7 +385,23 @@ def _current_option(
     if shape_idx < 0:
         return None
     if any(h.state is NodeState.DRAINING for h in real):
-        return -2  # stays on a draining node: a STAY option is added for it
+        # It may stay on a draining node only if it still could run there as it is
+        # now specified: the type usable, the labels selected, the host resources.
+        gt = types_of.get(t)
+        usable = (
+            gt is not None
+            and (not w.allowed_gpu_types or t in w.allowed_gpu_types)
+            and gt.memory_gib + 1e-9 >= spec.gpu_memory_gib
+            and spec.shapes[shape_idx].throughput.get(t, 0.0) > 0
+        )
+        fits = all(
+            all(h.labels.get(k) == v for k, v in w.node_selector.items())
+            and (h.cpus <= 0 or s.gpus * spec.cpus_per_gpu <= h.cpus + 1e-9)
+            and (h.memory_gib <= 0 or s.gpus * spec.memory_gib_per_gpu <= h.memory_gib + 1e-9)
+            and s.gpus <= h.gpus
+            for h, s in zip(real, placement.shards, strict=True)
+        )
+        return -2 if usable and fits else None  # -2: a STAY option is added for it
     shapes_of = {node_shape[h.id] for h in real}
     if len(shapes_of) != 1:
         return None
@@ -445,7 +462,7 @@ def build_index(problem: Problem) -> Index:
             options = options_cache[sig]
             cur_opt: int | None = None
             if w.id in current:
-                cur_opt = _current_option(w, current[w.id], options, nodes, node_shape, shapes)
+                cur_opt = _current_option(w, current[w.id], options, nodes, node_shape, shapes, types)
             stays_draining = cur_opt == -2
             key = (sig, cur_opt, w.id if stays_draining else "")
             if key in by_key:

@@ -112,6 +112,9 @@ def keep_running(
             if not all(ledger.fits(s.node_id, s.gpus, 0, 0) for s in p.shards):
                 continue
             p = Placement(wid, p.shards, t)
+        gpu_type = p.gpu_type or index.nodes[p.shards[0].node_id].gpu_type
+        if not ledger.quota.allows(w.tenant, gpu_type, p.gpus):
+            continue  # its tenant's quota no longer holds it
         ledger.place(w, p)
         kept[wid] = p
     return kept

@@ -36,7 +36,7 @@ from solver.errors import SolverError
 from solver.explain import Explainer
 from solver.formulation import Formulation, build_formulation, option_values, round_down
 from solver.greedy import complete, greedy_place, repair_priority
-from solver.linear import LinearModel, SolveStatus
+from solver.linear import LinearModel, Solution, SolveStatus
 from solver.model import (
     Placement,
     Plan,
@@ -165,6 +165,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     guarded = [c for c in form.model.constraints if c.name == "migrations" or c.name.startswith("pin[")]
 
     floors: list[float] = []  # floor of each stage solved so far
+    unproven: list[str] = []  # earlier stages whose optimum is not proven
 
     def admissible(vals: Mapping[int, float]) -> bool:
         """Keeps the hard rows and the floors of the stages solved so far."""
@@ -206,6 +207,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         if not st.primary and time.perf_counter() >= early_until:
             # Out of time for earlier stages: the incumbent's value is this stage's floor.
             floors.append(form.set_floor(st.terms, st.constant, current, f"floor[{st.name}]", st.tolerance))
+            unproven.append(st.name)
             continue
         if not st.primary and current >= _upper(form, st) - tol:
             # The incumbent already reaches this stage's trivial bound (e.g. every
@@ -253,6 +255,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         # 0.4 s for 5k variables, over 1 s for 25k): below that, do not start it.
         least = 0.2 + 5e-5 * nvars
         search_left = (deadline if st.primary else search_end) - time.perf_counter()
+        sol: Solution | None = None
         if not proven and left > 0.05 and search_left > least and nvars <= _CPSAT_MAX_VARS:
             later = len(stages) - k - 1
             budget = left / (later + 1) if st.primary and later else search_end - time.perf_counter()
@@ -284,6 +287,12 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         achieved = form.model.objective_value(vector(values))
         if st.primary and bound is not None:
             bound = max(bound, achieved)
+        if not st.primary:
+            stage_bound = lp_bound
+            if sol is not None and sol.has_values and math.isfinite(sol.bound):
+                stage_bound = min(stage_bound, sol.bound)
+            if achieved < stage_bound - 1e-6 * max(1.0, abs(stage_bound)):
+                unproven.append(st.name)
         if k < len(stages) - 1:
             floors.append(form.set_floor(st.terms, st.constant, achieved, f"floor[{st.name}]", st.tolerance))
     with timer.stage("disaggregate"):
@@ -309,7 +318,14 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         shadow[t] = max(shadow.get(t, 0.0), duals.get(name, 0.0))
     for t in index.types:
         shadow.setdefault(t, 0.0)
-    return _finish(index, pol.name, pol.name, placed, lost, bound, shadow, timer, options, None)
+    final_values = _stage_values(form, stages, form.hint(placed.values()))
+    below = [
+        stages[j].name
+        for j, f in enumerate(floors)
+        if j < len(stages) - 1 and final_values[j] < f - 1e-6 * max(1.0, abs(f))
+    ]
+    status = PlanStatus.FEASIBLE if unproven or below else None
+    return _finish(index, pol.name, pol.name, placed, lost, bound, shadow, timer, options, status)
 
 
 def _finish(
@@ -350,7 +366,7 @@ def _finish(
     if bound is not None:
         bound = max(bound, objective)
         gap = max(0.0, bound - objective) / max(abs(bound), abs(objective), 1e-9)
-        if abs(bound - objective) <= 1e-9:
+        if bound - objective <= 1e-6:  # below the solvers' own tolerances
             gap = 0.0
     if status is None:
         status = (

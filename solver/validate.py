@@ -43,7 +43,7 @@ import math
 from collections.abc import Iterable, Mapping
 
 from solver.errors import ValidationError, Violation
-from solver.model import InferenceSpec, Problem, TrainingSpec, Workload
+from solver.model import InferenceSpec, NodeState, Problem, TrainingSpec, Workload
 
 __all__ = ["validate"]
 
@@ -61,6 +61,8 @@ def validate(problem: Problem) -> None:
     tenant_names = _check_tenants(problem, type_names, v)
     workload_ids = _check_workloads(problem, type_names, tenant_names, v)
     _check_current(problem, type_names, node_ids, workload_ids, v)
+    if not v.violations:
+        _check_pinned_quotas(problem, v)
     if v.violations:
         raise ValidationError(v.violations)
 
@@ -264,3 +266,43 @@ def _check_current(
             if shard.node_id not in nodes:
                 v.add(f"{sp}.node_id", f'unknown node "{shard.node_id}"')
             v.at_least(f"{sp}.gpus", shard.gpus, 1)
+
+
+def _check_pinned_quotas(problem: Problem, v: _Collector) -> None:
+    """Non-preemptible jobs that run now on live nodes must stay; if together they
+    hold more than their tenant's quota, the input contradicts itself (the quota
+    was lowered under them): report it rather than plan around it."""
+    workloads = {w.id: w for w in problem.workloads}
+    nodes = {n.id: n for n in problem.nodes}
+    tenants = {t.name: t for t in problem.tenants}
+    total: dict[str, int] = {}
+    typed: dict[tuple[str, str], int] = {}
+    where: dict[str, str] = {}
+    for i, c in enumerate(problem.current):
+        w = workloads.get(c.workload_id)
+        if w is None or w.training is None or w.training.preemptible or w.tenant not in tenants:
+            continue
+        hosts = [nodes.get(s.node_id) for s in c.shards]
+        if not hosts or any(h is None or h.state is not NodeState.READY for h in hosts):
+            continue
+        for s, h in zip(c.shards, hosts, strict=True):
+            assert h is not None
+            total[w.tenant] = total.get(w.tenant, 0) + s.gpus
+            typed[w.tenant, h.gpu_type] = typed.get((w.tenant, h.gpu_type), 0) + s.gpus
+        where.setdefault(w.tenant, f"current[{i}]")
+    for name, used in sorted(total.items()):
+        t = tenants[name]
+        if t.max_gpus is not None and used > t.max_gpus:
+            v.add(
+                where[name],
+                f'non-preemptible running jobs of tenant "{name}" hold {used} GPUs, over its '
+                f"max_gpus {t.max_gpus}: they can neither stay nor move",
+            )
+    for (name, gpu_type), used in sorted(typed.items()):
+        cap = tenants[name].max_gpus_per_type.get(gpu_type)
+        if cap is not None and used > cap:
+            v.add(
+                where[name],
+                f'non-preemptible running jobs of tenant "{name}" hold {used} {gpu_type} GPUs, '
+                f"over its quota of {cap}: they can neither stay nor move",
+            )

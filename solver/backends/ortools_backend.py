@@ -83,6 +83,7 @@ class OrToolsBackend:
         solver.parameters.max_time_in_seconds = max(0.01, time_limit_s)
         solver.parameters.random_seed = seed
         solver.parameters.relative_gap_limit = relative_gap
+        solver.parameters.absolute_gap_limit = 1e-7
         solver.parameters.num_workers = max(1, num_workers)
         status = solver.solve(cp)
         wall = time.perf_counter() - start
@@ -95,6 +96,11 @@ class OrToolsBackend:
         values = tuple(solver.value(x) / s for x, s in zip(xs, scale, strict=True))
         objective = model.objective_value(values)
         bound = solver.best_objective_bound + model.objective_constant
+        if status == cp_model.OPTIMAL:
+            # Proven within the gap limits: the bound is no further than they allow
+            # (CP-SAT can report its trivial bound with a floating-point objective).
+            slack = max(relative_gap * abs(objective), solver.parameters.absolute_gap_limit)
+            bound = min(bound, objective + slack)
         st = SolveStatus.OPTIMAL if status == cp_model.OPTIMAL else SolveStatus.FEASIBLE
         return Solution(st, values, objective, max(bound, objective), wall)
 

@@ -189,19 +189,10 @@ def test_infeasible_model_is_a_status(backend: str) -> None:
 @pytest.mark.parametrize(
     "backend",
     [
-        # BUG: when CP-SAT's presolve fixes every variable and the objective has a
-        # fractional coefficient (CP-SAT's floating-point objective), CP-SAT reports
-        # OPTIMAL with best_objective_bound = the trivial bound (1.5 here), and
-        # OrToolsBackend passes it on as the proven bound. The pipeline then reports
-        # a proven-optimal plan as FEASIBLE with a 100% gap. Minimal plan-level
-        # reproducer: one 2-GPU node, a tenant with max_gpus=1, one 2-GPU job of that
-        # tenant with throughput 0.5: plan(p) -> status FEASIBLE, objective 0,
-        # best_bound 0.5, gap 1.0 (pulp: OPTIMAL, bound 0). See also
-        # test_known_optimum.py::test_job_larger_than_its_tenant_quota_is_proven_optimal.
-        pytest.param(
-            "ortools",
-            marks=pytest.mark.xfail(strict=True, reason="BUG: CP-SAT's trivial bound reported as proven"),
-        ),
+        # Regression: when CP-SAT's presolve fixes every variable and the objective
+        # has a fractional coefficient, CP-SAT reports OPTIMAL with its trivial bound
+        # (1.5 here); the backend now clamps an OPTIMAL bound to the gap limits.
+        "ortools",
         "pulp",
     ],
 )

@@ -342,11 +342,9 @@ def test_migration_cap_counts_moves_between_identical_nodes() -> None:
 # Known bugs, each with its minimal reproducer.
 
 
-# BUG: a job running on a draining node whose GPU type no longer has the memory it
-# needs (here 40 GiB on a 24 GiB l4) is kept there by the draining-node STAY option,
-# and plan() raises SolverError ("the plan failed verification ... needs 40 GiB per
-# GPU but "l4" has 24") instead of leaving it out (as it does when the node is ready).
-@pytest.mark.xfail(strict=True, reason="BUG: STAY on a draining node ignores the job's current requirements")
+# Regression: a job running on a draining node whose GPU type no longer has the
+# memory it needs (40 GiB on a 24 GiB l4) was kept there by the STAY option and
+# plan() raised SolverError; it is now left out, as on a ready node.
 @pytest.mark.parametrize("policy", OPTIMIZING)
 def test_job_on_a_draining_node_that_no_longer_fits_it_is_left_out(policy: str) -> None:
     p = problem(
@@ -358,11 +356,9 @@ def test_job_on_a_draining_node_that_no_longer_fits_it_is_left_out(policy: str) 
     assert not r.placements
 
 
-# BUG: a non-preemptible job that runs over its tenant's quota (the quota was lowered)
-# can neither stay (rule 7) nor move (rule 8: only rules 4-6 make a move forced), and
-# plan() raises SolverError ("this is a bug") instead of rejecting the input
-# (ValidationError) or returning PlanStatus.INFEASIBLE ("a bad current plan", model.py).
-@pytest.mark.xfail(strict=True, reason="BUG: a contradictory current plan is reported as a solver bug")
+# Regression: a non-preemptible job that runs over its tenant's lowered quota can
+# neither stay nor move; plan() raised SolverError ("this is a bug"), validation now
+# rejects the input.
 def test_non_preemptible_job_over_its_quota_is_not_a_solver_error() -> None:
     p = problem(
         nodes=[node("n1", "h100", 1)],
@@ -384,20 +380,10 @@ def test_non_preemptible_job_over_its_quota_is_not_a_solver_error() -> None:
 # migration. cost: −(6 GPUs · $2) − 0.05 = −12.05; fairness: 1 − 0.05 = 0.95;
 # throughput: 3 − 0.05 = 2.95. Leaving big out loses a job: cost and fairness rank
 # coverage first, so a plan without big is not optimal for them.
-# BUG: cost and fairness return the plan without big and call it OPTIMAL (the
-# aggregated model keeps small "on its shape" and places big; the concrete packing
-# keeps small on n2 and loses big, and the gap only measures the last stage).
-# throughput returns the same plan but says FEASIBLE (gap vs its bound 3.0).
-@pytest.mark.parametrize(
-    "policy",
-    [
-        pytest.param("cost", marks=pytest.mark.xfail(strict=True, reason="BUG: OPTIMAL but a job is lost")),
-        pytest.param(
-            "fairness", marks=pytest.mark.xfail(strict=True, reason="BUG: OPTIMAL but a job is lost")
-        ),
-        "throughput",
-    ],
-)
+# Regression: cost and fairness returned the plan without big as OPTIMAL (the gap
+# only measured the last stage); OPTIMAL now needs every earlier stage proven and
+# met by the concrete plan.
+@pytest.mark.parametrize("policy", ["cost", "fairness", "throughput"])
 def test_optimal_status_means_no_job_that_fits_is_left_out(policy: str) -> None:
     p = problem(
         nodes=[node("n1", gpus=4), node("n2", gpus=4)],
@@ -408,12 +394,10 @@ def test_optimal_status_means_no_job_that_fits_is_left_out(policy: str) -> None:
     assert r.placement("big") is not None or r.status is not PlanStatus.OPTIMAL
 
 
-# BUG (a regression in 22bee58, "completion puts running work back first"): j2 runs
-# on n1 and holds its tenant's whole quota (1 GPU); j3 of the same tenant has a
-# higher priority (or a higher weight) and needs that quota. Every policy puts j2 back
-# beside j3 and plan() raises SolverError ('tenant "t1" holds 2 GPUs, quota 1').
+# Regression (22bee58, "completion puts running work back first"): j2 runs on n1 and
+# holds its tenant's whole quota (1 GPU); j3 of the same tenant has a higher priority
+# (or weight) and needs it. Running work was put back over the quota (SolverError).
 # Expected: j3 runs, j2 is stopped (one migration): throughput 1 − 0.05.
-@pytest.mark.xfail(strict=True, reason="BUG: running work is put back over its tenant's quota")
 @pytest.mark.parametrize("policy", OPTIMIZING)
 @pytest.mark.parametrize("per_type", [False, True])
 def test_running_job_gives_its_quota_to_a_better_job(policy: str, per_type: bool) -> None:
