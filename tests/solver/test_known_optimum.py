@@ -401,16 +401,13 @@ def test_job_on_a_down_node_with_no_room_elsewhere_is_not_a_migration_either() -
     assert r.metrics.migrations == 0
 
 
-# BUG: a job larger than its tenant's whole quota can never run, so leaving it out
-# (objective 0) is optimal; the LP bound is 0.5 (n = 1/2 job, since 2n <= 1), CP-SAT
-# proves 0 but OrToolsBackend reports CP-SAT's trivial bound for a model solved in
-# presolve with a fractional objective (see test_backends.py::
-# test_optimal_status_comes_with_a_tight_bound), so the plan says FEASIBLE, gap 100%.
-# The objective itself is right; the status, bound and gap are not.
-@pytest.mark.xfail(strict=True, reason="BUG: CP-SAT's trivial bound makes a proven optimum FEASIBLE")
+# A job larger than its tenant's whole quota can never run, so leaving it out
+# (objective 0) is optimal; the LP bound is 0.5 (n = 1/2 job, since 2n <= 1) and
+# CP-SAT proves 0 (regression: its trivial bound used to be reported, gap 100%).
+# The bound may exceed 0 by CP-SAT's absolute gap limit (1e-7).
 def test_job_larger_than_its_tenant_quota_is_proven_optimal() -> None:
     p = problem(
         nodes=[node("n1", gpus=2)], tenants=[tenant("t1", 1)], workloads=[train("j1", 2, 0.5, tenant="t1")]
     )
     r = solve(p, "throughput", 0.0)
-    assert r.best_bound == pytest.approx(0.0)
+    assert r.best_bound == pytest.approx(0.0, abs=1e-6)
