@@ -15,6 +15,15 @@ from solver.linear import LinearModel, Sense, Solution, SolveStatus
 __all__ = ["PulpBackend"]
 
 
+def _cbc(**options: object) -> object:
+    """The CBC binary that ships inside the pulp wheel, driven as COIN_CMD
+    (PULP_CBC_CMD, the old way to reach it, is deprecated in PuLP 3.3)."""
+    import pulp
+    from pulp.apis.coin_api import pulp_cbc_path
+
+    return pulp.COIN_CMD(path=pulp_cbc_path, **options)
+
+
 class PulpBackend:
     name = "pulp"
 
@@ -25,7 +34,7 @@ class PulpBackend:
 
         prob = pulp.LpProblem("apportion", pulp.LpMaximize)
         xs = [
-            pulp.LpVariable(
+            prob.add_variable(
                 f"x{v.index}",
                 lowBound=v.lb,
                 upBound=0.0 if v.index in fixed_zero else v.ub,
@@ -44,7 +53,7 @@ class PulpBackend:
             else:
                 row = expr == c.rhs
             prob += row, f"c{k}"
-            rows.append(prob.constraints[f"c{k}"])
+            rows.append(prob.get_constraint_by_name(f"c{k}"))
         return prob, xs, rows
 
     def solve_mip(
@@ -67,7 +76,7 @@ class PulpBackend:
             for i, (x, value) in enumerate(zip(xs, hint, strict=True)):
                 value = 0.0 if i in fixed_zero else value
                 x.setInitialValue(round(value) if x.cat == pulp.LpInteger else value)  # type: ignore[attr-defined]
-        cmd = pulp.PULP_CBC_CMD(
+        cmd = _cbc(
             msg=False,
             timeLimit=max(1, math.ceil(time_limit_s)),
             gapRel=relative_gap,
@@ -97,7 +106,7 @@ class PulpBackend:
 
         start = time.perf_counter()
         prob, xs, rows = self._build(model, relax=True, fixed_zero=fixed_zero)
-        prob.solve(pulp.PULP_CBC_CMD(msg=False, timeLimit=max(1, math.ceil(time_limit_s))))  # type: ignore[attr-defined]
+        prob.solve(_cbc(msg=False, timeLimit=max(1, math.ceil(time_limit_s))))  # type: ignore[attr-defined]
         wall = time.perf_counter() - start
         if prob.status != pulp.LpStatusOptimal:  # type: ignore[attr-defined]
             status = SolveStatus.INFEASIBLE if prob.status == pulp.LpStatusInfeasible else SolveStatus.UNKNOWN  # type: ignore[attr-defined]

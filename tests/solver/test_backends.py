@@ -16,12 +16,6 @@ from tests.builders import node, problem, serve, tenant, train
 
 OPTIMIZING = tuple(n for n, p in POLICIES.items() if not p.heuristic)
 
-# PuLP 3.3 deprecates APIs the pulp backend uses (the LpVariable constructor,
-# prob.constraints as a dict); the project turns warnings into errors, so they are
-# silenced here and tracked by test_pulp_backend_uses_no_deprecated_api below.
-PULP_DEPRECATION = "ignore:.*PuLP 4.0:DeprecationWarning"
-pytestmark = pytest.mark.filterwarnings(PULP_DEPRECATION)
-
 
 def hetero() -> Problem:
     # Two jobs compete for one h100 node (see test_known_optimum.py): optimum 5/3.
@@ -208,14 +202,8 @@ def test_optimal_status_comes_with_a_tight_bound(backend: str) -> None:
     assert sol.bound == pytest.approx(0.0, abs=1e-6)
 
 
-# BUG (minor): solver/backends/pulp_backend.py builds variables with
-# pulp.LpVariable(name, ...) and reads prob.constraints as a dict, both deprecated
-# in PuLP 3.3 (pyproject allows >=3.3,<4) and gone in PuLP 4:
-# every pulp solve warns, so under the project's "warnings are errors" pytest setting
-# any test using the pulp backend fails unless it filters the warning.
-# Reproducer: python -W error -c "from solver import plan, PlanOptions; ..."
-# with PlanOptions(backend="pulp") on any problem with a workload.
-@pytest.mark.xfail(strict=True, reason="BUG: pulp backend uses PuLP APIs deprecated in 3.3")
+# Regression: the pulp backend used APIs deprecated in PuLP 3.3 and gone in 4
+# (LpVariable(name, ...), prob.constraints as a dict, PULP_CBC_CMD).
 def test_pulp_backend_uses_no_deprecated_api() -> None:
     import warnings
 
