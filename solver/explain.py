@@ -51,7 +51,7 @@ class Explainer:
         self.placements = placements
         self.gap = gap
         self.max_migrations = max_migrations
-        self._ledgers: dict[tuple[str, int], Ledger] = {}
+        self._ledgers: dict[tuple[str, int, str], Ledger] = {}
         self._by_type: dict[str, list[str]] = {}
         for wid, p in sorted(placements.items()):
             t = p.gpu_type or (index.nodes[p.shards[0].node_id].gpu_type if p.shards else "")
@@ -60,19 +60,32 @@ class Explainer:
 
     # -- ledgers -----------------------------------------------------------------------
 
-    def ledger(self, rule: str, priority: int) -> Ledger:
+    def ledger(self, rule: str, priority: int, keep: str = "") -> Ledger:
         """Nodes as the plan leaves them, without the work ``rule`` releases:
-        ``none``; ``lower-or-equal`` (priority <= p); ``all``."""
-        key = (rule, priority if rule == "lower-or-equal" else 0)
+        ``none``; ``lower-or-equal`` (priority <= p); ``all``; ``kept`` (running
+        work that stays where it runs). Workload ``keep`` is never released (a
+        service short of its demand keeps its own replicas)."""
+        key = (rule, priority if rule == "lower-or-equal" else 0, keep)
         if key not in self._ledgers:
             led = Ledger(self.index)
             for wid, p in sorted(self.placements.items()):
                 w = self.index.workloads[wid]
-                if rule == "all" or (rule == "lower-or-equal" and w.priority <= priority):
+                released = (
+                    rule == "all"
+                    or (rule == "lower-or-equal" and w.priority <= priority)
+                    or (rule == "kept" and self._stays(wid, p))
+                )
+                if released and wid != keep:
                     continue
                 led.place(w, p)
             self._ledgers[key] = led
         return self._ledgers[key]
+
+    def _stays(self, wid: str, p: Placement) -> bool:
+        now = self.index.current.get(wid)
+        return now is not None and sorted((s.node_id, s.gpus) for s in now.shards) == sorted(
+            (s.node_id, s.gpus) for s in p.shards
+        )
 
     def _holders(self, led: Ledger, gpu_type: str, exclude: str) -> list[str]:
         return [wid for wid in self._by_type.get(gpu_type, []) if wid != exclude]
@@ -108,7 +121,17 @@ class Explainer:
                 slots += max(0, k)
         return slots
 
-    def _dynamic(self, w: Workload, gpu_type: str, fits: Callable[[Ledger, bool], bool], need: str) -> Reason:
+    def _dynamic(
+        self,
+        w: Workload,
+        gpu_type: str,
+        fits: Callable[[Ledger, bool], bool],
+        need: str,
+        more: bool = False,
+    ) -> Reason:
+        """The first relaxation under which ``w`` (or, with ``more``, one more of its
+        replicas) fits names the binding constraint."""
+        keep = w.id if more else ""
         now = self.ledger("none", 0)
         if fits(now, False):
             if not fits(now, True):
@@ -138,7 +161,14 @@ class Explainer:
                 f"on {gpu_type}: room for {need} is free, but the policy's objective did not "
                 f"gain from it within the time limit{gap}",
             )
-        same = self.ledger("lower-or-equal", w.priority)
+        if self.max_migrations is not None and fits(self.ledger("kept", 0, keep), True):
+            movers = [h for h in self._holders(now, gpu_type, w.id) if self._stays(h, self.placements[h])]
+            return Reason(
+                ReasonCode.MIGRATION_LIMIT,
+                f"on {gpu_type}: room for {need} would be free if running work moved "
+                f"({_names(movers)}); max_migrations={self.max_migrations} forbids it",
+            )
+        same = self.ledger("lower-or-equal", w.priority, keep)
         if fits(same, True):
             holders = [
                 h
@@ -146,7 +176,7 @@ class Explainer:
                 if self.index.workloads[h].priority <= w.priority
             ]
             lower = [h for h in holders if self.index.workloads[h].priority < w.priority]
-            if lower and not fits(self.ledger("lower-or-equal", w.priority - 1), True):
+            if lower and not fits(self.ledger("lower-or-equal", w.priority - 1, keep), True):
                 lower = []
             who = lower or holders
             return Reason(
@@ -154,7 +184,7 @@ class Explainer:
                 f"on {gpu_type}: no room for {need}; the capacity is held by workloads of equal "
                 f"priority ({w.priority}) that the policy values more: {_names(who)}",
             )
-        if fits(self.ledger("all", 0), True):
+        if fits(self.ledger("all", 0, keep), True):
             holders = [
                 h for h in self._holders(now, gpu_type, w.id) if self.index.workloads[h].priority > w.priority
             ]
@@ -162,6 +192,12 @@ class Explainer:
                 ReasonCode.HIGHER_PRIORITY,
                 f"on {gpu_type}: no room for {need}; the capacity is held by higher-priority "
                 f"workloads: {_names(holders)}",
+            )
+        if more:
+            return Reason(
+                ReasonCode.CAPACITY,
+                f"on {gpu_type}: no room for {need} even with every other workload gone; "
+                "the nodes of this type are full",
             )
         return Reason(
             ReasonCode.PACKING, f"on {gpu_type}: {need} does not fit on the nodes even when they are empty"
@@ -308,7 +344,7 @@ class Explainer:
         return self._service_reasons(w, max(1, w.inference.min_replicas) if w.inference else 1)
 
     def _service_reasons(
-        self, w: Workload, replicas: int, placed_type: str | None = None
+        self, w: Workload, replicas: int, placed_type: str | None = None, more: bool = False
     ) -> tuple[Reason, ...]:
         c = self.index.classes[self.index.workload_class[w.id]]
         by_type: dict[str, list[Option]] = {}
@@ -326,7 +362,7 @@ class Explainer:
                     return False
                 return self._replica_slots(led, w, opts) >= replicas
 
-            reasons.append(self._dynamic(w, t, fits, need))
+            reasons.append(self._dynamic(w, t, fits, need, more))
         return tuple(reasons)
 
     def shortfall(self, w: Workload, p: Placement, served: float) -> tuple[Reason, ...]:
@@ -340,5 +376,5 @@ class Explainer:
                     f"max_replicas={spec.max_replicas} caps it at {served:g} of {spec.target_rps:g} req/s",
                 ),
             )
-        # One more replica: why not?
-        return self._service_reasons(w, 1, p.gpu_type)
+        # One more replica: why not? (its own replicas stay where they are)
+        return self._service_reasons(w, 1, p.gpu_type, more=True)

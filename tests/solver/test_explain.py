@@ -151,19 +151,13 @@ def test_service_capped_by_max_replicas_has_a_shortfall() -> None:
     assert "max_replicas=3" in sf.reasons[0].message
 
 
-# BUG: the explainer finds a shortfall's reason by releasing equal-or-lower-priority
+# Regression: the explainer found a shortfall's reason by releasing equal-or-lower-priority
 # work *including the service's own replicas*, so one more replica always "fits" at
 # that step and the reason is CAPACITY "held by workloads of equal priority (0) that
 # the policy values more: " with an empty list, whoever really holds the room:
 # * a higher-priority job (should be HIGHER_PRIORITY naming it);
 # * nobody: the cluster is too small (one 2-GPU node, serve("svc", 1 GPU, 10 req/s,
 #   target 50) -> 2 replicas; no reason should blame absent workloads).
-SHORTFALL_BUG = pytest.mark.xfail(
-    strict=True, reason="BUG: shortfall blames equal-priority holders and names none"
-)
-
-
-@SHORTFALL_BUG
 def test_service_short_of_gpus_has_a_shortfall_blaming_the_holder() -> None:
     # a1 has 4 GPUs; boss (priority 1) holds 2, so svc gets 2 replicas: 20 of 50 req/s.
     p = problem(
@@ -177,7 +171,6 @@ def test_service_short_of_gpus_has_a_shortfall_blaming_the_holder() -> None:
     assert "boss" in sf.reasons[0].message
 
 
-@SHORTFALL_BUG
 def test_shortfall_on_a_too_small_cluster_does_not_blame_absent_workloads() -> None:
     p = problem(nodes=[node("a1", gpus=2)], workloads=[serve("svc", 1, 10.0, 50.0)])
     r = planned(p)
@@ -207,11 +200,10 @@ def test_job_blocked_only_by_the_migration_cap_can_be_explained() -> None:
     assert reasons(r, "new")
 
 
-# BUG: in that case the reason is CAPACITY "held by workloads of equal priority (0)
+# Regression: in that case the reason was CAPACITY "held by workloads of equal priority (0)
 # that the policy values more: run", which is false: the policy values running both
 # more (1.95 > 1.0); max_migrations forbids the move (MIGRATION_LIMIT). The explainer
 # gives MIGRATION_LIMIT only when the room is already free.
-@pytest.mark.xfail(strict=True, reason="BUG: a migration cap is explained as CAPACITY")
 def test_job_blocked_only_by_the_migration_cap_gets_migration_limit() -> None:
     p = problem(
         nodes=[node("a1", gpus=4), node("a2", gpus=2)],
