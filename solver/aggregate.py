@@ -507,7 +507,9 @@ def build_index(problem: Problem) -> Index:
                 classes.append(wc)
             if w.id in current and _runs(current[w.id], nodes):
                 wc.current_count += 1
-                if cur_opt is not None and not w.training.preemptible:
+                # A non-preemptible job stays where it runs, except on a draining node:
+                # leaving a drain is a forced move, which it may make like any job.
+                if cur_opt is not None and not w.training.preemptible and not stays_draining:
                     wc.pinned = True
             workload_class[w.id] = wc.index
         else:

@@ -412,13 +412,11 @@ def test_running_job_gives_its_quota_to_a_better_job(policy: str, per_type: bool
     assert set(shards(r)) == {"j3"}
 
 
-# BUG: two non-preemptible jobs run on draining a100 nodes; j1 may also use l4, and a
+# Regression: two non-preemptible jobs run on draining a100 nodes; j1 may also use l4, and a
 # ready l4 node is free. Moving j1 there is the drain the input asks for and costs
 # $0.8/h instead of $2/h: cost −(0.8 + 2) − 2·0.05 = −2.9 (j2 has nowhere to go and
-# stays, which counts as its forced migration). `cost` keeps both where they are,
-# −4.1, and calls it OPTIMAL with best_bound −4.1 (an invalid bound). With j1
-# preemptible, or without j2, it does move j1.
-@pytest.mark.xfail(strict=True, reason="BUG: cost keeps a job on a draining node, claims OPTIMAL")
+# stays, which counts as its forced migration). `cost` used to pin both where they
+# were (−4.1, OPTIMAL with an invalid bound): pins no longer hold on draining nodes.
 def test_non_preemptible_job_leaves_a_draining_node_for_a_cheaper_one() -> None:
     p = problem(
         nodes=[
