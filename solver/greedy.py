@@ -296,3 +296,54 @@ def repair_priority(
             if done:
                 break
     return out
+
+
+def improve(index: Index, placed: dict[str, Placement], prefer: str = "value") -> dict[str, Placement]:
+    """Local improvement that keeps the same workloads running: each placed
+    training job that does not run now (moving running work would be a
+    migration), worst first, moves to a better option of its own where room is
+    free: higher normalized throughput, or with ``prefer="cost"`` a lower $/hour.
+    Coverage, demand and priorities are unchanged; only the objective can rise."""
+    ledger = Ledger(index)
+    out = dict(placed)
+    for wid, held in sorted(out.items()):
+        ledger.place(index.workloads[wid], held)
+
+    def score(o: Option) -> float:
+        return -_price(ledger, o) if prefer == "cost" else o.value
+
+    movable: list[tuple[float, str, Option]] = []
+    for wid, p in out.items():
+        w = index.workloads[wid]
+        if w.training is None or wid in index.current:
+            continue
+        c = index.classes[index.workload_class[wid]]
+        mine = [
+            o
+            for o in c.options
+            if o.gpu_type == p.gpu_type
+            and o.gpus == p.gpus
+            and o.kind in (OptionKind.SINGLE, OptionKind.GANG)
+        ]
+        if mine:
+            movable.append((score(mine[0]), wid, mine[0]))
+    for now_score, wid, _o in sorted(movable):
+        w = index.workloads[wid]
+        c = index.classes[index.workload_class[wid]]
+        better = [
+            o
+            for o in c.options
+            if o.kind in (OptionKind.SINGLE, OptionKind.GANG) and score(o) > now_score + 1e-12
+        ]
+        if not better:
+            continue
+        old = out[wid]
+        ledger.release(w, old)
+        for o in sorted(better, key=lambda o: (-score(o), o.gpus, o.shape, o.scope)):
+            got = ledger.try_training(w, o)
+            if got is not None:
+                out[wid] = got
+                break
+        else:
+            ledger.place(w, old)
+    return out

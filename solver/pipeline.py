@@ -35,7 +35,7 @@ from solver.disaggregate import disaggregate
 from solver.errors import SolverError
 from solver.explain import Explainer
 from solver.formulation import Formulation, build_formulation, option_values, round_down
-from solver.greedy import complete, greedy_place, repair_priority
+from solver.greedy import complete, greedy_place, improve, repair_priority
 from solver.linear import LinearModel, Solution, SolveStatus
 from solver.model import (
     Placement,
@@ -302,11 +302,8 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         else:
             placed, lost = disaggregate(index, option_values(form, vector(values)))
     with timer.stage("repair"):
-        placed = complete(
-            index,
-            repair_priority(index, complete(index, placed, pol.prefer), options.max_migrations),
-            pol.prefer,
-        )
+        repaired = repair_priority(index, complete(index, placed, pol.prefer), options.max_migrations)
+        placed = improve(index, complete(index, repaired, pol.prefer), pol.prefer)
         lost -= set(placed)
     # Never worse than the greedy seed.
     final_values = _stage_values(form, stages, form.hint(placed.values()))
