@@ -381,7 +381,9 @@ class PlanOptions:
     """How to plan.
 
     Attributes:
-        time_limit_s: wall-clock budget for all solver stages together.
+        time_limit_s: wall-clock budget for the whole plan: the solver stages stop
+            early enough to leave time for packing, verification and explanations
+            (the call can still overrun it somewhat on very large inputs).
         seed: random seed for the solver (same seed, same input: same plan
             whenever the solve finishes inside the time limit).
         relative_gap: stop once the plan is proven this close to the bound.
