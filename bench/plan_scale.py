@@ -355,7 +355,9 @@ def _pct(x: float | None, digits: int = 2) -> str:
 
 
 def _signed(x: float | None) -> str:
-    return "—" if x is None else ("+" if x >= 0 else "") + _pct(x)
+    if x is None:
+        return "—"
+    return _pct(0.0) if abs(x) < 5e-5 else ("+" if x > 0 else "") + _pct(x)
 
 
 def markdown(results: Mapping[str, Any]) -> str:
