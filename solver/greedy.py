@@ -64,6 +64,10 @@ def _order_decreasing(ws: Sequence[Workload]) -> list[Workload]:
     return sorted(ws, key=lambda w: (-w.priority, -_gpus_needed(w), w.submit_time_s, w.id))
 
 
+def _order_smallest(ws: Sequence[Workload]) -> list[Workload]:
+    return sorted(ws, key=lambda w: (-w.priority, _gpus_needed(w), w.submit_time_s, w.id))
+
+
 # name -> (order, best_fit)
 BASELINE_ORDERS: dict[str, tuple[Callable[[Sequence[Workload]], list[Workload]], bool]] = {
     "fcfs": (_order_fcfs, False),
@@ -71,6 +75,9 @@ BASELINE_ORDERS: dict[str, tuple[Callable[[Sequence[Workload]], list[Workload]],
     "priority": (_order_priority, False),
     "first-fit": (_order_decreasing, False),
     "best-fit": (_order_decreasing, True),
+    # Not a baseline policy: an alternative seed that runs as many workloads as it
+    # can (priority, then smallest first), for policies that count coverage first.
+    "smallest-first": (_order_smallest, True),
 }
 
 
