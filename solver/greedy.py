@@ -186,6 +186,14 @@ def place_service(
     return None
 
 
+def place_one(ledger: Ledger, w: Workload, best_fit: bool, prefer: str = "value") -> Placement | None:
+    """Place one workload on what the ledger has free (and record it)."""
+    c = ledger.index.classes[ledger.index.workload_class[w.id]]
+    if w.training is not None:
+        return place_training(ledger, w, c, best_fit, prefer)
+    return place_service(ledger, w, c, best_fit, prefer)
+
+
 def greedy_place(
     index: Index, order_name: str = "best-fit", ledger: Ledger | None = None, prefer: str = "value"
 ) -> dict[str, Placement]:
@@ -196,12 +204,7 @@ def greedy_place(
     for w in order(list(index.problem.workloads)):
         if w.id in placed:
             continue
-        c = index.classes[index.workload_class[w.id]]
-        got = (
-            place_training(ledger, w, c, best_fit, prefer)
-            if w.training is not None
-            else place_service(ledger, w, c, best_fit, prefer)
-        )
+        got = place_one(ledger, w, best_fit, prefer)
         if got is not None:
             placed[w.id] = got
     return placed
@@ -224,11 +227,7 @@ def complete(index: Index, placed: dict[str, Placement], prefer: str = "value") 
         c = index.classes[index.workload_class[w.id]]
         p = out.get(w.id)
         if p is None:
-            got = (
-                place_training(ledger, w, c, best_fit, prefer)
-                if w.training is not None
-                else place_service(ledger, w, c, best_fit, prefer)
-            )
+            got = place_one(ledger, w, best_fit, prefer)
             if got is not None:
                 out[w.id] = got
         elif w.inference is not None and p.shards:
