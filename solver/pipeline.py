@@ -2,23 +2,32 @@
 
 1. validate      every violation at once, by path (``solver.validate``)
 2. aggregate     node shapes and workload classes (``solver.aggregate``)
-3. greedy        the best-fit baseline: the hint, and the floor on quality
+3. greedy        two greedy seeds (largest-first, smallest-first); the better
+                 one is the first incumbent and the floor on quality
 4. model         the aggregated formulation and the policy's stages
-5. lp            the LP relaxation of the primary stage (GLOP): bound, duals
-6. solve         each stage with CP-SAT (or CBC), hinted with the last solution
-7. disaggregate  counts per class to concrete nodes
+5. per stage     ``lp``: the LP relaxation (one warm GLOP model; bound, and for
+                 the primary stage the duals); ``round``: the LP solution rounded,
+                 packed on nodes and completed greedily, kept if it beats the
+                 incumbent and keeps the earlier stages' floors; ``solve: NAME``:
+                 CP-SAT (or CBC) hinted with the incumbent, only while the stage is
+                 not proven and the model is small enough to gain from it; then
+                 the stage's value becomes a floor for the next
+6. disaggregate  the incumbent is already a concrete plan (else: pack the counts)
+7. repair        strict priority on concrete nodes, fill what is free, move jobs
+                 that do not run yet to better options where room is free
 8. verify        the independent checker recomputes feasibility and objective
 9. explain       a reason for every unplaced workload and every shortfall
 
-The plan returned is never worse than the greedy baseline: if the greedy plan
-is lexicographically better on the policy's stages (it can be, when packing
-loses items or the time limit cuts a solve short), it is returned instead,
-with the bound still proven by the solver.
+Incumbents are always concrete, verified-shaped plans: a solver solution of the
+aggregated model (a relaxation where sizes do not divide node sizes) replaces
+the incumbent only as packed. The plan returned is never worse than the greedy
+seed on the policy's stages.
 
 Bound and gap: ``best_bound`` is the smaller of the LP bound and CP-SAT's
 bound on the primary stage, given the floors that earlier stages set (for
 priority tiers and inference demand); ``gap`` compares it with the objective
-of the verified concrete plan, so packing losses show in the gap.
+of the verified concrete plan, so packing losses show in the gap. ``OPTIMAL``
+needs the gap within ``relative_gap`` and every earlier stage proven and met.
 """
 
 from __future__ import annotations
