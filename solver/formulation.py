@@ -447,10 +447,13 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
     return form
 
 
-def round_down(form: Formulation, values: tuple[float, ...]) -> dict[tuple[int, int], int]:
+def round_down(
+    form: Formulation, values: tuple[float, ...], services_up: bool = True
+) -> dict[tuple[int, int], int]:
     """Counts per (class, option) from an LP solution: jobs rounded down (so the
     capacity rows still hold), a service's replicas on its largest type rounded
-    up if they reach its minimum; packing and greedy completion do the rest."""
+    up (``services_up``: keeps demand, but can overflow a full cluster) or down,
+    if they reach its minimum; packing and greedy completion do the rest."""
     counts: dict[tuple[int, int], int] = {}
     for c in form.index.classes:
         if c.is_training:
@@ -484,7 +487,11 @@ def round_down(form: Formulation, values: tuple[float, ...]) -> dict[tuple[int, 
             raw = {o: values[form.n[c.index, o].index] for o in mine}
             served = sum(values[form.n[c.index, o].index] * opt.value for o, opt in enumerate(c.options))
             rps = c.options[mine[0]].value
-            total = min(form.max_replicas[c.index], math.ceil(served / rps - 1e-6))
+            exact = served / rps
+            total = min(
+                form.max_replicas[c.index],
+                math.ceil(exact - 1e-6) if services_up else math.floor(exact + 1e-6),
+            )
             mass_t = sum(raw.values())
             share = {o: (raw[o] / mass_t if mass_t > 0 else 1.0 / len(mine)) * total for o in mine}
             reps = {o: math.floor(x + 1e-6) for o, x in share.items()}

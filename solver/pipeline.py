@@ -249,6 +249,15 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                 t_round = time.perf_counter()
                 cand_placed, candidate = concrete(counts)
                 t_round = time.perf_counter() - t_round
+                if form.f and time.perf_counter() + t_round < (deadline if st.primary else early_until):
+                    # Services rounded up keep demand but can overflow a full cluster
+                    # (and then lose whole services): try them rounded down as well.
+                    alt_placed, alt = concrete(round_down(form, lp.values, services_up=False))
+                    if at_least(alt, k, strictly=True) and (
+                        not at_least(candidate, k, strictly=True)
+                        or _stage_values(form, [st], alt)[0] > _stage_values(form, [st], candidate)[0]
+                    ):
+                        cand_placed, candidate = alt_placed, alt
                 spare = (deadline if st.primary else early_until) - time.perf_counter()
                 if (
                     incumbent is not None
