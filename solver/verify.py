@@ -437,6 +437,7 @@ class _Checker:
         self.plan = plan
         self.max_migrations = max_migrations
         self.strict_priority = True
+        self.priority_cache: dict[tuple[object, ...], str] = {}  # request -> blocking node ("" if none)
         self.violations: list[str] = []
         # Running workloads kept exactly where they are; running non-preemptible jobs.
         self.kept = {wid for wid in ctx.running if wid not in ctx.migrated_set}
@@ -837,10 +838,9 @@ class _Checker:
             spec.memory_gib_per_gpu,
             tuple((s.gpus, tuple(sorted(t for t, v in s.throughput.items() if v > 0))) for s in spec.shapes),
         )
-        cache: dict[tuple[object, ...], str] = self.__dict__.setdefault("_priority_cache", {})
-        if key not in cache:
-            cache[key] = self._priority_blocker(w, spec)
-        blocked_by = cache[key]
+        if key not in self.priority_cache:
+            self.priority_cache[key] = self._priority_blocker(w, spec)
+        blocked_by = self.priority_cache[key]
         if blocked_by:
             self.add(
                 f'workload "{w.id}" (priority {w.priority}) is left out while lower-priority work '
