@@ -80,7 +80,8 @@ class OrToolsBackend:
             for i, (x, value, s) in enumerate(zip(xs, hint, scale, strict=True)):
                 cp.add_hint(x, 0 if i in fixed_zero else round(value * s))
         solver = cp_model.CpSolver()
-        solver.parameters.max_time_in_seconds = max(0.01, time_limit_s)
+        # The budget covers building the model too (Python, not negligible at scale).
+        solver.parameters.max_time_in_seconds = max(0.01, time_limit_s - (time.perf_counter() - start))
         solver.parameters.random_seed = seed
         solver.parameters.relative_gap_limit = relative_gap
         solver.parameters.absolute_gap_limit = 1e-7
