@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from solver.aggregate import Index, OptionKind
 from solver.greedy import place_training
 from solver.model import Placement, Shard, Workload
-from solver.packing import Ledger, _in_scope
+from solver.packing import Ledger, in_scope
 
 __all__ = ["disaggregate"]
 
@@ -81,7 +81,7 @@ def disaggregate(
                     break
                 if index.node_shape.get(shard.node_id) != opt.shape or shard.gpus != opt.gpus:
                     continue
-                if opt.scope != ("any",) and not _in_scope(index.nodes[shard.node_id], opt.scope):
+                if opt.scope != ("any",) and not in_scope(index.nodes[shard.node_id], opt.scope):
                     continue
                 if shard in service_kept[c.index] and service_kept[c.index].count(shard) >= cur.shards.count(
                     shard

@@ -87,7 +87,7 @@ class Explainer:
             (s.node_id, s.gpus) for s in p.shards
         )
 
-    def _holders(self, led: Ledger, gpu_type: str, exclude: str) -> list[str]:
+    def _holders(self, gpu_type: str, exclude: str) -> list[str]:
         return [wid for wid in self._by_type.get(gpu_type, []) if wid != exclude]
 
     # -- fitting one workload ----------------------------------------------------------
@@ -162,7 +162,7 @@ class Explainer:
                 f"gain from it within the time limit{gap}",
             )
         if self.max_migrations is not None and fits(self.ledger("kept", 0, keep), True):
-            movers = [h for h in self._holders(now, gpu_type, w.id) if self._stays(h, self.placements[h])]
+            movers = [h for h in self._holders(gpu_type, w.id) if self._stays(h, self.placements[h])]
             return Reason(
                 ReasonCode.MIGRATION_LIMIT,
                 f"on {gpu_type}: room for {need} would be free if running work moved "
@@ -171,9 +171,7 @@ class Explainer:
         same = self.ledger("lower-or-equal", w.priority, keep)
         if fits(same, True):
             holders = [
-                h
-                for h in self._holders(now, gpu_type, w.id)
-                if self.index.workloads[h].priority <= w.priority
+                h for h in self._holders(gpu_type, w.id) if self.index.workloads[h].priority <= w.priority
             ]
             lower = [h for h in holders if self.index.workloads[h].priority < w.priority]
             if lower and not fits(self.ledger("lower-or-equal", w.priority - 1, keep), True):
@@ -186,7 +184,7 @@ class Explainer:
             )
         if fits(self.ledger("all", 0, keep), True):
             holders = [
-                h for h in self._holders(now, gpu_type, w.id) if self.index.workloads[h].priority > w.priority
+                h for h in self._holders(gpu_type, w.id) if self.index.workloads[h].priority > w.priority
             ]
             return Reason(
                 ReasonCode.HIGHER_PRIORITY,

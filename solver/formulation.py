@@ -45,7 +45,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from solver.aggregate import Index, OptionKind, WorkloadClass
+from solver.aggregate import Index, OptionKind, WorkloadClass, gang_fits_scope, scope_of_nodes
 from solver.linear import LinearModel, Sense, Var
 from solver.model import Placement, Problem
 
@@ -151,8 +151,6 @@ class Formulation:
 
     def hint(self, placements: Iterable[Placement]) -> dict[int, float]:
         """Variable values that describe concrete placements (e.g. a greedy plan)."""
-        from solver.aggregate import gang_fits_scope, scope_of_nodes
-
         idx = self.index
         values: dict[int, float] = {v.index: 0.0 for v in self.model.vars if v.integer}
         for p in placements:

@@ -15,10 +15,10 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from solver.aggregate import Index, NodeShape, Option, OptionKind, scope_of_nodes
-from solver.model import Node, NodeState, Placement, Shard, Spread, Workload
+from solver.aggregate import Index, Option, OptionKind, scope_of_nodes
+from solver.model import Node, Placement, Shard, Spread, Workload
 
-__all__ = ["Ledger", "Quota"]
+__all__ = ["Ledger", "Quota", "in_scope"]
 
 
 @dataclass
@@ -270,7 +270,7 @@ class Ledger:
                 if wanted is not None and wanted.get(oi, 0) <= 0:
                     continue
                 for nid in self.candidates(opt.shape, opt.gpus, best_fit):
-                    if opt.scope != ("any",) and not _in_scope(self.index.nodes[nid], opt.scope):
+                    if opt.scope != ("any",) and not in_scope(self.index.nodes[nid], opt.scope):
                         continue
                     u = unit_of(nid)
                     if unit_count[u] >= cap_per_unit:
@@ -335,7 +335,8 @@ class Ledger:
         self.quota.used_type[workload.tenant, node_type] -= placement.gpus
 
 
-def _in_scope(node: Node, scope: tuple[str, ...]) -> bool:
+def in_scope(node: Node, scope: tuple[str, ...]) -> bool:
+    """Whether a node lies inside a replica option's scope (any, a zone, a domain)."""
     if scope[0] == "any":
         return True
     return scope_of_nodes([node], scope[0]) == scope
@@ -346,12 +347,3 @@ def _host_need(workload: Workload, gpus: int) -> tuple[float, float]:
         return gpus * workload.training.cpus_per_gpu, gpus * workload.training.memory_gib_per_gpu
     assert workload.inference is not None
     return workload.inference.cpus_per_replica, workload.inference.memory_gib_per_replica
-
-
-def ready(node: Node) -> bool:
-    return node.state is NodeState.READY
-
-
-def shape_of(index: Index, node_id: str) -> NodeShape | None:
-    si = index.node_shape.get(node_id)
-    return None if si is None else index.shapes[si]

@@ -38,10 +38,10 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-from solver.aggregate import Index, build_index
+from solver.aggregate import Index, build_index, usable_training_types
 from solver.backends import get_backend
 from solver.disaggregate import disaggregate
-from solver.errors import SolverError
+from solver.errors import SolverError, ValidationError, Violation
 from solver.explain import Explainer
 from solver.formulation import Formulation, build_formulation, option_values, round_down
 from solver.greedy import complete, greedy_place, improve, repair_priority
@@ -135,7 +135,6 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             pol.name,
             "throughput",
             placed,
-            set(),
             None,
             {},
             timer,
@@ -327,33 +326,30 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         if k < len(stages) - 1:
             floors.append(form.set_floor(st.terms, st.constant, achieved, f"floor[{st.name}]", st.tolerance))
     with timer.stage("disaggregate"):
-        lost: set[str] = set()
         if incumbent is not None:
             placed = incumbent
         else:
-            placed, lost = disaggregate(index, option_values(form, vector(values)))
+            placed, _ = disaggregate(index, option_values(form, vector(values)))
     with timer.stage("repair"):
         repaired = repair_priority(index, complete(index, placed, pol.prefer), options.max_migrations)
         placed = improve(index, complete(index, repaired, pol.prefer), pol.prefer)
-        lost -= set(placed)
     # Never worse than the greedy seed.
     final_values = _stage_values(form, stages, form.hint(placed.values()))
     if _lex_better(greedy_stage_values, final_values):
-        placed, lost = seed, set()
+        placed, final_values = seed, greedy_stage_values
     shadow: dict[str, float] = {}
     for name, si in form.gpu_rows.items():
         t = index.shapes[si].gpu_type
         shadow[t] = max(shadow.get(t, 0.0), duals.get(name, 0.0))
     for t in index.types:
         shadow.setdefault(t, 0.0)
-    final_values = _stage_values(form, stages, form.hint(placed.values()))
     below = [
         stages[j].name
         for j, f in enumerate(floors)
         if j < len(stages) - 1 and final_values[j] < f - 1e-6 * max(1.0, abs(f))
     ]
     status = PlanStatus.FEASIBLE if unproven or below else None
-    return _finish(index, pol.name, pol.name, placed, lost, bound, shadow, timer, options, status)
+    return _finish(index, pol.name, pol.name, placed, bound, shadow, timer, options, status)
 
 
 def _finish(
@@ -361,7 +357,6 @@ def _finish(
     policy: str,
     score_policy: str,
     placed: Mapping[str, Placement],
-    lost: set[str],
     bound: float | None,
     shadow: Mapping[str, float],
     timer: _Timer,
@@ -460,9 +455,6 @@ class Explanation:
 
 def explain(problem: Problem, plan_: Plan, workload_id: str) -> Explanation:
     """Explain one workload of ``plan_`` (made for ``problem``)."""
-    from solver.errors import ValidationError, Violation
-    from solver.explain import Explainer as _Explainer
-
     index = build_index(problem)
     w = index.workloads.get(workload_id)
     if w is None:
@@ -474,7 +466,7 @@ def explain(problem: Problem, plan_: Plan, workload_id: str) -> Explanation:
         reasons = (
             un.reasons
             if un is not None and un.reasons
-            else _Explainer(index, placed, plan_.gap, None).unplaced(w)
+            else Explainer(index, placed, plan_.gap, None).unplaced(w)
         )
         return Explanation(
             workload_id,
@@ -496,8 +488,6 @@ def explain(problem: Problem, plan_: Plan, workload_id: str) -> Explanation:
             else "moves from " + ", ".join(f"{s.node_id}×{s.gpus}" for s in cur.shards)
         )
     if w.training is not None:
-        from solver.aggregate import usable_training_types
-
         usable = usable_training_types(w, index.types)
         best = max((s.throughput.get(u, 0.0) for s in w.training.shapes for u in usable), default=0.0)
         shape = next((s for s in w.training.shapes if s.gpus == p.gpus), None)
@@ -508,7 +498,7 @@ def explain(problem: Problem, plan_: Plan, workload_id: str) -> Explanation:
         )
         if rho < 1 - 1e-9:
             others = {o: placed_o for o, placed_o in placed.items() if o != workload_id}
-            ex = _Explainer(index, others, plan_.gap, None)
+            ex = Explainer(index, others, plan_.gap, None)
             better = {
                 u
                 for u in usable

@@ -54,13 +54,12 @@ class FairnessPolicy(OptimizingPolicy):
                 model.add([(t, 1.0), (y, big), (f, -1.0 / c.weight)], Sense.LE, big, f"min[{c.index}]")
                 running.append((y, -big))
         model.add([(t, 1.0), *running], Sense.LE, 0, "t-needs-work")
-        used_vars = used
 
         def fill(values: dict[int, float]) -> None:
             """t and the u indicators for a hint made from a concrete plan."""
             low = big
             anything = False
-            for (ci, o), u in used_vars.items():
+            for (ci, o), u in used.items():
                 n = values.get(form.n[ci, o].index, 0.0)
                 values[u.index] = 1.0 if n > 0.5 else 0.0
                 if n > 0.5:
