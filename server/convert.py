@@ -48,16 +48,18 @@ import difflib
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, Protocol, TypeVar, cast
 
 import yaml
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 import solver
+from apportion.v1 import allocator_pb2 as apb
 from apportion.v1 import types_pb2 as pb
 from solver import (
     GangShape,
@@ -69,6 +71,7 @@ from solver import (
     Placement,
     Plan,
     PlanMetrics,
+    PlanOptions,
     PlanStatus,
     Problem,
     Reason,
@@ -793,3 +796,312 @@ def plan_to_dict(plan: Plan) -> dict[str, Any]:
     times = data["stage_times_s"]
     data["stage_times_s"] = {name: times[name] for name in plan.stage_times_s}
     return data
+
+
+# ---------------------------------------------------------------------------
+# The service: API messages <-> stored state (plain dicts) <-> the domain.
+#
+# The store keeps every object as the canonical JSON mapping of its message
+# (``message_to_dict``), so what it holds reads like the files users write and
+# needs no protobuf to load. The functions below are the only bridge between
+# those dicts, the API messages (``allocator_pb2``) and the solver's types.
+
+
+class WorkloadRowLike(Protocol):
+    """What :func:`workload_status` reads of a stored workload (``server.store.WorkloadRow``)."""
+
+    @property
+    def spec(self) -> dict[str, Any]: ...
+    @property
+    def state(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def placement(self) -> dict[str, Any] | None: ...
+    @property
+    def reasons(self) -> list[dict[str, Any]]: ...
+    @property
+    def message(self) -> str: ...
+    @property
+    def created_at(self) -> float: ...
+    @property
+    def updated_at(self) -> float: ...
+    @property
+    def revision(self) -> int: ...
+
+
+def workload_from_dict(data: Mapping[str, Any]) -> pb.Workload:
+    return json_format.ParseDict(dict(data), pb.Workload())
+
+
+def node_from_dict(data: Mapping[str, Any]) -> pb.Node:
+    return json_format.ParseDict(dict(data), pb.Node())
+
+
+def gpu_type_from_dict(data: Mapping[str, Any]) -> pb.GpuType:
+    return json_format.ParseDict(dict(data), pb.GpuType())
+
+
+def tenant_from_dict(data: Mapping[str, Any]) -> pb.Tenant:
+    return json_format.ParseDict(dict(data), pb.Tenant())
+
+
+def workload_kind(msg: pb.Workload) -> str:
+    """``training``, ``inference`` or ``""`` (neither given)."""
+    return msg.WhichOneof("spec") or ""
+
+
+def _rebase(violations: Iterable[Violation], old: str, new: str) -> list[Violation]:
+    """Violations with the leading ``old`` of their paths written ``new``."""
+    out = []
+    for v in violations:
+        path = v.path
+        if path == old or path.startswith((f"{old}.", f"{old}[")):
+            path = new + path[len(old) :]
+        out.append(Violation(path, v.message))
+    return out
+
+
+def check_workload(
+    msg: pb.Workload,
+    *,
+    gpu_types: Iterable[Mapping[str, Any]],
+    tenants: Iterable[Mapping[str, Any]],
+    path: str = "workload",
+) -> None:
+    """Check one workload of a request against the server's inventory, with the
+    CLI's rules and messages (paths start at ``path``: ``workload.inference.target_rps``).
+
+    Raises:
+        ValidationError: every broken rule.
+    """
+    inventory = pb.Inventory(
+        gpu_types=[gpu_type_from_dict(t) for t in gpu_types], tenants=[tenant_from_dict(t) for t in tenants]
+    )
+    if not msg.id:
+        raise ValidationError([Violation(f"{path}.id", "must not be empty")])
+    out: list[Violation] = []
+    problem = _build_problem(inventory, pb.WorkloadList(workloads=[msg]), None, out)
+    if not out:
+        try:
+            solver.validate(problem)
+        except ValidationError as exc:
+            out.extend(exc.violations)
+    _raise_if(_rebase(out, "workloads[0]", path))
+
+
+def check_inventory_update(
+    request_gpu_types: Sequence[pb.GpuType],
+    request_nodes: Sequence[pb.Node],
+    request_tenants: Sequence[pb.Tenant],
+    *,
+    gpu_types: Iterable[Mapping[str, Any]],
+    nodes: Iterable[Mapping[str, Any]],
+    tenants: Iterable[Mapping[str, Any]],
+) -> None:
+    """Check an ``UpsertNodes`` request merged into the stored inventory.
+
+    Paths name the request's fields (``nodes[2].gpu_type``); stored items that
+    the request replaces (same name / id) are left out of the check.
+
+    Raises:
+        ValidationError: every broken rule.
+    """
+    new_types = {t.name for t in request_gpu_types}
+    new_nodes = {n.id for n in request_nodes}
+    new_tenants = {t.name for t in request_tenants}
+    inventory = pb.Inventory(
+        gpu_types=list(request_gpu_types)
+        + [gpu_type_from_dict(t) for t in gpu_types if t.get("name") not in new_types],
+        nodes=list(request_nodes) + [node_from_dict(n) for n in nodes if n.get("id") not in new_nodes],
+        tenants=list(request_tenants)
+        + [tenant_from_dict(t) for t in tenants if t.get("name") not in new_tenants],
+    )
+    out: list[Violation] = []
+    problem = _build_problem(inventory, pb.WorkloadList(), None, out)
+    if not out:
+        try:
+            solver.validate(problem)
+        except ValidationError as exc:
+            out.extend(exc.violations)
+    _raise_if(_in_file_order(out))
+
+
+def state_problem(
+    *,
+    gpu_types: Iterable[Mapping[str, Any]],
+    nodes: Iterable[Mapping[str, Any]],
+    tenants: Iterable[Mapping[str, Any]],
+    workloads: Iterable[Mapping[str, Any]],
+    current: Iterable[Mapping[str, Any]],
+) -> Problem:
+    """The domain problem of the server's state: stored dicts of the inventory,
+    the active workloads' specs, and the placements that run now.
+
+    Raises:
+        ValidationError: the state is not a valid problem (``solver.validate``).
+    """
+    inventory = pb.Inventory(
+        gpu_types=[gpu_type_from_dict(t) for t in gpu_types],
+        nodes=[node_from_dict(n) for n in nodes],
+        tenants=[tenant_from_dict(t) for t in tenants],
+    )
+    listed = pb.WorkloadList(workloads=[workload_from_dict(w) for w in workloads])
+    placements = pb.Plan(placements=[json_format.ParseDict(dict(p), pb.Placement()) for p in current])
+    out: list[Violation] = []
+    problem = _build_problem(inventory, listed, placements, out)
+    _raise_if(out)
+    solver.validate(problem)
+    return problem
+
+
+def plan_options(msg: apb.PlanOptions, *, deadline_s: float | None = None) -> PlanOptions:
+    """Solver options of a ``Plan`` request; the time limit is cut to fit ``deadline_s``
+    (seconds left before the call's deadline) so the best plan found in time comes back.
+
+    Raises:
+        ValidationError: a value out of range (paths ``options.*``).
+    """
+    out: list[Violation] = []
+    defaults = PlanOptions()
+    time_limit = msg.time_limit_s if msg.HasField("time_limit_s") else defaults.time_limit_s
+    if not time_limit > 0 or not math.isfinite(time_limit):
+        out.append(Violation("options.time_limit_s", "must be > 0"))
+    gap = msg.relative_gap if msg.HasField("relative_gap") else defaults.relative_gap
+    if not gap >= 0 or not math.isfinite(gap):
+        out.append(Violation("options.relative_gap", "must be ≥ 0"))
+    if msg.HasField("max_migrations") and msg.max_migrations < 0:
+        out.append(Violation("options.max_migrations", "must be ≥ 0"))
+    if msg.HasField("num_workers") and msg.num_workers < 0:
+        out.append(Violation("options.num_workers", "must be ≥ 0"))
+    backend = msg.backend or defaults.backend
+    if backend not in ("ortools", "pulp"):
+        out.append(Violation("options.backend", f"must be one of ortools, pulp; got {json.dumps(backend)}"))
+    _raise_if(out)
+    if deadline_s is not None:
+        time_limit = max(0.05, min(time_limit, deadline_s))
+    return PlanOptions(
+        time_limit_s=time_limit,
+        seed=msg.seed if msg.HasField("seed") else defaults.seed,
+        relative_gap=gap,
+        backend=backend,
+        max_migrations=msg.max_migrations if msg.HasField("max_migrations") else None,
+        num_workers=msg.num_workers if msg.HasField("num_workers") else defaults.num_workers,
+    )
+
+
+def plan_request_problem(msg: apb.PlanRequest) -> Problem:
+    """The problem of a ``Plan`` request, validated (paths as in the files:
+    ``nodes[0].gpus``, ``workloads[1].inference.target_rps``, ``current[0]...``).
+
+    Raises:
+        ValidationError: every broken rule.
+    """
+    out: list[Violation] = []
+    current = msg.current if msg.HasField("current") else None
+    problem = _build_problem(msg.inventory, pb.WorkloadList(workloads=msg.workloads), current, out)
+    extra = _semantic_extra(problem, out)
+    _raise_if(_in_file_order(out + extra))
+    return problem
+
+
+def placement_to_dict(p: Placement) -> dict[str, Any]:
+    return message_to_dict(placement_to_message(p))
+
+
+def reasons_to_dicts(reasons: Iterable[Reason]) -> list[dict[str, Any]]:
+    return [{"code": r.code.value, "message": r.message} for r in reasons]
+
+
+def plan_summary(data: Mapping[str, Any], solve_time_s: float = 0.0) -> apb.PlanSummary:
+    """The summary of a plan document (as stored, ``plan_to_dict``'s output)."""
+    msg = apb.PlanSummary(
+        status=data.get("status", ""),
+        objective=data.get("objective", 0.0),
+        placed=len(data.get("placements", [])),
+        unplaced=len(data.get("unplaced", [])),
+        solve_time_s=solve_time_s,
+    )
+    if data.get("gap") is not None:
+        msg.gap = data["gap"]
+    return msg
+
+
+def workload_status(row: WorkloadRowLike, *, serving_version: int | None = None) -> apb.WorkloadStatus:
+    msg = apb.WorkloadStatus(
+        workload=workload_from_dict(row.spec),
+        state=row.state,
+        version=row.version,
+        reasons=[pb.Reason(code=r.get("code", ""), message=r.get("message", "")) for r in row.reasons],
+        message=row.message,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        revision=row.revision,
+    )
+    if row.placement:
+        shown = {k: v for k, v in row.placement.items() if k in ("workload_id", "gpu_type", "shards")}
+        msg.placement.CopyFrom(json_format.ParseDict(shown, pb.Placement()))
+        version = row.placement.get("version")
+        if isinstance(version, int) and version != row.version:
+            msg.serving_version = version
+    if serving_version is not None:
+        msg.serving_version = serving_version
+    return msg
+
+
+def explanation_to_message(explanation: solver.Explanation, state: str = "") -> apb.Explanation:
+    msg = apb.Explanation(
+        workload_id=explanation.workload_id,
+        placed=explanation.placed,
+        summary=explanation.summary,
+        details=list(explanation.details),
+        state=state,
+    )
+    if explanation.placement is not None:
+        msg.placement.CopyFrom(placement_to_message(explanation.placement))
+    return msg
+
+
+def plan_dict_for_tenant(data: Mapping[str, Any], visible: Callable[[str], bool]) -> dict[str, Any]:
+    """A stored plan document with only the workloads ``visible`` says the caller may see."""
+    out = dict(data)
+    for key in ("placements", "unplaced", "shortfalls"):
+        out[key] = [x for x in data.get(key, []) if visible(x.get("workload_id", ""))]
+    return out
+
+
+def plan_record(
+    data: Mapping[str, Any], *, revision: int, based_on: int, created_at: float, solve_time_s: float
+) -> apb.PlanRecord:
+    return apb.PlanRecord(
+        plan=json_format.ParseDict(dict(data), pb.Plan(), ignore_unknown_fields=True),
+        revision=revision,
+        based_on=based_on,
+        created_at=created_at,
+        solve_time_s=solve_time_s,
+    )
+
+
+def bad_request_status(violations: Sequence[Violation], message: str) -> status_pb2.Status:
+    """INVALID_ARGUMENT as a ``google.rpc.Status`` with one ``BadRequest`` field
+    violation per bad field (what ``grpc_status.rpc_status.to_status`` sends)."""
+    detail = error_details_pb2.BadRequest(
+        field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=v.path, description=v.message)
+            for v in violations
+        ]
+    )
+    status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=message)
+    status.details.add().Pack(detail)
+    return status
+
+
+def field_violations(status: status_pb2.Status) -> list[Violation]:
+    """The field violations of a ``google.rpc.Status`` (a client reading an error)."""
+    out: list[Violation] = []
+    for any_detail in status.details:
+        if any_detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            detail = error_details_pb2.BadRequest()
+            any_detail.Unpack(detail)
+            out.extend(Violation(f.field, f.description) for f in detail.field_violations)
+    return out
