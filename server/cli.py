@@ -67,6 +67,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be ≥ 1, not {text}")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     try:
         value = int(text)
@@ -160,6 +167,56 @@ def build_parser() -> argparse.ArgumentParser:
     explain.add_argument("workload_id", metavar="WORKLOAD_ID")
     explain.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     explain.set_defaults(run=_cmd_explain)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Run the Apportion gRPC server: durable state in SQLite, continuous re-planning.",
+    )
+    serve.add_argument("--listen", default="127.0.0.1:50051", metavar="ADDR", help="host:port to listen on")
+    serve.add_argument("--db", type=Path, default=Path("apportion.db"), help="SQLite state file")
+    serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain")
+    serve.add_argument("--tls-key", type=Path, metavar="PEM", help="server private key")
+    serve.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        metavar="PEM",
+        help="require client certificates from this CA (mTLS)",
+    )
+    serve.add_argument("--tokens", type=Path, metavar="FILE", help="bearer tokens (YAML: TOKEN: {tenant: T})")
+    serve.add_argument(
+        "--insecure", action="store_true", help="allow plain text (and no tokens), only on a loopback address"
+    )
+    serve.add_argument("--metrics-port", type=int, metavar="P", help="serve Prometheus metrics on this port")
+    serve.add_argument("--policy", default="throughput", help="objective of the control loop's plans")
+    serve.add_argument(
+        "--plan-time-limit", type=_positive_float, default=5.0, metavar="S", help="solver budget per re-plan"
+    )
+    serve.add_argument(
+        "--migration-penalty",
+        type=float,
+        default=PlanOptions.migration_penalty,
+        metavar="X",
+        help="objective a move of a running workload must gain",
+    )
+    serve.add_argument(
+        "--max-migrations",
+        type=_non_negative_int,
+        metavar="N",
+        help="most moves per re-plan",
+    )
+    serve.add_argument(
+        "--debounce", type=_positive_float, default=0.2, metavar="S", help="quiet time before a re-plan"
+    )
+    serve.add_argument(
+        "--solver-processes", type=_positive_int, default=2, metavar="N", help="solver processes"
+    )
+    serve.add_argument(
+        "--rate-limit", type=float, default=0.0, metavar="R", help="requests/s per caller (0: no limit)"
+    )
+    serve.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format")
+    serve.add_argument("--log-level", default="INFO", help="log level")
+    serve.set_defaults(run=_cmd_serve)
     return parser
 
 
@@ -277,6 +334,40 @@ def _cmd_explain(args: argparse.Namespace) -> int:
         )
     _write(text, None)
     return EXIT_FAILED if plan.status is PlanStatus.INFEASIBLE else EXIT_OK
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from server import app, auth, logs  # grpc and the server only when serving
+    from server.control import LoopConfig
+
+    logs.configure(args.log_level, args.log_format)
+    if args.policy not in solver.policy_names():
+        known = ", ".join(solver.policy_names())
+        raise ValidationError([Violation("--policy", f'unknown policy "{args.policy}" (known: {known})')])
+    config = app.ServerConfig(
+        listen=args.listen,
+        db=args.db,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        tokens=args.tokens,
+        insecure=args.insecure,
+        metrics_port=args.metrics_port,
+        loop=LoopConfig(
+            policy=args.policy,
+            time_limit_s=args.plan_time_limit,
+            migration_penalty=args.migration_penalty,
+            max_migrations=args.max_migrations,
+            debounce_s=args.debounce,
+        ),
+        solver_processes=args.solver_processes,
+        rate_limit=args.rate_limit,
+    )
+    try:
+        return app.run(config)
+    except (auth.ConfigError, auth.TokenFileError) as exc:
+        sys.stderr.write(f"apportion: {exc}\n")
+        return EXIT_BAD_INPUT
 
 
 def _report(violations: Sequence[Violation]) -> None:

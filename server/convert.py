@@ -1013,20 +1013,6 @@ def reasons_to_dicts(reasons: Iterable[Reason]) -> list[dict[str, Any]]:
     return [{"code": r.code.value, "message": r.message} for r in reasons]
 
 
-def plan_summary(data: Mapping[str, Any], solve_time_s: float = 0.0) -> apb.PlanSummary:
-    """The summary of a plan document (as stored, ``plan_to_dict``'s output)."""
-    msg = apb.PlanSummary(
-        status=data.get("status", ""),
-        objective=data.get("objective", 0.0),
-        placed=len(data.get("placements", [])),
-        unplaced=len(data.get("unplaced", [])),
-        solve_time_s=solve_time_s,
-    )
-    if data.get("gap") is not None:
-        msg.gap = data["gap"]
-    return msg
-
-
 def workload_status(row: WorkloadRowLike, *, serving_version: int | None = None) -> apb.WorkloadStatus:
     msg = apb.WorkloadStatus(
         workload=workload_from_dict(row.spec),
@@ -1105,3 +1091,60 @@ def field_violations(status: status_pb2.Status) -> list[Violation]:
             any_detail.Unpack(detail)
             out.extend(Violation(f.field, f.description) for f in detail.field_violations)
     return out
+
+
+class EventLike(Protocol):
+    """What :func:`event_message` reads of a stored event (``server.store.Event``)."""
+
+    @property
+    def revision(self) -> int: ...
+    @property
+    def time(self) -> float: ...
+    @property
+    def kind(self) -> str: ...
+    @property
+    def action(self) -> str: ...
+    @property
+    def data(self) -> dict[str, Any]: ...
+
+
+class _Row:
+    """A stored workload row rebuilt from an event's ``data`` (``WorkloadRow.as_dict``)."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.spec: dict[str, Any] = data.get("spec", {})
+        self.state: str = data.get("state", "")
+        self.version: int = data.get("version", 0)
+        self.placement: dict[str, Any] | None = data.get("placement")
+        self.reasons: list[dict[str, Any]] = data.get("reasons", [])
+        self.message: str = data.get("message", "")
+        self.created_at: float = data.get("created_at", 0.0)
+        self.updated_at: float = data.get("updated_at", 0.0)
+        self.revision: int = data.get("revision", 0)
+
+
+def event_message(event: EventLike) -> apb.Event:
+    """A stored change as a ``Watch`` event."""
+    msg = apb.Event(revision=event.revision, time=event.time, action=event.action)
+    data = event.data
+    if event.kind == "workload":
+        msg.workload.CopyFrom(workload_status(_Row(data)))
+    elif event.kind == "node":
+        msg.node.CopyFrom(node_from_dict(data.get("spec", {})))
+    elif event.kind == "plan":
+        msg.plan.CopyFrom(
+            apb.PlanSummary(
+                status=data.get("status", ""),
+                objective=data.get("objective", 0.0),
+                placed=int(data.get("placed", 0)),
+                unplaced=int(data.get("unplaced", 0)),
+                solve_time_s=data.get("solve_s", 0.0),
+            )
+        )
+        if data.get("gap") is not None:
+            msg.plan.gap = data["gap"]
+    elif event.kind == "inventory" and "gpu_type" in data:
+        msg.gpu_type.CopyFrom(gpu_type_from_dict(data["gpu_type"]))
+    elif event.kind == "inventory" and "tenant" in data:
+        msg.tenant.CopyFrom(tenant_from_dict(data["tenant"]))
+    return msg

@@ -1,0 +1,185 @@
+"""``apportion serve``: assemble and run the gRPC server.
+
+One process holds: the SQLite store (``--db``), the control loop, a pool of
+solver processes, the gRPC server (``Allocator``, standard health checking,
+server reflection) and, with ``--metrics-port``, the Prometheus endpoint.
+
+Start-up refuses an unsafe configuration (see ``server.auth.check_listen``):
+without ``--insecure`` it needs TLS and a tokens file; ``--insecure`` allows
+plain text and no tokens, and only on a loopback address. Stop (SIGTERM,
+SIGINT, or :meth:`ApportionServer.stop`) reports NOT_SERVING, lets running
+calls finish for ``grace`` seconds, stops the control loop and the solver
+processes and closes the store. Nothing needs a clean stop to be safe: every
+acknowledged write is already durable, and a restart plans again at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from apportion.v1 import allocator_pb2, allocator_pb2_grpc
+from server import auth
+from server.control import ControlLoop, LoopConfig
+from server.metrics import Metrics
+from server.service import AllocatorServicer, Shared
+from server.solving import SolverPool
+from server.store import Store
+from solver import Plan
+
+log = logging.getLogger("apportion.server")
+
+SERVICE_NAME = "apportion.v1.Allocator"
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    db: Path = Path("apportion.db")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # given: mTLS, clients need a certificate it signed
+    tokens: Path | None = None
+    insecure: bool = False
+    metrics_port: int | None = None
+    loop: LoopConfig = field(default_factory=LoopConfig)
+    solver_processes: int = 2
+    threads: int = 64
+    max_message_mib: int = 16
+    rate_limit: float = 0.0  # requests/s per caller; 0: no limit
+    rate_burst: int = 200
+
+
+class ApportionServer:
+    def __init__(self, config: ServerConfig) -> None:
+        tls = config.tls_cert is not None or config.tls_key is not None
+        if tls and (config.tls_cert is None or config.tls_key is None):
+            raise auth.ConfigError("TLS needs both --tls-cert and --tls-key")
+        if config.tls_client_ca is not None and not tls:
+            raise auth.ConfigError("--tls-client-ca (mTLS) needs --tls-cert and --tls-key")
+        auth.check_listen(config.listen, insecure=config.insecure, tls=tls, tokens=config.tokens is not None)
+        self.config = config
+        authenticator = auth.Authenticator.from_file(config.tokens)
+        credentials = (
+            auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+            if config.tls_cert is not None and config.tls_key is not None
+            else None
+        )
+        self.metrics = Metrics()
+        self.store = Store(config.db)
+        try:
+            self.pool = SolverPool(config.solver_processes)
+            self.loop = ControlLoop(self.store, self.pool, config.loop, on_plan=self._on_plan)
+            self.shared = Shared(
+                self.store,
+                self.loop,
+                self.pool,
+                authenticator,
+                auth.RateLimiter(config.rate_limit, config.rate_burst),
+                self.metrics,
+            )
+            limit = config.max_message_mib * 1024 * 1024
+            self.grpc = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="apportion-rpc"),
+                options=[
+                    ("grpc.max_receive_message_length", limit),
+                    ("grpc.max_send_message_length", limit),
+                    ("grpc.so_reuseport", 0),
+                ],
+            )
+            allocator_pb2_grpc.add_AllocatorServicer_to_server(AllocatorServicer(self.shared), self.grpc)
+            self.health = health.HealthServicer()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
+            names = (
+                allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            )
+            reflection.enable_server_reflection(names, self.grpc)
+            if credentials is not None:
+                self.port = self.grpc.add_secure_port(config.listen, credentials)
+            else:
+                self.port = self.grpc.add_insecure_port(config.listen)
+        except BaseException:
+            self.store.close()
+            raise
+        self._stopped = threading.Event()
+
+    @property
+    def address(self) -> str:
+        host = self.config.listen.rsplit(":", 1)[0]
+        return f"{host}:{self.port}"
+
+    def _on_plan(self, plan: Plan, solve_time_s: float) -> None:
+        self.metrics.observe_plan(
+            plan.status.value, gap=plan.gap, objective=plan.objective, solve_seconds=solve_time_s
+        )
+        self.metrics.set_workloads(self.store.counts_by_state())
+
+    def start(self) -> None:
+        self.metrics.set_workloads(self.store.counts_by_state())
+        if self.config.metrics_port is not None:
+            self.metrics.serve(self.config.metrics_port)
+        self.loop.start()
+        self.grpc.start()
+        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving",
+            extra={
+                "address": self.address,
+                "db": str(self.config.db),
+                "tls": self.config.tls_cert is not None,
+                "mtls": self.config.tls_client_ca is not None,
+                "auth": self.config.tokens is not None,
+                "metrics_port": self.metrics.port,
+                "revision": self.store.revision(),
+            },
+        )
+
+    def stop(self, grace: float = 5.0) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.health.enter_graceful_shutdown()
+        self.shared.stopping = True
+        self.grpc.stop(grace).wait()
+        self.loop.stop()
+        self.pool.close()
+        self.metrics.stop()
+        self.store.close()
+        log.info("stopped")
+
+    def wait(self) -> None:
+        self._stopped.wait()
+
+    def __enter__(self) -> ApportionServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def run(config: ServerConfig) -> int:
+    """Serve until SIGTERM or SIGINT; the exit status."""
+    server = ApportionServer(config)
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal received; stopping", extra={"signal": signal.Signals(signum).name})
+        threading.Thread(target=server.stop, name="apportion-stop", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server.start()
+    server.wait()
+    return 0

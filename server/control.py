@@ -1,0 +1,399 @@
+"""The control loop: keep the cluster's plan current as workloads and nodes change.
+
+Writes that matter to the plan (a workload submitted, updated or cancelled; a
+node added, changed or drained) call :meth:`ControlLoop.notify`. The loop waits
+until changes stop for ``debounce_s`` (or ``max_delay_s`` has passed since the
+first one, so a steady stream of submissions still gets planned), then plans
+the whole state in a solver process and records the plan and each workload's
+new state in one transaction of the store. Changes that arrive while a plan is
+being solved start the next round; a workload changed meanwhile (a new
+version, cancelled) keeps its new state: the store only applies a plan's
+assignment to the version the plan was computed for.
+
+Migration-aware: every round passes the placements that run now as the
+solver's ``current``, and the solver charges ``migration_penalty`` for each
+running workload it moves or stops, so running workloads are only reshuffled
+for a gain larger than that (``max_migrations`` caps the moves of one round).
+The penalty is in the policy's objective units; with the default
+``throughput`` policy, 0.05 is 5% of one workload's normalized throughput.
+
+State moves PENDING -> PLACED (the plan places it) and back to PENDING (a
+later plan cannot place it: a higher tier took its GPUs, its node went down);
+RUNNING and the terminal states SUCCEEDED / FAILED come from the workers.
+CANCELLED comes from the client; it frees the workload's GPUs in the next plan.
+
+Rolling update of a service: the new version is planned with the old one's
+replicas as ``current`` (replicas stay where they are when they still fit).
+If the new version cannot get ``min_replicas`` replicas, the old version keeps
+serving: the round is solved again with the old spec (kept in the stored
+placement) in its place, so the recorded plan is always feasible, and the
+workload reports the version that serves (``serving_version``) and why the
+new one waits; every later round tries the new version again.
+
+A state the solver rejects (a workload that no longer validates against a
+changed inventory) does not stop the loop: that workload is left PENDING with
+the violation as its reason and the rest is planned.
+
+On start the loop plans once, so work accepted before a restart resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import solver
+from server import convert
+from server.solving import SolverCrashed, SolverPool
+from server.store import ACTIVE, PENDING, PLACED, RUNNING, Assignment, Store, WorkloadRow
+from solver import Plan, PlanOptions, Problem, ValidationError
+
+log = logging.getLogger("apportion.control")
+
+_WORKLOAD_PATH = re.compile(r"^workloads\[(\d+)\]")
+_CURRENT_PATH = re.compile(r"^current\[(\d+)\]")
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    policy: str = "throughput"
+    time_limit_s: float = 5.0
+    relative_gap: float = 1e-3
+    migration_penalty: float = 0.05
+    max_migrations: int | None = None
+    debounce_s: float = 0.2
+    max_delay_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class PlanInfo:
+    """The latest plan of this process, with the problem it solved (for Explain)."""
+
+    revision: int
+    based_on: int
+    problem: Problem
+    plan: Plan
+    solve_time_s: float
+
+
+PlanCallback = Callable[[Plan, float], None]
+
+
+class ControlLoop:
+    def __init__(
+        self,
+        store: Store,
+        pool: SolverPool,
+        config: LoopConfig | None = None,
+        *,
+        on_plan: PlanCallback | None = None,
+    ) -> None:
+        self.store = store
+        self.pool = pool
+        self.config = config or LoopConfig()
+        self.on_plan = on_plan
+        self._cond = threading.Condition()
+        self._dirty = True  # plan once on start: resume what was accepted before a restart
+        self._first_change = 0.0
+        self._last_change = 0.0
+        self._stopped = False
+        self._busy = False
+        self._latest: PlanInfo | None = None
+        self._notified = 1  # notify() calls so far; the start counts as one
+        self._covered = 0  # notify() calls that a recorded plan has taken into account
+        self._failures = 0
+        self._thread = threading.Thread(target=self._run, name="apportion-control", daemon=True)
+
+    # -- control ---------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stopped = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def notify(self) -> None:
+        """Something the plan depends on changed (call after the write is durable)."""
+        now = time.monotonic()
+        with self._cond:
+            if not self._dirty:
+                self._first_change = now
+            self._dirty = True
+            self._last_change = now
+            self._notified += 1
+            self._cond.notify_all()
+
+    def wait_settled(self, timeout: float) -> bool:
+        """Block until a recorded plan covers every change notified before this call
+        (and the plan of the start). False on timeout."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            target = self._notified
+            while self._covered < target:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopped:
+                    return False
+                self._cond.wait(left)
+            return True
+
+    @property
+    def latest(self) -> PlanInfo | None:
+        return self._latest
+
+    # -- the loop --------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and not self._ready():
+                    self._cond.wait(self._wait_time())
+                if self._stopped:
+                    return
+                self._dirty = False
+                self._busy = True
+                covers = self._notified
+            try:
+                self._round()
+                self._failures = 0
+                with self._cond:
+                    self._covered = max(self._covered, covers)
+            except Exception:  # never let the loop die; back off and retry
+                self._failures += 1
+                log.exception("planning round failed", extra={"failures": self._failures})
+                with self._cond:
+                    self._dirty = True
+                    self._first_change = self._last_change = time.monotonic()
+                    self._cond.wait(min(30.0, 0.5 * 2 ** min(self._failures, 6)))
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _ready(self) -> bool:
+        if not self._dirty:
+            return False
+        now = time.monotonic()
+        quiet = now - self._last_change >= self.config.debounce_s
+        overdue = now - self._first_change >= self.config.max_delay_s
+        return quiet or overdue
+
+    def _wait_time(self) -> float | None:
+        if not self._dirty:
+            return None
+        now = time.monotonic()
+        until_quiet = self._last_change + self.config.debounce_s - now
+        until_overdue = self._first_change + self.config.max_delay_s - now
+        return max(0.001, min(until_quiet, until_overdue))
+
+    # -- one round -------------------------------------------------------
+
+    def _round(self) -> None:
+        based_on = self.store.revision()
+        rows = [r for r in self.store.active_workloads() if r.state in ACTIVE]
+        gpu_types = self.store.gpu_types()
+        tenants = self.store.tenants()
+        nodes = [n.spec for n in self.store.all_nodes()]
+        node_ids = {n.get("id") for n in nodes}
+        specs: dict[str, dict[str, Any]] = {r.id: r.spec for r in rows}
+        pinned_old: set[str] = set()
+        invalid: dict[str, list[dict[str, Any]]] = {}
+
+        for _ in range(2):  # a second solve only when a rolling update must keep its old version
+            problem, invalid = self._problem(rows, specs, gpu_types, tenants, nodes, node_ids)
+            options = PlanOptions(
+                time_limit_s=self.config.time_limit_s,
+                relative_gap=self.config.relative_gap,
+                migration_penalty=self.config.migration_penalty,
+                max_migrations=self.config.max_migrations,
+            )
+            start = time.perf_counter()
+            try:
+                solved = self.pool.solve(problem, self.config.policy, options)
+            except SolverCrashed:
+                solved = self.pool.solve(problem, self.config.policy, options)  # one retry on a fresh process
+            plan = solved.plan
+            stuck = self._stuck_updates(rows, plan) - pinned_old
+            if not stuck:
+                break
+            for row in rows:
+                if row.id in stuck and row.placement and isinstance(row.placement.get("spec"), dict):
+                    specs[row.id] = row.placement["spec"]
+                    pinned_old.add(row.id)
+        elapsed = time.perf_counter() - start
+        assignments = self._assignments(rows, plan, invalid, pinned_old)
+        plan_data = convert.plan_to_dict(plan)
+        revision = self.store.apply_plan(
+            plan_data,
+            status=plan.status.value,
+            gap=plan.gap,
+            solve_s=solved.solve_time_s,
+            based_on=based_on,
+            assignments=assignments,
+        )
+        self._latest = PlanInfo(
+            revision=revision, based_on=based_on, problem=problem, plan=plan, solve_time_s=solved.solve_time_s
+        )
+        log.info(
+            "plan recorded",
+            extra={
+                "revision": revision,
+                "status": plan.status.value,
+                "gap": plan.gap,
+                "placed": len(plan.placements),
+                "unplaced": len(plan.unplaced),
+                "workloads": len(rows),
+                "solve_s": round(solved.solve_time_s, 4),
+                "round_s": round(elapsed, 4),
+            },
+        )
+        if self.on_plan is not None:
+            self.on_plan(plan, solved.solve_time_s)
+
+    def _problem(
+        self,
+        rows: list[WorkloadRow],
+        specs: dict[str, dict[str, Any]],
+        gpu_types: list[dict[str, Any]],
+        tenants: list[dict[str, Any]],
+        nodes: list[dict[str, Any]],
+        node_ids: set[Any],
+    ) -> tuple[Problem, dict[str, list[dict[str, Any]]]]:
+        """The problem of the state; workloads that do not validate are left out
+        (returned with their violations), current placements that do not are dropped."""
+        included = list(rows)
+        invalid: dict[str, list[dict[str, Any]]] = {}
+        current = {r.id: _current_placement(r, node_ids) for r in included}
+        for _ in range(len(rows) + 2):
+            workloads = [specs[r.id] for r in included]
+            placements = [p for r in included if (p := current.get(r.id)) is not None]
+            try:
+                problem = convert.state_problem(
+                    gpu_types=gpu_types, nodes=nodes, tenants=tenants, workloads=workloads, current=placements
+                )
+                return problem, invalid
+            except ValidationError as exc:
+                bad_workloads: set[int] = set()
+                bad_current: set[int] = set()
+                for v in exc.violations:
+                    if m := _WORKLOAD_PATH.match(v.path):
+                        bad_workloads.add(int(m.group(1)))
+                    elif m := _CURRENT_PATH.match(v.path):
+                        bad_current.add(int(m.group(1)))
+                if not bad_workloads and not bad_current:
+                    raise  # the inventory itself is invalid: nothing to plan around
+                placed_ids = [r.id for r in included if current.get(r.id) is not None]
+                for i in bad_current:
+                    current[placed_ids[i]] = None
+                for i in sorted(bad_workloads, reverse=True):
+                    row = included.pop(i)
+                    invalid[row.id] = [
+                        {"code": "INVALID", "message": str(v)}
+                        for v in exc.violations
+                        if v.path.startswith(f"workloads[{i}]")
+                    ]
+        raise RuntimeError("could not build a valid problem from the state")
+
+    @staticmethod
+    def _stuck_updates(rows: list[WorkloadRow], plan: Plan) -> set[str]:
+        """Services whose new version gets fewer than its minimum replicas while the
+        old version (still recorded in the placement) serves."""
+        stuck = set()
+        for row in rows:
+            p = row.placement
+            if not p or p.get("version", row.version) == row.version or row.kind != "inference":
+                continue
+            minimum = int(row.spec.get("inference", {}).get("min_replicas", 1) or 1)
+            new = plan.placement(row.id)
+            if new is None or len(new.shards) < minimum:
+                stuck.add(row.id)
+        return stuck
+
+    @staticmethod
+    def _assignments(
+        rows: list[WorkloadRow],
+        plan: Plan,
+        invalid: dict[str, list[dict[str, Any]]],
+        pinned_old: set[str],
+    ) -> dict[str, Assignment]:
+        unplaced = {u.workload_id: u for u in plan.unplaced}
+        shortfalls = {s.workload_id: s for s in plan.shortfalls}
+        out: dict[str, Assignment] = {}
+        for row in rows:
+            if row.id in invalid:
+                out[row.id] = Assignment(row.version, PENDING, None, invalid[row.id])
+                continue
+            p = plan.placement(row.id)
+            if p is None:
+                u = unplaced.get(row.id)
+                reasons = convert.reasons_to_dicts(u.reasons) if u is not None else []
+                out[row.id] = Assignment(row.version, PENDING, None, reasons)
+                continue
+            placement = convert.placement_to_dict(p)
+            shards = placement["shards"]
+            if row.id in pinned_old and row.placement is not None:
+                placement["version"] = row.placement.get("version", row.version)
+                placement["spec"] = row.placement.get("spec")
+                reasons = [
+                    {
+                        "code": "ROLLOUT",
+                        "message": f"version {row.version} waits: it cannot get its minimum replicas; "
+                        f"version {placement['version']} keeps serving",
+                    }
+                ]
+            else:
+                placement["version"] = row.version
+                if row.kind == "inference":  # kept so that a later update can fall back to it
+                    placement["spec"] = row.spec
+                s = shortfalls.get(row.id)
+                reasons = convert.reasons_to_dicts(s.reasons) if s is not None else []
+            old = row.placement or {}
+            unchanged = old.get("shards") == shards and old.get("version") == placement["version"]
+            state = RUNNING if row.state == RUNNING and unchanged else PLACED
+            out[row.id] = Assignment(row.version, state, placement, reasons)
+        return out
+
+
+def _current_placement(row: WorkloadRow, node_ids: set[Any]) -> dict[str, Any] | None:
+    """What runs now for ``row``, as a placement dict, without shards on nodes that are gone."""
+    if row.state not in (PLACED, RUNNING) or not row.placement:
+        return None
+    shards = [s for s in row.placement.get("shards", []) if s.get("node_id") in node_ids]
+    if not shards:
+        return None
+    return {"workload_id": row.id, "gpu_type": row.placement.get("gpu_type", ""), "shards": shards}
+
+
+def explain(loop: ControlLoop, store: Store, workload_id: str) -> tuple[solver.Explanation, str]:
+    """Why ``workload_id`` is where it is (by the latest plan), with its state."""
+    row = store.get_workload(workload_id)  # NotFound for an unknown id
+    latest = loop.latest
+    if row.state not in ACTIVE:
+        return (
+            solver.Explanation(
+                workload_id=row.id,
+                placed=False,
+                summary=f"{row.state.lower()}: it is not planned any more",
+                details=(row.message,) if row.message else (),
+            ),
+            row.state,
+        )
+    if latest is None or all(w.id != row.id for w in latest.problem.workloads):
+        return (
+            solver.Explanation(
+                workload_id=row.id,
+                placed=False,
+                summary="pending: it arrived after the latest plan; the next plan includes it",
+                details=(),
+            ),
+            row.state,
+        )
+    return solver.explain(latest.problem, latest.plan, row.id), row.state

@@ -1,0 +1,468 @@
+"""The ``Allocator`` servicer: validate, convert, delegate, convert back.
+
+Every RPC goes through one error boundary (:func:`_unary` / :func:`_stream`):
+it authenticates the caller, applies the rate limit, runs the method, maps
+domain errors to status codes through :data:`server.errors.STATUS_CODES`
+(INVALID_ARGUMENT carries a ``google.rpc.BadRequest`` with one field violation
+per bad field), records the request's metrics and logs it. An unexpected
+exception is logged with its traceback and answered INTERNAL without details.
+
+Decisions (DESIGN.md is silent on them):
+
+* Workload ids are global (the solver plans every tenant together), so a
+  submit with an id that another tenant uses is ALREADY_EXISTS. Anything else
+  about another tenant's workload answers NOT_FOUND, as if it did not exist.
+* A tenant's submission may leave ``tenant`` empty (it is filled in) but may
+  not name another tenant (PERMISSION_DENIED). The admin may submit for any.
+* Request ids are scoped by the caller's tenant (all admin tokens share one
+  scope), so two tenants' request ids never collide and a retry with a rotated
+  token of the same tenant is still recognised.
+* A workload without ``submit_time_s`` gets the server's time of acceptance,
+  so the ``fcfs`` policy orders by arrival.
+* An update may not change a workload's tenant or kind.
+* ``GetPlan`` for a tenant shows only that tenant's workloads; the metrics
+  stay cluster-wide. Watch sends a tenant its own workloads' changes and the
+  changes of nodes, GPU types, tenants and plans (summaries).
+* Page tokens are opaque (base64 of the last id of the page).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import logging
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import grpc
+from grpc_status import rpc_status
+
+import solver
+from apportion.v1 import allocator_pb2 as apb
+from apportion.v1 import allocator_pb2_grpc
+from apportion.v1 import types_pb2 as pb
+from server import control, convert
+from server.auth import Authenticator, Principal, RateLimiter
+from server.control import ControlLoop
+from server.errors import NotFound, status_code
+from server.metrics import Metrics
+from server.solving import SolverPool
+from server.store import STATES, Store
+from solver import ValidationError, Violation
+
+log = logging.getLogger("apportion.rpc")
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+DEADLINE_MARGIN_S = 0.1  # of a Plan call's deadline, left for conversion and the reply
+WATCH_POLL_S = 0.5
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+class Shared:
+    """What the servicers share: the store, the control loop, the solver pool, auth and metrics."""
+
+    def __init__(
+        self,
+        store: Store,
+        loop: ControlLoop,
+        pool: SolverPool,
+        auth: Authenticator,
+        limiter: RateLimiter,
+        metrics: Metrics,
+    ) -> None:
+        self.store = store
+        self.loop = loop
+        self.pool = pool
+        self.auth = auth
+        self.limiter = limiter
+        self.metrics = metrics
+        self.stopping = False
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> grpc.StatusCode:
+    """Answer ``exc`` with its status (never returns: ``context.abort`` raises)."""
+    if isinstance(exc, ValidationError):
+        count = len(exc.violations)
+        head = f"invalid input ({count} problem{'s' if count != 1 else ''}): "
+        message = head + "; ".join(str(v) for v in exc.violations)
+        context.abort_with_status(rpc_status.to_status(convert.bad_request_status(exc.violations, message)))
+        return grpc.StatusCode.INVALID_ARGUMENT
+    code = status_code(exc)
+    if code is None:
+        log.error("internal error", exc_info=exc)
+        context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
+        return grpc.StatusCode.INTERNAL
+    context.abort(code, str(exc))
+    return code
+
+
+def _unary(
+    method: Callable[[Any, Req, grpc.ServicerContext, Principal], Resp],
+) -> Callable[[Any, Req, grpc.ServicerContext], Resp]:
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: AllocatorServicer, request: Req, context: grpc.ServicerContext) -> Resp:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        principal: Principal | None = None
+        try:
+            principal = self.shared.auth.authenticate(context.invocation_metadata())
+            self.shared.limiter.check(principal.name)
+            return method(self, request, context, principal)
+        except Exception as exc:
+            code = _code_of(exc)
+            _abort(context, exc)
+            raise  # not reached: abort raises
+        finally:
+            _record(self.shared, name, code, start, principal)
+
+    return wrapper
+
+
+def _stream(
+    method: Callable[[Any, Req, grpc.ServicerContext, Principal], Iterator[Resp]],
+) -> Callable[[Any, Req, grpc.ServicerContext], Iterator[Resp]]:
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self: AllocatorServicer, request: Req, context: grpc.ServicerContext) -> Iterator[Resp]:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        principal: Principal | None = None
+        try:
+            principal = self.shared.auth.authenticate(context.invocation_metadata())
+            self.shared.limiter.check(principal.name)
+            yield from method(self, request, context, principal)
+        except Exception as exc:
+            code = _code_of(exc)
+            _abort(context, exc)
+        finally:
+            _record(self.shared, name, code, start, principal)
+
+    return wrapper
+
+
+def _code_of(exc: BaseException) -> grpc.StatusCode:
+    if isinstance(exc, ValidationError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    return status_code(exc) or grpc.StatusCode.INTERNAL
+
+
+def _record(
+    shared: Shared, name: str, code: grpc.StatusCode, start: float, principal: Principal | None
+) -> None:
+    seconds = time.perf_counter() - start
+    shared.metrics.observe_request(name, code.name, seconds)
+    if log.isEnabledFor(logging.DEBUG) or code is not grpc.StatusCode.OK:
+        log.log(
+            logging.DEBUG if code is grpc.StatusCode.OK else logging.INFO,
+            "rpc",
+            extra={
+                "method": name,
+                "code": code.name,
+                "duration_ms": round(seconds * 1000, 3),
+                "principal": principal.name if principal else "",
+            },
+        )
+
+
+def _page_token(last_id: str) -> str:
+    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+
+
+def _after_id(token: str) -> str:
+    if not token:
+        return ""
+    try:
+        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise ValidationError([Violation("page_token", "not a page token of this server")]) from None
+
+
+def _page_size(size: int) -> int:
+    if size < 0:
+        raise ValidationError([Violation("page_size", "must be ≥ 0")])
+    return min(size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+
+
+def _request_key(principal: Principal, request_id: str) -> str | None:
+    if not request_id:
+        return None
+    scope = "admin" if principal.admin else f"tenant:{principal.tenant}"
+    return f"{scope}/{request_id}"
+
+
+class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+
+    @property
+    def store(self) -> Store:
+        return self.shared.store
+
+    # -- Plan (stateless) ------------------------------------------------
+
+    @_unary
+    def Plan(
+        self, request: apb.PlanRequest, context: grpc.ServicerContext, who: Principal
+    ) -> apb.PlanResponse:
+        violations: list[Violation] = []
+        policy = request.policy or "throughput"
+        if policy not in solver.policy_names():
+            known = ", ".join(solver.policy_names())
+            violations.append(Violation("policy", f'unknown policy "{policy}" (known: {known})'))
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else remaining - DEADLINE_MARGIN_S - 0.05 * remaining
+        try:
+            options = convert.plan_options(request.options, deadline_s=deadline)
+        except ValidationError as exc:
+            violations.extend(exc.violations)
+        try:
+            problem = convert.plan_request_problem(request)
+        except ValidationError as exc:
+            violations.extend(exc.violations)
+        if violations:
+            raise ValidationError(violations)
+        solved = self.shared.pool.solve(problem, policy, options)
+        return apb.PlanResponse(plan=convert.plan_to_message(solved.plan), solve_time_s=solved.solve_time_s)
+
+    # -- workloads -------------------------------------------------------
+
+    def _visible(self, who: Principal, workload_id: str) -> Any:
+        row = self.store.get_workload(workload_id)
+        if not who.can_see(row.tenant):
+            raise NotFound(f'no workload "{workload_id}"')
+        return row
+
+    def _check(self, workload: pb.Workload) -> None:
+        convert.check_workload(workload, gpu_types=self.store.gpu_types(), tenants=self.store.tenants())
+
+    @_unary
+    def SubmitWorkload(
+        self, request: apb.SubmitWorkloadRequest, context: grpc.ServicerContext, who: Principal
+    ) -> apb.WorkloadStatus:
+        workload = pb.Workload()
+        workload.CopyFrom(request.workload)
+        if not who.admin:
+            if not workload.tenant:
+                workload.tenant = who.tenant or ""
+            who.require_tenant(workload.tenant, "submitting a workload")
+        if not workload.submit_time_s:
+            workload.submit_time_s = time.time()
+        self._check(workload)
+        row, created = self.store.submit_workload(
+            workload.id,
+            workload.tenant,
+            convert.workload_kind(workload),
+            convert.message_to_dict(workload),
+            request_key=_request_key(who, request.request_id),
+        )
+        if created:
+            self.shared.loop.notify()
+        return convert.workload_status(row)
+
+    @_unary
+    def GetWorkload(
+        self, request: apb.GetWorkloadRequest, context: grpc.ServicerContext, who: Principal
+    ) -> apb.WorkloadStatus:
+        return convert.workload_status(self._visible(who, request.id))
+
+    @_unary
+    def ListWorkloads(
+        self, request: apb.ListWorkloadsRequest, context: grpc.ServicerContext, who: Principal
+    ) -> apb.ListWorkloadsResponse:
+        violations = []
+        if request.kind and request.kind not in ("training", "inference"):
+            violations.append(Violation("kind", f'must be training or inference; got "{request.kind}"'))
+        if request.state and request.state not in STATES:
+            violations.append(
+                Violation("state", f'must be one of {", ".join(STATES)}; got "{request.state}"')
+            )
+        try:
+            size = _page_size(request.page_size)
+            after = _after_id(request.page_token)
+        except ValidationError as exc:
+            violations.extend(exc.violations)
+        if violations:
+            raise ValidationError(violations)
+        tenant: str | None = request.tenant or None
+        if not who.admin:
+            if tenant is not None:
+                who.require_tenant(tenant, "listing workloads")
+            tenant = who.tenant or ""
+        rows = self.store.list_workloads(
+            tenant=tenant,
+            kind=request.kind or None,
+            state=request.state or None,
+            after_id=after,
+            limit=size + 1,
+        )
+        more = len(rows) > size
+        rows = rows[:size]
+        return apb.ListWorkloadsResponse(
+            workloads=[convert.workload_status(r) for r in rows],
+            next_page_token=_page_token(rows[-1].id) if more and rows else "",
+        )
+
+    @_unary
+    def CancelWorkload(
+        self, request: apb.CancelWorkloadRequest, context: grpc.ServicerContext, who: Principal
+    ) -> apb.WorkloadStatus:
+        row = self._visible(who, request.id)
+        cancelled = self.store.cancel_workload(row.id)
+        if cancelled.revision != row.revision:
+            self.shared.loop.notify()
+        return convert.workload_status(cancelled)
+
+    @_unary
+    def UpdateWorkload(
+        self, request: apb.UpdateWorkloadRequest, context: grpc.ServicerContext, who: Principal
+    ) -> apb.WorkloadStatus:
+        workload = pb.Workload()
+        workload.CopyFrom(request.workload)
+        if not workload.id:
+            raise ValidationError([Violation("workload.id", "must not be empty")])
+        row = self._visible(who, workload.id)
+        violations = []
+        if not workload.tenant:
+            workload.tenant = row.tenant
+        elif workload.tenant != row.tenant:
+            violations.append(Violation("workload.tenant", f'cannot change (it is "{row.tenant}")'))
+        kind = convert.workload_kind(workload)
+        if kind and kind != row.kind:
+            violations.append(
+                Violation(f"workload.{kind}", f"cannot change the kind of a {row.kind} workload")
+            )
+        if violations:
+            raise ValidationError(violations)
+        if not workload.submit_time_s:
+            workload.submit_time_s = row.spec.get("submit_time_s", row.created_at)
+        self._check(workload)
+        updated = self.store.update_workload(
+            workload.id, convert.message_to_dict(workload), request_key=_request_key(who, request.request_id)
+        )
+        if updated.revision != row.revision:
+            self.shared.loop.notify()
+        return convert.workload_status(updated)
+
+    # -- inventory -------------------------------------------------------
+
+    @_unary
+    def UpsertNodes(
+        self, request: apb.UpsertNodesRequest, context: grpc.ServicerContext, who: Principal
+    ) -> apb.UpsertNodesResponse:
+        who.require_admin("changing nodes, GPU types or tenants")
+        convert.check_inventory_update(
+            request.gpu_types,
+            request.nodes,
+            request.tenants,
+            gpu_types=self.store.gpu_types(),
+            nodes=[n.spec for n in self.store.all_nodes()],
+            tenants=self.store.tenants(),
+        )
+        rows = self.store.upsert_inventory(
+            gpu_types=[convert.message_to_dict(t) for t in request.gpu_types],
+            nodes=[convert.message_to_dict(n) for n in request.nodes],
+            tenants=[convert.message_to_dict(t) for t in request.tenants],
+        )
+        self.shared.loop.notify()
+        return apb.UpsertNodesResponse(
+            nodes=[convert.node_from_dict(r.spec) for r in rows], revision=self.store.revision()
+        )
+
+    @_unary
+    def DrainNode(
+        self, request: apb.DrainNodeRequest, context: grpc.ServicerContext, who: Principal
+    ) -> pb.Node:
+        who.require_admin("draining a node")
+        row = self.store.drain_node(request.id)
+        self.shared.loop.notify()
+        return convert.node_from_dict(row.spec)
+
+    @_unary
+    def ListNodes(
+        self, request: apb.ListNodesRequest, context: grpc.ServicerContext, who: Principal
+    ) -> apb.ListNodesResponse:
+        size = _page_size(request.page_size)
+        after = _after_id(request.page_token)
+        rows = self.store.list_nodes(after_id=after, limit=size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        response = apb.ListNodesResponse(
+            nodes=[convert.node_from_dict(r.spec) for r in rows],
+            next_page_token=_page_token(rows[-1].id) if more and rows else "",
+        )
+        if not after:
+            response.gpu_types.extend(convert.gpu_type_from_dict(t) for t in self.store.gpu_types())
+            response.tenants.extend(convert.tenant_from_dict(t) for t in self.store.tenants())
+        return response
+
+    # -- the plan --------------------------------------------------------
+
+    @_unary
+    def GetPlan(
+        self, request: apb.GetPlanRequest, context: grpc.ServicerContext, who: Principal
+    ) -> apb.PlanRecord:
+        latest = self.store.latest_plan()
+        if latest is None:
+            raise NotFound("no plan yet: the server plans as soon as it has nodes and workloads")
+        data = latest.plan
+        if not who.admin:
+            mine = self._tenant_ids(who.tenant or "")
+            data = convert.plan_dict_for_tenant(data, mine.__contains__)
+        return convert.plan_record(
+            data,
+            revision=latest.revision,
+            based_on=latest.based_on,
+            created_at=latest.created_at,
+            solve_time_s=latest.solve_s,
+        )
+
+    def _tenant_ids(self, tenant: str) -> set[str]:
+        ids: set[str] = set()
+        after = ""
+        while True:
+            rows = self.store.list_workloads(tenant=tenant, after_id=after, limit=MAX_PAGE_SIZE)
+            ids.update(r.id for r in rows)
+            if len(rows) < MAX_PAGE_SIZE:
+                return ids
+            after = rows[-1].id
+
+    @_unary
+    def Explain(
+        self, request: apb.ExplainRequest, context: grpc.ServicerContext, who: Principal
+    ) -> apb.Explanation:
+        self._visible(who, request.id)
+        explanation, state = control.explain(self.shared.loop, self.store, request.id)
+        return convert.explanation_to_message(explanation, state)
+
+    # -- watch -----------------------------------------------------------
+
+    @_stream
+    def Watch(
+        self, request: apb.WatchRequest, context: grpc.ServicerContext, who: Principal
+    ) -> Iterator[apb.Event]:
+        if request.from_revision < 0:
+            raise ValidationError([Violation("from_revision", "must be ≥ 0")])
+        tenant: str | None = request.tenant or None
+        if not who.admin:
+            if tenant is not None:
+                who.require_tenant(tenant, "watching workloads")
+            tenant = who.tenant or ""
+        revision = request.from_revision
+        while context.is_active() and not self.shared.stopping:
+            events = self.store.events_after(revision, limit=500)
+            if not events:
+                self.store.wait_for_change(revision, WATCH_POLL_S)
+                continue
+            for event in events:
+                revision = event.revision
+                if event.kind == "workload" and tenant is not None and event.tenant != tenant:
+                    continue
+                yield convert.event_message(event)

@@ -1,0 +1,119 @@
+"""Running the solver beside the server, in worker processes.
+
+The server's threads answer RPCs while plans are solved, and a solve holds
+the GIL for much of its time (model building, rounding, repair), so solves run
+in a small pool of separate processes: the server keeps answering
+``SubmitWorkload`` in milliseconds while the control loop plans thousands of
+workloads. Problems and plans are plain frozen dataclasses and cross the
+process boundary by pickling, which costs milliseconds even at thousands of
+workloads (``Plan`` RPC overhead is measured by ``bench/server_load.py``).
+
+Processes are started with ``spawn`` (forking a process that runs gRPC threads
+is unsafe) and warmed at start, so the first solve does not pay for importing
+OR-Tools. A process that dies (killed, out of memory) is replaced and the solve
+fails with :class:`SolverCrashed`; the caller decides whether to retry.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+
+import solver
+from solver import Plan, PlanOptions, Problem
+
+
+class SolverCrashed(RuntimeError):
+    """The process solving a problem died."""
+
+
+@dataclass(frozen=True)
+class Solved:
+    plan: Plan
+    solve_time_s: float  # wall time inside the solver process
+
+
+def _warm() -> bool:
+    import solver.backends.ortools_backend  # noqa: F401  (the heavy import, done once per process)
+
+    return True
+
+
+def _solve(problem: Problem, policy: str, options: PlanOptions) -> Solved:
+    start = time.perf_counter()
+    plan = solver.plan(problem, policy=policy, options=options)
+    return Solved(plan=plan, solve_time_s=time.perf_counter() - start)
+
+
+class SolverPool:
+    """``processes`` solver processes; ``solve`` blocks its calling thread only."""
+
+    def __init__(self, processes: int = 2) -> None:
+        if processes < 1:
+            raise ValueError("processes must be ≥ 1")
+        self._processes = processes
+        self._lock = threading.Lock()
+        self._pool = self._new_pool()
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        pool = ProcessPoolExecutor(self._processes, mp_context=multiprocessing.get_context("spawn"))
+        for _ in range(self._processes):
+            pool.submit(_warm)
+        return pool
+
+    def warm(self, timeout: float = 60.0) -> None:
+        """Wait until every process has imported the solver."""
+        with self._lock:
+            pool = self._pool
+        futures = [pool.submit(_warm) for _ in range(self._processes)]
+        for f in futures:
+            f.result(timeout=timeout)
+
+    def submit(self, problem: Problem, policy: str, options: PlanOptions) -> Future[Solved]:
+        with self._lock:
+            pool = self._pool
+        options = PlanOptions(
+            time_limit_s=options.time_limit_s,
+            seed=options.seed,
+            relative_gap=options.relative_gap,
+            backend=options.backend,
+            max_migrations=options.max_migrations,
+            migration_penalty=options.migration_penalty,
+            num_workers=options.num_workers,
+        )  # no progress callback: it cannot cross the process boundary
+        return pool.submit(_solve, problem, policy, options)
+
+    def solve(self, problem: Problem, policy: str, options: PlanOptions) -> Solved:
+        """Solve in a worker process.
+
+        Raises:
+            ValidationError, UnknownPolicyError, SolverError: as ``solver.plan``.
+            SolverCrashed: the process died; the pool is replaced.
+        """
+        with self._lock:
+            pool = self._pool
+        try:
+            return self.submit(problem, policy, options).result()
+        except BrokenProcessPool as exc:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = self._new_pool()
+            raise SolverCrashed("the solver process died; the plan was not computed") from exc
+
+    def close(self) -> None:
+        """Stop every solver process now, abandoning solves in progress."""
+        with self._lock:
+            pool = self._pool
+        # ProcessPoolExecutor has no public way to stop a running task; without
+        # this a server stopping mid-solve would leave its solver running on.
+        processes = list(getattr(pool, "_processes", {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            if process.is_alive():
+                process.terminate()
+        for process in processes:
+            process.join(timeout=5)
