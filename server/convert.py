@@ -1148,3 +1148,73 @@ def event_message(event: EventLike) -> apb.Event:
     elif event.kind == "inventory" and "tenant" in data:
         msg.tenant.CopyFrom(tenant_from_dict(data["tenant"]))
     return msg
+
+
+def problem_to_messages(problem: Problem) -> tuple[pb.Inventory, pb.WorkloadList]:
+    """A :class:`solver.Problem` as the messages of its files (the inverse of
+    :func:`problem_from_messages`, ``current`` aside): what a client sends to
+    ``Plan`` or ``SubmitWorkload`` for a problem built in Python."""
+    inventory = pb.Inventory()
+    for t in problem.gpu_types:
+        gt = inventory.gpu_types.add(name=t.name, memory_gib=t.memory_gib)
+        if t.cost_per_hour is not None:
+            gt.cost_per_hour = t.cost_per_hour
+    for n in problem.nodes:
+        inventory.nodes.add(
+            id=n.id,
+            gpu_type=n.gpu_type,
+            gpus=n.gpus,
+            cpus=n.cpus,
+            memory_gib=n.memory_gib,
+            zone=n.zone,
+            domain=n.domain,
+            labels=dict(n.labels),
+            state=n.state.value,
+        )
+    for tenant in problem.tenants:
+        tm = inventory.tenants.add(name=tenant.name, max_gpus_per_type=dict(tenant.max_gpus_per_type))
+        if tenant.max_gpus is not None:
+            tm.max_gpus = tenant.max_gpus
+        tm.weight = tenant.weight
+    workloads = pb.WorkloadList()
+    for w in problem.workloads:
+        wm = workloads.workloads.add(
+            id=w.id,
+            tenant=w.tenant,
+            priority=w.priority,
+            weight=w.weight,
+            allowed_gpu_types=list(w.allowed_gpu_types),
+            node_selector=dict(w.node_selector),
+            submit_time_s=w.submit_time_s,
+        )
+        if w.training is not None:
+            t = w.training
+            wm.training.SetInParent()
+            if len(t.shapes) == 1:
+                wm.training.gpus = t.shapes[0].gpus
+                wm.training.throughput.update(t.shapes[0].throughput)
+            else:
+                for s in t.shapes:
+                    wm.training.elastic.add(gpus=s.gpus, throughput=dict(s.throughput))
+            wm.training.gpu_memory_gib = t.gpu_memory_gib
+            wm.training.cpus_per_gpu = t.cpus_per_gpu
+            wm.training.memory_gib_per_gpu = t.memory_gib_per_gpu
+            wm.training.locality = t.locality.value
+            if t.remaining_work is not None:
+                wm.training.remaining_work = t.remaining_work
+            if t.deadline_s is not None:
+                wm.training.deadline_s = t.deadline_s
+            wm.training.preemptible = t.preemptible
+        elif w.inference is not None:
+            s = w.inference
+            wm.inference.SetInParent()
+            wm.inference.gpus_per_replica.update(s.gpus_per_replica)
+            wm.inference.replica_rps.update(s.replica_rps)
+            wm.inference.target_rps = s.target_rps
+            wm.inference.min_replicas = s.min_replicas
+            if s.max_replicas is not None:
+                wm.inference.max_replicas = s.max_replicas
+            wm.inference.cpus_per_replica = s.cpus_per_replica
+            wm.inference.memory_gib_per_replica = s.memory_gib_per_replica
+            wm.inference.spread = s.spread.value
+    return inventory, workloads
