@@ -210,20 +210,25 @@ def greedy_place(
     return placed
 
 
-def complete(index: Index, placed: dict[str, Placement], prefer: str = "value") -> dict[str, Placement]:
+def complete(
+    index: Index, placed: dict[str, Placement], prefer: str = "value", tier: int | None = None
+) -> dict[str, Placement]:
     """Keep ``placed`` and, in best-fit order (priority first), add every other
-    workload that fits in what is left and give services below their target the
-    replicas that fit. Turns a stage's solution (which ignores lower tiers) into
-    a full hint, and fills what packing or a time limit left free."""
+    workload (of priority ``tier`` only, if given) that fits in what is left and
+    give services below their target the replicas that fit. Turns a stage's
+    solution (which ignores lower tiers) into a full hint, and fills what
+    packing or a time limit left free."""
     ledger = Ledger(index)
     out = dict(placed)
     for wid, held in sorted(out.items()):
         ledger.place(index.workloads[wid], held)
+    workloads = [w for w in index.problem.workloads if tier is None or w.priority == tier]
     # What runs now and is not placed yet goes back where it runs, if that is free:
     # re-placing it elsewhere would be a migration for nothing.
-    out.update(keep_running(index, ledger, skip=frozenset(out)))
+    others = frozenset(w.id for w in index.problem.workloads if tier is not None and w.priority != tier)
+    out.update(keep_running(index, ledger, skip=frozenset(out) | others))
     order, best_fit = BASELINE_ORDERS["best-fit"]
-    for w in order(list(index.problem.workloads)):
+    for w in order(workloads):
         c = index.classes[index.workload_class[w.id]]
         p = out.get(w.id)
         if p is None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -180,6 +180,20 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         full = complete(index, partial, pol.prefer)
         return full, form.hint(full.values())
 
+    def tiered(
+        counts: Mapping[tuple[int, int], int], keep: Mapping[str, Placement]
+    ) -> tuple[dict[str, Placement], dict[int, float]]:
+        """Like ``concrete``, one priority tier at a time, highest first: each tier's
+        counts are packed and then completed greedily before the next tier is packed,
+        so a lower tier never takes the room a higher tier's job lost in rounding or
+        packing (the LP may trade a tier's jobs for fractional service coverage)."""
+        placed_t = dict(keep)
+        for tier in index.tiers:
+            part = {key: n for key, n in counts.items() if index.classes[key[0]].tier == tier}
+            placed_t, _ = disaggregate(index, part, placed_t)
+            placed_t = complete(index, placed_t, pol.prefer, tier=tier)
+        return placed_t, form.hint(placed_t.values())
+
     incumbent: dict[str, Placement] | None = dict(seed)  # concrete plan behind ``values``, if any
     # Hard rows a packed candidate can break although the LP or CP-SAT solution held them.
     guarded = [c for c in form.model.constraints if c.name == "migrations" or c.name.startswith("pin[")]
@@ -203,6 +217,59 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         new, old = _stage_values(form, [stages[k]], vals)[0], _stage_values(form, [stages[k]], values)[0]
         tol = 1e-9 * max(1.0, abs(old))
         return new > old + tol if strictly else new >= old - tol
+
+    def rounded(
+        k: int, lp_values: tuple[float, ...], end: float
+    ) -> tuple[dict[str, Placement], dict[int, float]] | None:
+        """The LP solution of stage ``k`` rounded, packed and completed: the best of a
+        few roundings that keeps the floors and beats the incumbent on stage ``k``
+        (None if none does). Later roundings run only while time is left before ``end``."""
+        best: tuple[dict[str, Placement], dict[int, float]] | None = None
+        best_value = -math.inf
+
+        def consider(found: tuple[dict[str, Placement], dict[int, float]]) -> None:
+            nonlocal best, best_value
+            if at_least(found[1], k, strictly=True):
+                value = _stage_values(form, [stages[k]], found[1])[0]
+                if value > best_value:
+                    best, best_value = found, value
+
+        counts = round_down(form, lp_values)
+        # Packing the rounded solution can lose a little of what earlier stages
+        # protect: services' served fraction (to rounding and fragmentation), a
+        # tier's jobs (the LP trades them for fractional service coverage under the
+        # same floor). Where there are floors, first keep the incumbent's services
+        # that those stages count and pack the rest tier by tier; then the plain
+        # rounding, which may also improve those services.
+        floor_vars = {v.index for st_ in stages[:k] for v, _a in st_.terms}
+        protected = {
+            w
+            for w in incumbent or {}
+            if any(v.index in floor_vars for v in form.class_vars(index.workload_class[w]))
+        }
+        services = {
+            w: p for w, p in (incumbent or {}).items() if w in protected and index.workloads[w].inference
+        }
+        attempts: list[Callable[[], tuple[dict[str, Placement], dict[int, float]]]] = [
+            lambda: concrete(counts)
+        ]
+        if form.f:
+            # Services rounded up keep demand but can overflow a full cluster (and
+            # then lose whole services): rounded down as well.
+            attempts.append(lambda: concrete(round_down(form, lp_values, services_up=False)))
+        attempts.insert(0 if protected else len(attempts), lambda: tiered(counts, services))
+        spent = 0.0
+        for attempt in attempts:
+            if spent and end - time.perf_counter() < 1.5 * spent:
+                break
+            t0 = time.perf_counter()
+            consider(attempt())
+            spent = max(spent, time.perf_counter() - t0)
+        if best is None and protected and end - time.perf_counter() > 1.5 * spent:
+            # Else keep all of their placements as they are, and round the rest.
+            assert incumbent is not None
+            consider(concrete(counts, {w: incumbent[w] for w in protected}))
+        return best
 
     # Stages before the primary share at most 60% of the time; the primary gets the rest.
     early_until = time.perf_counter() + 0.6 * max(0.0, deadline - time.perf_counter())
@@ -243,40 +310,13 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         if lp.status is SolveStatus.OPTIMAL:
             if st.primary:
                 bound, duals = lp.objective, lp.duals
-            with timer.stage("round"):
-                counts = round_down(form, lp.values)
-                t_round = time.perf_counter()
-                cand_placed, candidate = concrete(counts)
-                t_round = time.perf_counter() - t_round
-                if form.f and time.perf_counter() + t_round < (deadline if st.primary else early_until):
-                    # Services rounded up keep demand but can overflow a full cluster
-                    # (and then lose whole services): try them rounded down as well.
-                    alt_placed, alt = concrete(round_down(form, lp.values, services_up=False))
-                    if at_least(alt, k, strictly=True) and (
-                        not at_least(candidate, k, strictly=True)
-                        or _stage_values(form, [st], alt)[0] > _stage_values(form, [st], candidate)[0]
-                    ):
-                        cand_placed, candidate = alt_placed, alt
-                spare = (deadline if st.primary else early_until) - time.perf_counter()
-                if (
-                    incumbent is not None
-                    and spare > 2 * t_round
-                    and not at_least(candidate, k, strictly=True)
-                ):
-                    # Packing the rounded solution can lose a little of what earlier
-                    # stages protect (services' replicas to fragmentation, a tier's job):
-                    # keep the incumbent's placements of those classes, round the rest.
-                    floor_vars = {v.index for st_ in stages[:k] for v, _a in st_.terms}
-                    protected = {
-                        w
-                        for w, p in incumbent.items()
-                        if any(v.index in floor_vars for v in form.class_vars(index.workload_class[w]))
-                    }
-                    keep = {w: incumbent[w] for w in protected}
-                    cand_placed, candidate = concrete(counts, keep)
-            if at_least(candidate, k, strictly=True):
-                values, incumbent = candidate, cand_placed
-                current = form.model.objective_value(vector(values))
+            # Rounding can only help where the LP leaves room above the incumbent.
+            if lp_bound > current + tol:
+                with timer.stage("round"):
+                    found = rounded(k, lp.values, deadline if st.primary else early_until)
+                if found is not None:
+                    incumbent, values = found
+                    current = form.model.objective_value(vector(values))
         target = options.relative_gap if st.primary else 0.0
         proven = lp_bound - current <= max(target * max(abs(lp_bound), 1e-9), 1e-9 * max(1.0, abs(current)))
         left = deadline - time.perf_counter()
