@@ -172,17 +172,23 @@ def _record(
         )
 
 
+_TOKEN_PREFIX = "after:"
+
+
 def _page_token(last_id: str) -> str:
-    return base64.urlsafe_b64encode(last_id.encode()).decode().rstrip("=")
+    return base64.urlsafe_b64encode((_TOKEN_PREFIX + last_id).encode()).decode().rstrip("=")
 
 
 def _after_id(token: str) -> str:
     if not token:
         return ""
     try:
-        return base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)).decode()
+        text = base64.b64decode(token + "=" * (-len(token) % 4), altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
-        raise ValidationError([Violation("page_token", "not a page token of this server")]) from None
+        text = ""
+    if not text.startswith(_TOKEN_PREFIX):
+        raise ValidationError([Violation("page_token", "not a page token of this server")])
+    return text[len(_TOKEN_PREFIX) :]
 
 
 def _page_size(size: int) -> int:
