@@ -113,6 +113,7 @@ class ApportionServer:
             self.store.close()
             raise
         self._stopped = threading.Event()
+        self._done = threading.Event()
 
     @property
     def address(self) -> str:
@@ -158,9 +159,11 @@ class ApportionServer:
         self.metrics.stop()
         self.store.close()
         log.info("stopped")
+        self._done.set()
 
     def wait(self) -> None:
-        self._stopped.wait()
+        """Block until :meth:`stop` has finished."""
+        self._done.wait()
 
     def __enter__(self) -> ApportionServer:
         self.start()

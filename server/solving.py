@@ -17,6 +17,7 @@ fails with :class:`SolverCrashed`; the caller decides whether to retry.
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
@@ -35,6 +36,18 @@ class SolverCrashed(RuntimeError):
 class Solved:
     plan: Plan
     solve_time_s: float  # wall time inside the solver process
+
+
+def _watch_parent(parent: int) -> None:
+    """In a solver process: exit as soon as the server that started it is gone
+    (killed with SIGKILL, say), so no solver outlives its server."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="apportion-parent-watch", daemon=True).start()
 
 
 def _warm() -> bool:
@@ -60,7 +73,12 @@ class SolverPool:
         self._pool = self._new_pool()
 
     def _new_pool(self) -> ProcessPoolExecutor:
-        pool = ProcessPoolExecutor(self._processes, mp_context=multiprocessing.get_context("spawn"))
+        pool = ProcessPoolExecutor(
+            self._processes,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_watch_parent,
+            initargs=(os.getpid(),),
+        )
         for _ in range(self._processes):
             pool.submit(_warm)
         return pool
