@@ -18,20 +18,22 @@ by guessing from strings:
 
 from __future__ import annotations
 
+import heapq
+import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from solver.aggregate import Index, Option, OptionKind, usable_service_types, usable_training_types
-from solver.model import Locality, NodeState, Placement, Reason, ReasonCode, Workload
+from solver.model import Locality, Node, NodeState, Placement, Reason, ReasonCode, Workload
 from solver.packing import Ledger
 
 __all__ = ["Explainer"]
 
 
 def _names(ids: Iterable[str], limit: int = 3) -> str:
-    ids = sorted(set(ids))
-    shown = ", ".join(ids[:limit])
-    return shown + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+    unique = set(ids)
+    shown = ", ".join(heapq.nsmallest(limit, unique))
+    return shown + (f" and {len(unique) - limit} more" if len(unique) > limit else "")
 
 
 @dataclass
@@ -57,6 +59,8 @@ class Explainer:
             t = p.gpu_type or (index.nodes[p.shards[0].node_id].gpu_type if p.shards else "")
             self._by_type.setdefault(t, []).append(wid)
         self._memo: dict[int, tuple[Reason, ...]] = {}
+        self._holder_memo: dict[tuple[str, str, float], list[str]] = {}
+        self._ready_memo: dict[tuple[frozenset[str], frozenset[tuple[str, str]]], list[Node]] = {}
 
     # -- ledgers -----------------------------------------------------------------------
 
@@ -87,8 +91,29 @@ class Explainer:
             (s.node_id, s.gpus) for s in p.shards
         )
 
-    def _holders(self, gpu_type: str, exclude: str) -> list[str]:
-        return [wid for wid in self._by_type.get(gpu_type, []) if wid != exclude]
+    def _holders(self, gpu_type: str, exclude: str, below: float = math.inf) -> list[str]:
+        """Workloads placed on ``gpu_type`` (but ``exclude``) of priority below ``below``."""
+        key = (gpu_type, exclude if exclude in self.placements else "", below)
+        if key not in self._holder_memo:
+            self._holder_memo[key] = [
+                wid
+                for wid in self._by_type.get(gpu_type, [])
+                if wid != exclude and self.index.workloads[wid].priority < below
+            ]
+        return self._holder_memo[key]
+
+    def _ready_nodes(self, types: frozenset[str], selector: frozenset[tuple[str, str]]) -> list[Node]:
+        """Ready nodes of ``types`` that carry the labels of ``selector`` (memoized)."""
+        key = (types, selector)
+        if key not in self._ready_memo:
+            self._ready_memo[key] = [
+                n
+                for n in self.index.problem.nodes
+                if n.state is NodeState.READY
+                and n.gpu_type in types
+                and all(n.labels.get(k) == v for k, v in selector)
+            ]
+        return self._ready_memo[key]
 
     # -- fitting one workload ----------------------------------------------------------
 
@@ -170,10 +195,8 @@ class Explainer:
             )
         same = self.ledger("lower-or-equal", w.priority, keep)
         if fits(same, True):
-            holders = [
-                h for h in self._holders(gpu_type, w.id) if self.index.workloads[h].priority <= w.priority
-            ]
-            lower = [h for h in holders if self.index.workloads[h].priority < w.priority]
+            holders = self._holders(gpu_type, w.id, w.priority + 1)
+            lower = self._holders(gpu_type, w.id, w.priority)
             if lower and not fits(self.ledger("lower-or-equal", w.priority - 1, keep), True):
                 lower = []
             who = lower or holders
@@ -232,10 +255,9 @@ class Explainer:
                     f"{largest:g} GiB",
                 )
             ]
-        ready = [n for n in idx.problem.nodes if n.state is NodeState.READY and n.gpu_type in usable]
-        if not ready:
+        selected = self._ready_nodes(frozenset(usable), frozenset(w.node_selector.items()))
+        if not self._ready_nodes(frozenset(usable), frozenset()):
             return [Reason(ReasonCode.NO_NODE, f"no ready node of type {', '.join(sorted(usable))}")]
-        selected = [n for n in ready if all(n.labels.get(k) == v for k, v in w.node_selector.items())]
         if not selected:
             sel = ", ".join(f"{k}={v}" for k, v in sorted(w.node_selector.items()))
             return [Reason(ReasonCode.NO_NODE, f"no ready node of a usable type carries the labels {sel}")]

@@ -746,8 +746,19 @@ class _Checker:
         if len({w.priority for w in ctx.problem.workloads}) <= 1:
             return
         self._prepare_rooms()
+        # Work of a priority at or below every removable placed workload's has no
+        # lower-priority work to blame (rooms and quotas are the same with and
+        # without removals): nothing to check.
+        lowest = min(
+            (
+                ctx.workloads[wid].priority
+                for wid in ctx.placed
+                if wid in ctx.workloads and self._removable(wid, _NEVER)
+            ),
+            default=_NEVER,
+        )
         for w in ctx.problem.workloads:
-            if w.id in ctx.placed:
+            if w.id in ctx.placed or w.priority <= lowest:
                 continue
             if w.training is not None:
                 self._priority_training(w, w.training)
