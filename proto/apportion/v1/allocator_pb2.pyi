@@ -207,7 +207,10 @@ class WorkloadStatus(_message.Message):
 
     @_builtins.property
     def reasons(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.Reason]:
-        """why pending, or short of its target"""
+        """Why it is pending, or short of its target: the plan's reason codes, and
+        ROLLOUT (an update waits; the old version serves) or INVALID (the spec no
+        longer validates against the inventory).
+        """
 
     def __init__(
         self,
