@@ -4,8 +4,11 @@ under a second."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
 import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -78,3 +81,73 @@ def inventory_file(write: Callable[[str, str], Path]) -> Path:
 @pytest.fixture
 def workloads_file(write: Callable[[str, str], Path]) -> Path:
     return write("workloads.yaml", WORKLOADS_YAML)
+
+
+# -- TLS certificates (openssl command-line tool) ------------------------------------
+
+
+@dataclass(frozen=True)
+class Certs:
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+    other_ca: Path  # an unrelated CA
+    stranger_cert: Path  # a client certificate signed by other_ca
+    stranger_key: Path
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def _make_ca(d: Path, name: str) -> None:
+    _openssl(
+        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", f"{name}.key", "-out", f"{name}.crt", "-days", "2", "-subj", f"/CN={name}",
+        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        cwd=d,
+    )  # fmt: skip
+
+
+def _make_leaf(d: Path, name: str, ca: str, ext: str) -> None:
+    (d / f"{name}.ext").write_text(ext)
+    _openssl(
+        "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
+        "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}",
+        cwd=d,
+    )  # fmt: skip
+    _openssl(
+        "x509", "-req", "-in", f"{name}.csr", "-CA", f"{ca}.crt", "-CAkey", f"{ca}.key",
+        "-CAcreateserial", "-out", f"{name}.crt", "-days", "2", "-extfile", f"{name}.ext",
+        cwd=d,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Certs:
+    """A CA, a server certificate for localhost/127.0.0.1 and a client certificate it signed,
+    and an unrelated second CA with a client certificate of its own (openssl command-line tool)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command-line tool is not installed")
+    d = tmp_path_factory.mktemp("certs")
+    _make_ca(d, "ca")
+    _make_ca(d, "other-ca")
+    _make_leaf(
+        d, "server", "ca",
+        "subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )  # fmt: skip
+    client_ext = "extendedKeyUsage=clientAuth\nbasicConstraints=CA:FALSE\n"
+    _make_leaf(d, "client", "ca", client_ext)
+    _make_leaf(d, "stranger", "other-ca", client_ext)
+    return Certs(
+        ca=d / "ca.crt",
+        server_cert=d / "server.crt",
+        server_key=d / "server.key",
+        client_cert=d / "client.crt",
+        client_key=d / "client.key",
+        other_ca=d / "other-ca.crt",
+        stranger_cert=d / "stranger.crt",
+        stranger_key=d / "stranger.key",
+    )
