@@ -882,12 +882,8 @@ def check_workload(
         raise ValidationError([Violation(f"{path}.id", "must not be empty")])
     out: list[Violation] = []
     problem = _build_problem(inventory, pb.WorkloadList(workloads=[msg]), None, out)
-    if not out:
-        try:
-            solver.validate(problem)
-        except ValidationError as exc:
-            out.extend(exc.violations)
-    _raise_if(_rebase(out, "workloads[0]", path))
+    out += _semantic_extra(problem, out)
+    _raise_if(_rebase(_in_file_order(out), "workloads[0]", path))
 
 
 def check_inventory_update(
@@ -919,11 +915,7 @@ def check_inventory_update(
     )
     out: list[Violation] = []
     problem = _build_problem(inventory, pb.WorkloadList(), None, out)
-    if not out:
-        try:
-            solver.validate(problem)
-        except ValidationError as exc:
-            out.extend(exc.violations)
+    out += _semantic_extra(problem, out)
     _raise_if(_in_file_order(out))
 
 
