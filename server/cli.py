@@ -1,18 +1,73 @@
 """The ``apportion`` command line.
 
+Files (no server):
+
     apportion plan --inventory FILE --workloads FILE [--current PLAN.json]
                    [--policy NAME] [--time-limit S] [--seed N] [--max-migrations N]
                    [--backend ortools|pulp] [--format table|json] [-o FILE]
     apportion explain WORKLOAD_ID --inventory FILE --workloads FILE [...]
+    apportion serve [--listen ADDR] [--db PATH] [--tls-cert PEM --tls-key PEM] [--tokens FILE] ...
     apportion --version
 
-Thin on purpose: parse the arguments, load the files through
-:mod:`server.convert`, call :func:`solver.plan` / :func:`solver.explain`, render.
+A client of a server (``apportion serve``):
 
-Exit status: 0 a plan was made (workloads left unplaced are part of a plan, not
-an error); 1 the solver failed or the model was infeasible (the plan is still
-printed); 2 bad input or usage: every offending field is named on stderr by
-its path, without a traceback.
+    apportion plan --server ADDR --inventory FILE --workloads FILE [...]   # the Plan RPC
+    apportion explain WORKLOAD_ID [--server ADDR]     # without --inventory/--workloads
+    apportion submit -f WORKLOADS_FILE
+    apportion get WORKLOAD_ID
+    apportion list [--tenant T] [--kind training|inference] [--state STATE]
+    apportion cancel WORKLOAD_ID
+    apportion get-plan                                # the plan the server runs now
+    apportion nodes                                   # nodes, GPU types, tenants
+    apportion apply-inventory -f INVENTORY_FILE       # add or replace them (admin)
+    apportion drain NODE_ID                           # (admin)
+    apportion watch [--from-revision N] [--tenant T] [--limit N]
+
+    common to them: [--server ADDR] [--token TOKEN] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM]
+                    [--timeout S] [-o table|json]
+
+Thin on purpose: parse the arguments, load the files through
+:mod:`server.convert`, call :func:`solver.plan` / :func:`solver.explain` or the
+server through :class:`apportion.client.Client`, render.
+
+The server is ``--server`` or else ``$APPORTION_SERVER`` or else
+``127.0.0.1:50051``; the token ``--token`` or else ``$APPORTION_TOKEN``. The
+channel is plain text to a loopback address and TLS otherwise, or whenever a
+``--tls-*`` file is given (``--tls-cert``/``--tls-key``: mutual TLS).
+``plan`` and ``explain`` keep working on files alone: ``plan`` calls the
+server only with an explicit ``--server`` (then the server plans the same
+files with the same options, and the output is the local one's: same table,
+same JSON, stage times aside — they are measured, and the server's map does not
+keep their order, so they are listed in pipeline order); ``explain`` asks the
+server when it is given no ``--inventory``/``--workloads``.
+
+Output. ``-o table`` (the default) is for people; ``-o json`` prints the
+answer's JSON mapping (field names as in the files, the files' own format):
+``get`` a workload status; ``submit``, ``list`` and ``cancel``
+``{"workloads": [...]}``; ``nodes`` an inventory document (what
+``apply-inventory`` reads); ``drain`` the node; ``get-plan`` the plan document
+(what ``plan --format json`` prints and ``--current`` reads; its revision is in
+the table); ``watch`` one event per line (JSON lines). ``plan`` and ``explain``
+keep ``--format``. As in every proto3 JSON mapping, 64-bit integers (revisions)
+are written as strings.
+
+``submit`` checks the whole file first (structure, as ``plan`` does), then
+sends each workload with a request id derived from its content, so running it
+again on the same file creates nothing twice and shows the workloads' states.
+Workloads the server rejects are reported (with their file paths,
+``workloads[2].training.gpus``) and the others are still submitted.
+
+Exit status:
+
+    0    done (a plan was made: workloads left unplaced are part of a plan, not an error)
+    1    the solver failed or the model was infeasible (the plan is still printed); or the
+         server answered NOT_FOUND, ALREADY_EXISTS, FAILED_PRECONDITION, PERMISSION_DENIED,
+         UNAUTHENTICATED, RESOURCE_EXHAUSTED or another error, or cannot be reached
+         (UNAVAILABLE: "cannot reach the server at ADDR") — one line on stderr
+    2    bad input or usage: every offending field is named on stderr by its path,
+         without a traceback — found in the files before any call, or by the server
+         (INVALID_ARGUMENT, whose field violations are printed the same way)
+    130  interrupted (Ctrl-C), except ``watch``, for which Ctrl-C is the way to stop: 0
 
 ``--format json`` prints exactly the plan JSON on stdout; progress lines and
 messages go to stderr. Progress is shown when stderr is a terminal, or always
@@ -22,23 +77,53 @@ with ``--progress`` (``--no-progress`` turns it off).
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
+import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
+
+from grpc import StatusCode
 
 import solver
+from apportion.client import ApportionError, Client, ConfigError
+from apportion.v1 import allocator_pb2 as apb
+from apportion.v1 import types_pb2 as pb
 from server import convert, render
 from solver import PlanOptions, PlanStatus, Problem, ValidationError, Violation
 
 __all__ = ["main"]
 
+M = TypeVar("M", pb.WorkloadList, pb.Inventory)
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+SERVER_ENV = "APPORTION_SERVER"
+TOKEN_ENV = "APPORTION_TOKEN"
+STATES = ("PENDING", "PLACED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+PLAN_MARGIN_S = 30.0  # of a Plan call's deadline beyond the solver's time limit
+# Pipeline stages in the order solver.plan runs them ("solve: NAME" stages after "round").
+PIPELINE: tuple[str, ...] = ("validate", "aggregate", "greedy", "model", "lp", "round", "solve")
+PIPELINE += ("complete", "disaggregate", "repair", "verify", "explain")
+# Errors after which submitting the next workloads of a file is pointless.
+FATAL = frozenset(
+    {
+        StatusCode.UNAVAILABLE,
+        StatusCode.UNAUTHENTICATED,
+        StatusCode.PERMISSION_DENIED,
+        StatusCode.DEADLINE_EXCEEDED,
+        StatusCode.RESOURCE_EXHAUSTED,
+    }
+)
 
 
 class UsageError(Exception):
@@ -92,13 +177,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"apportion {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
 
+    inputs = _inputs_parser(required=True)
+    explain_inputs = _inputs_parser(required=False)
+
+    plan = sub.add_parser(
+        "plan",
+        parents=[inputs],
+        help="compute a plan from files (here, or on a server with --server)",
+        description="Compute a plan for the workloads on the inventory: here, or with --server ADDR "
+        "on that server (the Plan RPC: stateless, no server state touched), with the same output.",
+    )
+    plan.add_argument("--format", choices=("table", "json"), default="table", help="output format")
+    plan.add_argument(
+        "-o", "--output", type=Path, metavar="FILE", help="write the output here instead of stdout"
+    )
+    _remote_options(plan, explicit=True)
+    plan.set_defaults(run=_cmd_plan)
+
+    explain = sub.add_parser(
+        "explain",
+        parents=[explain_inputs],
+        help="why a workload is placed where it is, or not",
+        description="Explain one workload's placement or why it is left out: of a plan of the files "
+        "(--inventory and --workloads; planned on --server if given), or else of the server's plan.",
+    )
+    explain.add_argument("workload_id", metavar="WORKLOAD_ID")
+    explain.add_argument(
+        "--format", "-o", "--output", choices=("table", "json"), default="table", help="output format"
+    )
+    _remote_options(explain, explicit=True)
+    explain.set_defaults(run=_cmd_explain)
+
+    _client_commands(sub)
+
+    serve = sub.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Run the Apportion gRPC server: durable state in SQLite, continuous re-planning.",
+    )
+    _serve_options(serve)
+    serve.set_defaults(run=_cmd_serve)
+    return parser
+
+
+def _inputs_parser(*, required: bool) -> _Parser:
+    """The files and solver options of ``plan`` and ``explain`` (a parent parser)."""
     inputs = _Parser(add_help=False)
     group = inputs.add_argument_group("input")
     group.add_argument(
-        "--inventory", required=True, type=Path, metavar="FILE", help="inventory (YAML or JSON)"
+        "--inventory", required=required, type=Path, metavar="FILE", help="inventory (YAML or JSON)"
     )
     group.add_argument(
-        "--workloads", required=True, type=Path, metavar="FILE", help="workloads (YAML or JSON)"
+        "--workloads", required=required, type=Path, metavar="FILE", help="workloads (YAML or JSON)"
     )
     group.add_argument(
         "--current", type=Path, metavar="PLAN", help="what runs now: a plan JSON, for a stable re-plan"
@@ -145,34 +275,94 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="show solver stages on stderr (default: when stderr is a terminal)",
     )
+    return inputs
 
-    plan = sub.add_parser(
-        "plan",
-        parents=[inputs],
-        help="compute a plan from files",
-        description="Compute a plan for the workloads on the inventory.",
-    )
-    plan.add_argument("--format", choices=("table", "json"), default="table", help="output format")
-    plan.add_argument(
-        "-o", "--output", type=Path, metavar="FILE", help="write the output here instead of stdout"
-    )
-    plan.set_defaults(run=_cmd_plan)
 
-    explain = sub.add_parser(
-        "explain",
-        parents=[inputs],
-        help="why a workload is placed where it is, or not",
-        description="Plan, then explain one workload's placement or why it is left out.",
+def _remote_options(parser: argparse.ArgumentParser, *, explicit: bool = False) -> None:
+    """``--server``, ``--token``, TLS files and ``--timeout`` of the client commands."""
+    group = parser.add_argument_group("server")
+    where = (
+        "call this server (default: work on the files here)"
+        if explicit
+        else f"the server (default: ${SERVER_ENV}, else {DEFAULT_SERVER})"
     )
-    explain.add_argument("workload_id", metavar="WORKLOAD_ID")
-    explain.add_argument("--format", choices=("table", "json"), default="table", help="output format")
-    explain.set_defaults(run=_cmd_explain)
+    group.add_argument("--server", metavar="ADDR", help=where)
+    group.add_argument("--token", metavar="TOKEN", help=f"bearer token (default: ${TOKEN_ENV})")
+    group.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA to trust (default: the system's)")
+    group.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (mutual TLS)")
+    group.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (mutual TLS)")
+    group.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="deadline of each call in seconds (default: 30; plan: its time limit + 30)",
+    )
 
-    serve = sub.add_parser(
-        "serve",
-        help="run the gRPC server",
-        description="Run the Apportion gRPC server: durable state in SQLite, continuous re-planning.",
+
+def _output_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-o", "--output", choices=("table", "json"), default="table", help="output format (default: table)"
     )
+
+
+def _client_commands(sub: Any) -> None:
+    def command(name: str, help: str, run: Any, *, output: bool = True) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = sub.add_parser(
+            name, help=help, description=help[0].upper() + help[1:] + "."
+        )
+        if output:
+            _output_option(parser)
+        _remote_options(parser)
+        parser.set_defaults(run=run)
+        return parser
+
+    submit = command("submit", "submit the workloads of a file to the server", _cmd_submit)
+    submit.add_argument(
+        "-f", "--file", required=True, type=Path, metavar="FILE", help="workloads (YAML or JSON)"
+    )
+    get = command("get", "show a workload of the server", _cmd_get)
+    get.add_argument("workload_id", metavar="WORKLOAD_ID")
+    listing = command("list", "list the server's workloads", _cmd_list)
+    listing.add_argument("--tenant", default="", help="only this tenant's (admin; default: all you may see)")
+    listing.add_argument("--kind", choices=("training", "inference"), default="", help="only this kind")
+    listing.add_argument(
+        "--state",
+        type=str.upper,
+        choices=STATES,
+        default="",
+        metavar="STATE",
+        help=f"only in this state: {', '.join(STATES)}",
+    )
+    cancel = command("cancel", "cancel a workload", _cmd_cancel)
+    cancel.add_argument("workload_id", metavar="WORKLOAD_ID")
+    command("get-plan", "show the plan the server runs now", _cmd_get_plan)
+    command("nodes", "show the server's nodes, GPU types and tenants", _cmd_nodes)
+    apply = command(
+        "apply-inventory", "add or replace the GPU types, nodes and tenants of a file (admin)", _cmd_apply
+    )
+    apply.add_argument(
+        "-f", "--file", required=True, type=Path, metavar="FILE", help="inventory (YAML or JSON)"
+    )
+    drain = command(
+        "drain", "mark a node draining: its workloads move off, nothing new lands (admin)", _cmd_drain
+    )
+    drain.add_argument("node_id", metavar="NODE_ID")
+    watch = command("watch", "follow the server's changes, one line each, until Ctrl-C", _cmd_watch)
+    watch.add_argument(
+        "--from-revision",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="start after this revision (default: 0, everything the server keeps)",
+    )
+    watch.add_argument("--tenant", default="", help="only this tenant's workloads (admin)")
+    watch.add_argument(
+        "--limit", type=_positive_int, metavar="N", help="stop after N events (default: never)"
+    )
+
+
+def _serve_options(serve: argparse.ArgumentParser) -> None:
     serve.add_argument("--listen", default="127.0.0.1:50051", metavar="ADDR", help="host:port to listen on")
     serve.add_argument("--db", type=Path, default=Path("apportion.db"), help="SQLite state file")
     serve.add_argument("--tls-cert", type=Path, metavar="PEM", help="server certificate chain")
@@ -216,8 +406,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format")
     serve.add_argument("--log-level", default="INFO", help="log level")
-    serve.set_defaults(run=_cmd_serve)
-    return parser
 
 
 class _Progress:
@@ -294,11 +482,8 @@ def _write(text: str, output: Path | None) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     problem = _load(args)
-    plan = _solve(args, problem)
-    if args.format == "json":
-        text = json.dumps(convert.plan_to_dict(plan), indent=2, ensure_ascii=False) + "\n"
-    else:
-        text = render.render_plan(plan, problem)
+    plan = _solve(args, problem) if args.server is None else _solve_remote(args, problem)
+    text = _json(convert.plan_to_dict(plan)) if args.format == "json" else render.render_plan(plan, problem)
     try:
         _write(text, args.output)
     except OSError as exc:
@@ -309,12 +494,21 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _cmd_explain(args: argparse.Namespace) -> int:
+    if args.inventory is None and args.workloads is None:
+        return _explain_remote(args)
+    if args.inventory is None or args.workloads is None:
+        given, missing = (
+            ("--inventory", "--workloads") if args.workloads is None else ("--workloads", "--inventory")
+        )
+        raise ValidationError(
+            [Violation(missing, f"needed with {given} (or give neither to ask the server)")]
+        )
     problem = _load(args)
     if all(w.id != args.workload_id for w in problem.workloads):
         raise ValidationError(
             [Violation("WORKLOAD_ID", f'no workload "{args.workload_id}" in {args.workloads}')]
         )
-    plan = _solve(args, problem)
+    plan = _solve(args, problem) if args.server is None else _solve_remote(args, problem)
     explanation = solver.explain(problem, plan, args.workload_id)
     if args.format == "json":
         placement = plan.placement(args.workload_id)
@@ -327,13 +521,350 @@ def _cmd_explain(args: argparse.Namespace) -> int:
             if placement is None
             else convert.message_to_dict(convert.placement_to_message(placement)),
         }
-        text = json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+        text = _json(data)
     else:
         text = render.render_explanation(
             explanation.workload_id, explanation.placed, explanation.summary, explanation.details
         )
     _write(text, None)
     return EXIT_FAILED if plan.status is PlanStatus.INFEASIBLE else EXIT_OK
+
+
+def _json(data: object) -> str:
+    return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Client commands
+
+
+def _address(args: argparse.Namespace) -> str:
+    return str(args.server or os.environ.get(SERVER_ENV) or DEFAULT_SERVER)
+
+
+def _client(args: argparse.Namespace, *, timeout: float | None = None) -> Client:
+    """A client of the server the arguments name (``args.address`` is set for error messages)."""
+
+    args.address = _address(args)
+    return Client(
+        args.address,
+        token=args.token or os.environ.get(TOKEN_ENV) or None,
+        ca=args.tls_ca,
+        cert=args.tls_cert,
+        key=args.tls_key,
+        timeout=timeout if timeout is not None else args.timeout,
+    )
+
+
+def _in_pipeline_order(plan: solver.Plan) -> solver.Plan:
+    """A plan from the server with its stage times in pipeline order (a protobuf map has none)."""
+
+    def key(item: tuple[str, float]) -> tuple[int, str]:
+        head = item[0].split(":", 1)[0]
+        return (PIPELINE.index(head) if head in PIPELINE else len(PIPELINE), item[0])
+
+    return dataclasses.replace(plan, stage_times_s=dict(sorted(plan.stage_times_s.items(), key=key)))
+
+
+def _solve_remote(args: argparse.Namespace, problem: Problem) -> solver.Plan:
+    """The Plan RPC on the problem of the files, with the options of the command line."""
+
+    inventory, workloads = convert.problem_to_messages(problem)
+    current = (
+        pb.Plan(placements=[convert.placement_to_message(p) for p in problem.current])
+        if args.current is not None
+        else None
+    )
+    options = apb.PlanOptions(
+        time_limit_s=args.time_limit,
+        seed=args.seed,
+        relative_gap=args.relative_gap,
+        backend=args.backend,
+        num_workers=args.num_workers,
+    )
+    if args.max_migrations is not None:
+        options.max_migrations = args.max_migrations
+    show = sys.stderr.isatty() if args.progress is None else args.progress
+    start = time.perf_counter()
+    with _client(args, timeout=args.time_limit + PLAN_MARGIN_S) as client:
+        if show:
+            sys.stderr.write(f"apportion: planning on the server at {args.address}\n")
+        response = client.plan_response(inventory, workloads, args.policy, options, current)
+    if show:
+        elapsed = time.perf_counter() - start
+        sys.stderr.write(f"apportion: planned in {elapsed:.2f} s (solver {response.solve_time_s:.2f} s)\n")
+    return _in_pipeline_order(convert.plan_from_message(response.plan))
+
+
+def _explain_remote(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        explanation = client.explain(args.workload_id)
+    if args.format == "json":
+        data = {
+            "workload_id": explanation.workload_id,
+            "placed": explanation.placed,
+            "summary": explanation.summary,
+            "details": list(explanation.details),
+            "placement": convert.message_to_dict(explanation.placement)
+            if explanation.HasField("placement")
+            else None,
+            "state": explanation.state,
+        }
+        _write(_json(data), None)
+    else:
+        text = render.render_explanation(
+            explanation.workload_id, explanation.placed, explanation.summary, explanation.details
+        )
+        _write(text, None)
+    return EXIT_OK
+
+
+def _load_message(path: Path, message: type[M]) -> tuple[M, list[Violation]]:
+    """A file as a message, with every structural problem (paths as in the file) and
+    the problems of building the domain objects (node states, spreads...)."""
+    data, violations = convert.check_document(
+        convert.load_document(path), message.DESCRIPTOR, source=str(path)
+    )
+    if message is pb.WorkloadList:
+        msg: Any = convert.workloads_from_data(data)
+        inventory, workloads = pb.Inventory(), msg
+    else:
+        msg = convert.inventory_from_data(data)
+        inventory, workloads = msg, pb.WorkloadList()
+    bad = [v.path for v in violations if v.path]
+    try:
+        convert.problem_from_messages(inventory, workloads)
+    except ValidationError as exc:  # on fields not already reported
+        violations += [v for v in exc.violations if not any(_within(v.path, b) for b in bad)]
+    return msg, violations
+
+
+def _within(path: str, outer: str) -> bool:
+    return path == outer or path.startswith((f"{outer}.", f"{outer}["))
+
+
+def _entry(v: Violation) -> int:
+    """The index of the file's entry a violation is about (file order; whole-file problems first)."""
+    head = v.path.split(".", 1)[0]
+    if "[" not in head or "]" not in head:
+        return -1
+    try:
+        return int(head[head.index("[") + 1 : head.index("]")])
+    except ValueError:
+        return -1
+
+
+def _load_workloads(path: Path) -> list[pb.Workload]:
+    """A workloads file, checked as far as it can be without the server's inventory:
+    structure, the rules of building the domain objects, ids present and unique."""
+    listed, violations = _load_message(path, pb.WorkloadList)
+    seen: dict[str, int] = {}
+    for i, w in enumerate(listed.workloads):
+        if not w.id:
+            violations.append(Violation(f"workloads[{i}].id", "must not be empty"))
+        elif w.id in seen:
+            also = f"workloads[{seen[w.id]}]"
+            violations.append(Violation(f"workloads[{i}].id", f'duplicate id "{w.id}" (also {also})'))
+        else:
+            seen[w.id] = i
+    if violations:
+        raise ValidationError(sorted(violations, key=_entry))
+    return list(listed.workloads)
+
+
+def _request_id(workload: pb.Workload) -> str:
+    """The same workload (same content) gets the same request id: submitting a file
+    twice creates its workloads once."""
+    canonical = json.dumps(convert.message_to_dict(workload), sort_keys=True, separators=(",", ":"))
+    return "cli-" + hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def _rebase(violations: Iterable[tuple[str, str]], old: str, new: str) -> list[Violation]:
+    out = []
+    for path, message in violations:
+        if path == old or path.startswith((f"{old}.", f"{old}[")):
+            path = new + path[len(old) :]
+        out.append(Violation(path, message))
+    return out
+
+
+def _print_statuses(args: argparse.Namespace, statuses: Sequence[Mapping[str, Any]]) -> None:
+    if args.output == "json":
+        _write(_json({"workloads": list(statuses)}), None)
+    else:
+        _write(render.render_workloads(statuses), None)
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+
+    workloads = _load_workloads(args.file)
+    done: list[dict[str, Any]] = []
+    invalid: list[Violation] = []
+    failed = False
+    with _client(args) as client:
+        for i, workload in enumerate(workloads):
+            try:
+                done.append(
+                    convert.message_to_dict(client.submit(workload, request_id=_request_id(workload)))
+                )
+            except ApportionError as exc:
+                if exc.code is StatusCode.INVALID_ARGUMENT and exc.violations:
+                    invalid.extend(_rebase(exc.violations, "workload", f"workloads[{i}]"))
+                elif exc.code in FATAL:
+                    if done:
+                        _print_statuses(args, done)
+                    raise
+                else:
+                    sys.stderr.write(f"apportion: {workload.id}: {exc.message}\n")
+                    failed = True
+    if done or args.output == "json":
+        _print_statuses(args, done)
+    if invalid:
+        _report(invalid)
+        return EXIT_BAD_INPUT
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _cmd_get(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = convert.message_to_dict(client.get(args.workload_id))
+    _write(_json(status) if args.output == "json" else render.render_workload(status), None)
+    return EXIT_OK
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        statuses = [
+            convert.message_to_dict(s)
+            for s in client.list(tenant=args.tenant, kind=args.kind, state=args.state, page_size=1000)
+        ]
+    _print_statuses(args, statuses)
+    return EXIT_OK
+
+
+def _cmd_cancel(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        status = convert.message_to_dict(client.cancel(args.workload_id))
+    _print_statuses(args, [status])
+    return EXIT_OK
+
+
+def _cmd_get_plan(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        record = client.current_plan()
+        kinds = (
+            {}
+            if args.output == "json"
+            else {s.workload.id: s.workload.WhichOneof("spec") or "?" for s in client.list(page_size=1000)}
+        )
+    plan = _in_pipeline_order(convert.plan_from_message(record.plan))
+    if args.output == "json":
+        _write(_json(convert.plan_to_dict(plan)), None)
+        return EXIT_OK
+    made = render.format_time(record.created_at)
+    head = (
+        f"current plan: revision {record.revision} (of the state at revision {record.based_on}),"
+        f" made {made}, solved in {record.solve_time_s:.2f} s\n\n"
+    )
+    _write(head + render.render_plan(plan, kinds=kinds), None)
+    return EXIT_OK
+
+
+def _inventory_dict(nodes: Iterable[Any], gpu_types: Iterable[Any], tenants: Iterable[Any]) -> dict[str, Any]:
+    return {
+        "gpu_types": [convert.message_to_dict(t) for t in gpu_types],
+        "nodes": [convert.message_to_dict(n) for n in nodes],
+        "tenants": [convert.message_to_dict(t) for t in tenants],
+    }
+
+
+def _cmd_nodes(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        nodes, gpu_types, tenants = client.nodes()
+    data = _inventory_dict(nodes, gpu_types, tenants)
+    _write(_json(data) if args.output == "json" else render.render_inventory(data), None)
+    return EXIT_OK
+
+
+def _cmd_apply(args: argparse.Namespace) -> int:
+    inventory, violations = _load_message(args.file, pb.Inventory)
+    if violations:
+        raise ValidationError(violations)
+    with _client(args) as client:
+        response = client.upsert_nodes(inventory.gpu_types, inventory.nodes, inventory.tenants)
+    if args.output == "json":
+        _write(_json(convert.message_to_dict(response)), None)
+        return EXIT_OK
+    counts = (
+        f"{len(inventory.gpu_types)} GPU type(s), {len(inventory.nodes)} node(s),"
+        f" {len(inventory.tenants)} tenant(s)"
+    )
+    lines = [f"applied {counts} at revision {response.revision}"]
+    nodes = [convert.message_to_dict(n) for n in response.nodes]
+    if nodes:
+        lines += ["", *render.render_nodes(nodes)]
+    _write("\n".join(lines) + "\n", None)
+    return EXIT_OK
+
+
+def _cmd_drain(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        node = convert.message_to_dict(client.drain(args.node_id))
+    _write(_json(node) if args.output == "json" else "\n".join(render.render_nodes([node])) + "\n", None)
+    return EXIT_OK
+
+
+def _cmd_watch(args: argparse.Namespace) -> int:
+    count = 0
+    with _client(args) as client:
+        events = client.watch(from_revision=args.from_revision, tenant=args.tenant)
+        try:
+            for event in events:
+                data = convert.message_to_dict(event)
+                if args.output == "json":
+                    line = json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n"
+                else:
+                    line = render.render_event(data)
+                sys.stdout.write(line)
+                sys.stdout.flush()
+                count += 1
+                if args.limit is not None and count >= args.limit:
+                    break
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a watch ends
+        finally:
+            events.close()
+    return EXIT_OK
+
+
+def _server_error(exc: ApportionError, address: str) -> int:
+    """Report an error answer of the server (see the exit status table)."""
+    code = exc.code
+    if code is StatusCode.INVALID_ARGUMENT:
+        if exc.violations:
+            _report([Violation(path, message) for path, message in exc.violations])
+        else:
+            sys.stderr.write(f"apportion: invalid input: {exc.message}\n")
+        return EXIT_BAD_INPUT
+    if code is StatusCode.UNAVAILABLE:
+        line = f"cannot reach the server at {address} ({exc.message})"
+    elif code is StatusCode.DEADLINE_EXCEEDED:
+        line = f"the server at {address} did not answer in time ({exc.message})"
+    elif code is StatusCode.UNAUTHENTICATED:
+        line = f"not authenticated: {exc.message} (give --token or set ${TOKEN_ENV})"
+    elif code is StatusCode.PERMISSION_DENIED:
+        line = f"permission denied: {exc.message}"
+    elif code in (
+        StatusCode.NOT_FOUND,
+        StatusCode.ALREADY_EXISTS,
+        StatusCode.FAILED_PRECONDITION,
+        StatusCode.RESOURCE_EXHAUSTED,
+    ):
+        line = exc.message
+    else:
+        line = f"server error {code.name}: {exc.message}"
+    sys.stderr.write(f"apportion: {line}\n")
+    return EXIT_FAILED
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -398,9 +929,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except solver.SolverError as exc:
         sys.stderr.write(f"apportion: solver failed: {exc}\n")
         return EXIT_FAILED
+    except ApportionError as exc:
+        return _server_error(exc, getattr(args, "address", None) or _address(args))
+    except ConfigError as exc:
+        sys.stderr.write(f"apportion: {exc}\n")
+        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         sys.stderr.write("apportion: interrupted\n")
-        return 130
+        return EXIT_INTERRUPTED
     return status
 
 

@@ -4,15 +4,34 @@ Machines read ``--format json`` (the plan JSON of :mod:`server.convert`); this
 module only lays out what a person wants to see first: the status line with
 the bound and gap, then where each workload runs, what is left out and why,
 shortfalls, shadow prices and stage times. Empty sections are left out.
+
+The client commands (``apportion get``, ``list``, ``nodes``, ``watch``...)
+render the server's answers from their JSON mapping (the plain dicts that
+``-o json`` prints, made by :func:`server.convert.message_to_dict`), so this
+module never sees a protobuf message: :func:`render_workloads`,
+:func:`render_workload`, :func:`render_inventory`, :func:`render_nodes`,
+:func:`render_event`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import datetime
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from solver import Placement, Plan, Problem, Reason
 
-__all__ = ["render_explanation", "render_plan", "table"]
+__all__ = [
+    "format_time",
+    "render_event",
+    "render_explanation",
+    "render_inventory",
+    "render_nodes",
+    "render_plan",
+    "render_workload",
+    "render_workloads",
+    "table",
+]
 
 MAX_SHARDS_SHOWN = 8
 
@@ -41,7 +60,10 @@ def _is_number(text: str) -> bool:
 
 def _layout(headers: Sequence[str], cells: list[list[str]], indent: str) -> list[str]:
     widths = [max([len(h)] + [len(row[c]) for row in cells]) for c, h in enumerate(headers)]
-    right = [bool(cells) and all(_is_number(row[c]) for row in cells) for c in range(len(headers))]
+    right = [
+        any(row[c] not in ("-", "") for row in cells) and all(_is_number(row[c]) for row in cells)
+        for c in range(len(headers))
+    ]
     last = len(headers) - 1
 
     def line(values: Sequence[str]) -> str:
@@ -69,9 +91,12 @@ def _count(n: int, noun: str) -> str:
 def _shards(p: Placement) -> str:
     """``node:gpus`` per shard; equal shards (replicas on one node) written once with a count:
     ``n3:2×4``, in order of first appearance."""
+    return _shard_text((s.node_id, s.gpus) for s in p.shards)
+
+
+def _shard_text(shards: Iterable[tuple[str, int]]) -> str:
     counts: dict[tuple[str, int], int] = {}
-    for shard in p.shards:
-        key = (shard.node_id, shard.gpus)
+    for key in shards:
         counts[key] = counts.get(key, 0) + 1
     parts = [f"{node}:{gpus}" + (f"×{n}" if n > 1 else "") for (node, gpus), n in counts.items()]
     if len(parts) > MAX_SHARDS_SHOWN:
@@ -86,9 +111,16 @@ def _reason_rows(first: list[object], reasons: Sequence[Reason]) -> list[list[ob
     return [[*(first if i == 0 else blank), text] for i, text in enumerate(texts)]
 
 
-def render_plan(plan: Plan, problem: Problem) -> str:
-    """The plan as text: a status line, a summary line and one table per section."""
-    kinds = {w.id: ("training" if w.training is not None else "inference") for w in problem.workloads}
+def render_plan(plan: Plan, problem: Problem | None = None, *, kinds: Mapping[str, str] | None = None) -> str:
+    """The plan as text: a status line, a summary line and one table per section.
+
+    The kind of each workload comes from ``problem``, or from ``kinds`` (id ->
+    ``training`` / ``inference``) for a plan without its problem (the server's).
+    """
+    known = dict(kinds or {})
+    if problem is not None:
+        known.update((w.id, "training" if w.training is not None else "inference") for w in problem.workloads)
+    kinds = known
     total_s = sum(plan.stage_times_s.values())
     gap = "-" if plan.gap is None else f"{plan.gap:.2%}"
     out = [
@@ -149,3 +181,183 @@ def render_explanation(workload_id: str, placed: bool, summary: str, details: Se
     lines = [f"{workload_id}: {'placed' if placed else 'not placed'}", f"  {summary}"]
     lines += [f"  - {d}" for d in details]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# The server's answers, from their JSON mapping
+
+
+def format_time(seconds: object) -> str:
+    """Unix seconds as a UTC date and time; ``-`` for none."""
+    if not isinstance(seconds, int | float) or not seconds:
+        return "-"
+    moment = datetime.datetime.fromtimestamp(float(seconds), tz=datetime.UTC)
+    return moment.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _kind(workload: Mapping[str, Any]) -> str:
+    if "training" in workload:
+        return "training"
+    if "inference" in workload:
+        return "inference"
+    return "?"
+
+
+def _placement_text(placement: Mapping[str, Any] | None) -> str:
+    if not placement or not placement.get("shards"):
+        return "-"
+    shards = _shard_text((s.get("node_id", ""), int(s.get("gpus", 0))) for s in placement["shards"])
+    gpu_type = placement.get("gpu_type", "")
+    return f"{gpu_type} {shards}" if gpu_type else shards
+
+
+def _where(status: Mapping[str, Any]) -> str:
+    """Where it runs, or the first reason it does not."""
+    placement = status.get("placement")
+    if placement and placement.get("shards"):
+        return _placement_text(placement)
+    reasons = status.get("reasons") or []
+    if reasons:
+        first = reasons[0]
+        more = f" (+{len(reasons) - 1} more)" if len(reasons) > 1 else ""
+        return f"{first.get('code', '')}: {first.get('message', '')}{more}"
+    return status.get("message") or "-"
+
+
+def render_workloads(statuses: Sequence[Mapping[str, Any]]) -> str:
+    """Workload statuses (``WorkloadStatus`` dicts) as one table: a row each."""
+    if not statuses:
+        return "(no workloads)\n"
+    rows = []
+    for s in statuses:
+        w = s.get("workload", {})
+        version = str(s.get("version", 0))
+        if "serving_version" in s:
+            version += f" (serving {s['serving_version']})"
+        rows.append(
+            [w.get("id", ""), w.get("tenant") or "-", _kind(w), s.get("state", ""), version, _where(s)]
+        )
+    lines = table(["ID", "TENANT", "KIND", "STATE", "VERSION", "PLACEMENT / REASON"], rows, indent="")
+    return "\n".join(lines) + "\n"
+
+
+def render_workload(status: Mapping[str, Any]) -> str:
+    """One workload status in full: its fields, placement and reasons."""
+    w = status.get("workload", {})
+    version = str(status.get("version", 0))
+    if "serving_version" in status:
+        version += f" (version {status['serving_version']} still serves)"
+    fields = [
+        ("id", w.get("id", "")),
+        ("tenant", w.get("tenant") or "-"),
+        ("kind", _kind(w)),
+        ("state", status.get("state", "")),
+        ("version", version),
+        ("placement", _placement_text(status.get("placement"))),
+        ("message", status.get("message") or "-"),
+        ("created", format_time(status.get("created_at"))),
+        ("updated", format_time(status.get("updated_at"))),
+        ("revision", status.get("revision", 0)),
+    ]
+    width = max(len(name) for name, _ in fields)
+    lines = [f"{name + ':':<{width + 1}}  {value}" for name, value in fields]
+    reasons = status.get("reasons") or []
+    if reasons:
+        lines.append("reasons:")
+        lines += [f"  - {r.get('code', '')}: {r.get('message', '')}" for r in reasons]
+    return "\n".join(lines) + "\n"
+
+
+def _labels(labels: Mapping[str, str] | None) -> str:
+    return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items())) or "-"
+
+
+def render_nodes(nodes: Sequence[Mapping[str, Any]], *, indent: str = "") -> list[str]:
+    """Lines of a table of nodes (``Node`` dicts)."""
+    rows = [
+        [
+            n.get("id", ""),
+            n.get("gpu_type", ""),
+            n.get("gpus", 0),
+            n.get("state") or "ready",
+            n.get("zone") or "-",
+            n.get("domain") or "-",
+            f"{float(n.get('cpus', 0.0)):g}",
+            f"{float(n.get('memory_gib', 0.0)):g}",
+            _labels(n.get("labels")),
+        ]
+        for n in nodes
+    ]
+    headers = ["ID", "TYPE", "GPUS", "STATE", "ZONE", "DOMAIN", "CPUS", "MEMORY GIB", "LABELS"]
+    return table(headers, rows, indent=indent)
+
+
+def render_inventory(inventory: Mapping[str, Any]) -> str:
+    """An inventory (``{"gpu_types", "nodes", "tenants"}``, as the inventory file):
+    the nodes, then the GPU types and the tenants."""
+    nodes = inventory.get("nodes") or []
+    out = ["Nodes"]
+    out += render_nodes(nodes, indent="  ") if nodes else ["  (none)"]
+    gpu_types = inventory.get("gpu_types") or []
+    if gpu_types:
+        used: dict[str, int] = {}
+        for n in nodes:
+            used[n.get("gpu_type", "")] = used.get(n.get("gpu_type", ""), 0) + int(n.get("gpus", 0))
+        out += ["", "GPU types"]
+        out += table(
+            ["NAME", "MEMORY GIB", "COST/HOUR", "GPUS"],
+            [
+                [
+                    t.get("name", ""),
+                    f"{float(t.get('memory_gib', 0.0)):g}",
+                    _number(t.get("cost_per_hour"), ".4g"),
+                    used.get(t.get("name", ""), 0),
+                ]
+                for t in gpu_types
+            ],
+        )
+    tenants = inventory.get("tenants") or []
+    if tenants:
+        out += ["", "Tenants"]
+        out += table(
+            ["NAME", "MAX GPUS", "PER TYPE", "WEIGHT"],
+            [
+                [
+                    t.get("name", ""),
+                    t.get("max_gpus", "-"),
+                    ",".join(f"{k}={v}" for k, v in sorted((t.get("max_gpus_per_type") or {}).items()))
+                    or "-",
+                    _number(t.get("weight", 1.0), "g"),
+                ]
+                for t in tenants
+            ],
+        )
+    return "\n".join(out) + "\n"
+
+
+def render_event(event: Mapping[str, Any]) -> str:
+    """A ``Watch`` event on one line: revision, time, action, what changed."""
+    head = f"{event.get('revision', 0):>6}  {format_time(event.get('time'))}  {event.get('action', ''):<7}"
+    if "workload" in event:
+        s = event["workload"]
+        w = s.get("workload", {})
+        what = f"workload {w.get('id', '')}  {s.get('state', '')}  v{s.get('version', 0)}  {_where(s)}"
+    elif "node" in event:
+        n = event["node"]
+        state = n.get("state") or "ready"
+        what = f"node {n.get('id', '')}  {n.get('gpu_type', '')}×{n.get('gpus', 0)}  {state}"
+    elif "plan" in event:
+        p = event["plan"]
+        gap = "-" if p.get("gap") is None else f"{p['gap']:.2%}"
+        what = (
+            f"plan {p.get('status', '')}  objective {_number(p.get('objective', 0.0))}  gap {gap}"
+            f"  placed {p.get('placed', 0)}  unplaced {p.get('unplaced', 0)}"
+            f"  solve {float(p.get('solve_time_s', 0.0)):.2f} s"
+        )
+    elif "gpu_type" in event:
+        what = f"gpu_type {event['gpu_type'].get('name', '')}"
+    elif "tenant" in event:
+        what = f"tenant {event['tenant'].get('name', '')}"
+    else:
+        what = "-"
+    return f"{head}  {what}".rstrip() + "\n"
