@@ -1180,33 +1180,33 @@ def problem_to_messages(problem: Problem) -> tuple[pb.Inventory, pb.WorkloadList
             submit_time_s=w.submit_time_s,
         )
         if w.training is not None:
-            t = w.training
+            spec = w.training
             wm.training.SetInParent()
-            if len(t.shapes) == 1:
-                wm.training.gpus = t.shapes[0].gpus
-                wm.training.throughput.update(t.shapes[0].throughput)
+            if len(spec.shapes) == 1:
+                wm.training.gpus = spec.shapes[0].gpus
+                wm.training.throughput.update(spec.shapes[0].throughput)
             else:
-                for s in t.shapes:
+                for s in spec.shapes:
                     wm.training.elastic.add(gpus=s.gpus, throughput=dict(s.throughput))
-            wm.training.gpu_memory_gib = t.gpu_memory_gib
-            wm.training.cpus_per_gpu = t.cpus_per_gpu
-            wm.training.memory_gib_per_gpu = t.memory_gib_per_gpu
-            wm.training.locality = t.locality.value
-            if t.remaining_work is not None:
-                wm.training.remaining_work = t.remaining_work
-            if t.deadline_s is not None:
-                wm.training.deadline_s = t.deadline_s
-            wm.training.preemptible = t.preemptible
+            wm.training.gpu_memory_gib = spec.gpu_memory_gib
+            wm.training.cpus_per_gpu = spec.cpus_per_gpu
+            wm.training.memory_gib_per_gpu = spec.memory_gib_per_gpu
+            wm.training.locality = spec.locality.value
+            if spec.remaining_work is not None:
+                wm.training.remaining_work = spec.remaining_work
+            if spec.deadline_s is not None:
+                wm.training.deadline_s = spec.deadline_s
+            wm.training.preemptible = spec.preemptible
         elif w.inference is not None:
-            s = w.inference
+            svc = w.inference
             wm.inference.SetInParent()
-            wm.inference.gpus_per_replica.update(s.gpus_per_replica)
-            wm.inference.replica_rps.update(s.replica_rps)
-            wm.inference.target_rps = s.target_rps
-            wm.inference.min_replicas = s.min_replicas
-            if s.max_replicas is not None:
-                wm.inference.max_replicas = s.max_replicas
-            wm.inference.cpus_per_replica = s.cpus_per_replica
-            wm.inference.memory_gib_per_replica = s.memory_gib_per_replica
-            wm.inference.spread = s.spread.value
+            wm.inference.gpus_per_replica.update(svc.gpus_per_replica)
+            wm.inference.replica_rps.update(svc.replica_rps)
+            wm.inference.target_rps = svc.target_rps
+            wm.inference.min_replicas = svc.min_replicas
+            if svc.max_replicas is not None:
+                wm.inference.max_replicas = svc.max_replicas
+            wm.inference.cpus_per_replica = svc.cpus_per_replica
+            wm.inference.memory_gib_per_replica = svc.memory_gib_per_replica
+            wm.inference.spread = svc.spread.value
     return inventory, workloads
