@@ -53,9 +53,10 @@ class Explainer:
         self.placements = placements
         self.gap = gap
         self.max_migrations = max_migrations
-        self._ledgers: dict[tuple[str, int, str], Ledger] = {}
+        self._ledgers: dict[tuple[str, int], Ledger] = {}
         self._by_type: dict[str, list[str]] = {}
-        for wid, p in sorted(placements.items()):
+        self._sorted = sorted(placements.items())
+        for wid, p in self._sorted:
             t = p.gpu_type or (index.nodes[p.shards[0].node_id].gpu_type if p.shards else "")
             self._by_type.setdefault(t, []).append(wid)
         self._memo: dict[int, tuple[Reason, ...]] = {}
@@ -64,26 +65,42 @@ class Explainer:
 
     # -- ledgers -----------------------------------------------------------------------
 
-    def ledger(self, rule: str, priority: int, keep: str = "") -> Ledger:
+    def ledger(self, rule: str, priority: int) -> Ledger:
         """Nodes as the plan leaves them, without the work ``rule`` releases:
         ``none``; ``lower-or-equal`` (priority <= p); ``all``; ``kept`` (running
-        work that stays where it runs). Workload ``keep`` is never released (a
-        service short of its demand keeps its own replicas)."""
-        key = (rule, priority if rule == "lower-or-equal" else 0, keep)
+        work that stays where it runs)."""
+        key = (rule, priority if rule == "lower-or-equal" else 0)
         if key not in self._ledgers:
             led = Ledger(self.index)
-            for wid, p in sorted(self.placements.items()):
-                w = self.index.workloads[wid]
-                released = (
-                    rule == "all"
-                    or (rule == "lower-or-equal" and w.priority <= priority)
-                    or (rule == "kept" and self._stays(wid, p))
-                )
-                if released and wid != keep:
-                    continue
-                led.place(w, p)
+            for wid, p in self._sorted:
+                if not self._released(rule, priority, wid, p):
+                    led.place(self.index.workloads[wid], p)
             self._ledgers[key] = led
         return self._ledgers[key]
+
+    def _released(self, rule: str, priority: int, wid: str, p: Placement) -> bool:
+        return (
+            rule == "all"
+            or (rule == "lower-or-equal" and self.index.workloads[wid].priority <= priority)
+            or (rule == "kept" and self._stays(wid, p))
+        )
+
+    def _fits_under(
+        self, fits: Callable[[Ledger, bool], bool], rule: str, priority: int, keep: str = ""
+    ) -> bool:
+        """Whether ``fits`` holds on the ledger of ``rule`` where workload ``keep`` is
+        never released (a service short of its demand keeps its own replicas): it is
+        put back on the shared ledger for the question, then taken off again."""
+        led = self.ledger(rule, priority)
+        p = self.placements.get(keep) if keep else None
+        if p is None or not self._released(rule, priority, keep, p):
+            return fits(led, True)
+        w = self.index.workloads[keep]
+        led.place(w, p)
+        try:
+            return fits(led, True)
+        finally:
+            led.release(w, p)
 
     def _stays(self, wid: str, p: Placement) -> bool:
         now = self.index.current.get(wid)
@@ -186,18 +203,17 @@ class Explainer:
                 f"on {gpu_type}: room for {need} is free, but the policy's objective did not "
                 f"gain from it within the time limit{gap}",
             )
-        if self.max_migrations is not None and fits(self.ledger("kept", 0, keep), True):
+        if self.max_migrations is not None and self._fits_under(fits, "kept", 0, keep):
             movers = [h for h in self._holders(gpu_type, w.id) if self._stays(h, self.placements[h])]
             return Reason(
                 ReasonCode.MIGRATION_LIMIT,
                 f"on {gpu_type}: room for {need} would be free if running work moved "
                 f"({_names(movers)}); max_migrations={self.max_migrations} forbids it",
             )
-        same = self.ledger("lower-or-equal", w.priority, keep)
-        if fits(same, True):
+        if self._fits_under(fits, "lower-or-equal", w.priority, keep):
             holders = self._holders(gpu_type, w.id, w.priority + 1)
             lower = self._holders(gpu_type, w.id, w.priority)
-            if lower and not fits(self.ledger("lower-or-equal", w.priority - 1, keep), True):
+            if lower and not self._fits_under(fits, "lower-or-equal", w.priority - 1, keep):
                 lower = []
             who = lower or holders
             return Reason(
@@ -205,7 +221,7 @@ class Explainer:
                 f"on {gpu_type}: no room for {need}; the capacity is held by workloads of equal "
                 f"priority ({w.priority}) that the policy values more: {_names(who)}",
             )
-        if fits(self.ledger("all", 0, keep), True):
+        if self._fits_under(fits, "all", 0, keep):
             holders = [
                 h for h in self._holders(gpu_type, w.id) if self.index.workloads[h].priority > w.priority
             ]
