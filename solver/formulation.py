@@ -44,6 +44,7 @@ import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from solver.aggregate import Index, OptionKind, WorkloadClass, gang_fits_scope, scope_of_nodes
 from solver.linear import LinearModel, Sense, Var
@@ -445,60 +446,138 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
     return form
 
 
+@dataclass
+class _Service:
+    """A service being rounded: its type, options there, LP mass per option, replicas."""
+
+    c: WorkloadClass
+    t: str
+    mine: list[int]
+    raw: dict[int, float]
+    low: int  # replicas rounded down
+    high: int  # rounded up (capped)
+    least: int  # its minimum
+    gpus: int
+    reps: int = 0
+
+    def served(self, r: int) -> float:
+        spec = self.c.members[0].inference
+        assert spec is not None
+        return self.c.weight * min(1.0, r * self.c.options[self.mine[0]].value / spec.target_rps)
+
+
 def round_down(
-    form: Formulation, values: tuple[float, ...], services_up: bool = True
+    form: Formulation, values: tuple[float, ...], services: Literal["up", "down", "fit"] = "up"
 ) -> dict[tuple[int, int], int]:
     """Counts per (class, option) from an LP solution: jobs rounded down (so the
-    capacity rows still hold), a service's replicas on its largest type rounded
-    up (``services_up``: keeps demand, but can overflow a full cluster) or down,
-    if they reach its minimum; packing and greedy completion do the rest."""
+    capacity rows still hold); a service runs on the type where the LP put most
+    of its replicas, with the replicas that serve what the LP served, rounded
+    ``services``: "up" (keeps demand, but can overflow a full cluster), "down",
+    or "fit": down, then up (or, below its minimum, to its minimum) where the
+    type's GPUs left by the jobs and the other services allow, most served
+    demand per GPU first (and, on a type the roundings down already overflow,
+    replicas taken back, least served demand per GPU first). A service below its
+    minimum does not run. Packing and greedy completion do the rest."""
+    idx = form.index
     counts: dict[tuple[int, int], int] = {}
-    for c in form.index.classes:
-        if c.is_training:
-            # Round the class's total (LP values sit on floors that carry a small slack:
-            # a total of 1 - 1e-5 is 1), then split it over the options, whole parts
-            # first, then the largest remainders.
-            lp_n = [values[form.n[c.index, o].index] for o in range(len(c.options))]
-            total = math.floor(sum(lp_n) + 1e-3)
-            whole = [math.floor(x + 1e-6) for x in lp_n]
-            for o in sorted(range(len(lp_n)), key=lambda o: (whole[o] - lp_n[o], o)):
-                if sum(whole) >= total:
+    left: dict[str, float] = defaultdict(float)  # GPUs per type the counts leave free
+    for s in idx.shapes:
+        left[s.gpu_type] += s.gpus * s.count
+    for c in idx.classes:
+        if not c.is_training:
+            continue
+        # Round the class's total (LP values sit on floors that carry a small slack:
+        # a total of 1 - 1e-5 is 1), then split it over the options, whole parts
+        # first, then the largest remainders.
+        lp_n = [values[form.n[c.index, o].index] for o in range(len(c.options))]
+        total = math.floor(sum(lp_n) + 1e-3)
+        whole = [math.floor(x + 1e-6) for x in lp_n]
+        for o in sorted(range(len(lp_n)), key=lambda o: (whole[o] - lp_n[o], o)):
+            if sum(whole) >= total:
+                break
+            if lp_n[o] - whole[o] > 1e-6:
+                whole[o] += 1
+        for o, k in enumerate(whole):
+            if k > 0:
+                counts[c.index, o] = k
+                opt = c.options[o]
+                if opt.kind is OptionKind.SINGLE:
+                    left[opt.gpu_type] -= k * opt.gpus
+                elif opt.kind is OptionKind.GANG:
+                    left[opt.gpu_type] -= k * opt.nodes * idx.shapes[opt.shape].gpus
+
+    todo: list[_Service] = []
+    for c in idx.classes:
+        if c.is_training or c.index not in form.y:
+            continue
+        spec = c.members[0].inference
+        assert spec is not None
+        mass: dict[str, float] = defaultdict(float)
+        for o, opt in enumerate(c.options):
+            mass[opt.gpu_type] += values[form.n[c.index, o].index]
+        if not mass:
+            continue
+        t = max(sorted(mass), key=lambda k: mass[k])
+        # The LP may split a service over types; the plan may not. Give the chosen
+        # type enough replicas for the requests/s the LP served, spread like the LP's
+        # replicas of that type.
+        mine = [o for o, opt in enumerate(c.options) if opt.gpu_type == t]
+        served = sum(values[form.n[c.index, o].index] * opt.value for o, opt in enumerate(c.options))
+        exact = served / c.options[mine[0]].value
+        cap = form.max_replicas[c.index]
+        sv = _Service(
+            c,
+            t,
+            mine,
+            {o: values[form.n[c.index, o].index] for o in mine},
+            min(cap, math.floor(exact + 1e-6)),
+            min(cap, math.ceil(exact - 1e-6)),
+            max(1, spec.min_replicas),
+            c.options[mine[0]].gpus,
+        )
+        sv.reps = sv.high if services == "up" else sv.low
+        todo.append(sv)
+    if services == "fit":
+        for sv in todo:
+            sv.reps = sv.reps if sv.reps >= sv.least else 0
+            left[sv.t] -= sv.reps * sv.gpus
+
+        def step(sv: _Service, down: bool) -> tuple[float, int]:
+            """Served demand and replicas one step changes (down: below the minimum, all)."""
+            if down:
+                k = 1 if sv.reps > sv.least else sv.reps
+                return sv.served(sv.reps) - sv.served(sv.reps - k), k
+            k = 1 if sv.reps else sv.least
+            return sv.served(sv.reps + k) - sv.served(sv.reps), k
+
+        for t in sorted({sv.t for sv in todo}):
+            on_t = [sv for sv in todo if sv.t == t]
+            while left[t] < 0:
+                held = [sv for sv in on_t if sv.reps > 0]
+                if not held:
                     break
-                if lp_n[o] - whole[o] > 1e-6:
-                    whole[o] += 1
-            counts.update({(c.index, o): k for o, k in enumerate(whole) if k > 0})
-        elif c.index in form.y:
-            spec = c.members[0].inference
-            assert spec is not None
-            mass: dict[str, float] = defaultdict(float)
-            for o, opt in enumerate(c.options):
-                mass[opt.gpu_type] += values[form.n[c.index, o].index]
-            if not mass:
-                continue
-            t = max(sorted(mass), key=lambda k: mass[k])
-            # Replicas round up: a service's demand counts in early stages, and the
-            # packing, which places services before same-sized jobs, drops what does not fit.
-            # The LP may split a service over types; the plan may not. Give the chosen
-            # type enough replicas for the requests/s the LP served (rounded up,
-            # capped), spread like the LP's replicas of that type.
-            mine = [o for o, opt in enumerate(c.options) if opt.gpu_type == t]
-            raw = {o: values[form.n[c.index, o].index] for o in mine}
-            served = sum(values[form.n[c.index, o].index] * opt.value for o, opt in enumerate(c.options))
-            rps = c.options[mine[0]].value
-            exact = served / rps
-            total = min(
-                form.max_replicas[c.index],
-                math.ceil(exact - 1e-6) if services_up else math.floor(exact + 1e-6),
-            )
-            mass_t = sum(raw.values())
-            share = {o: (raw[o] / mass_t if mass_t > 0 else 1.0 / len(mine)) * total for o in mine}
-            reps = {o: math.floor(x + 1e-6) for o, x in share.items()}
-            for o in sorted(mine, key=lambda o: (reps[o] - share[o], o)):  # largest fractions first
-                if sum(reps.values()) >= total:
-                    break
-                reps[o] += 1
-            if sum(reps.values()) >= max(1, spec.min_replicas):
-                counts.update({(c.index, o): k for o, k in reps.items() if k > 0})
+                sv = min(held, key=lambda x: (step(x, True)[0] / (step(x, True)[1] * x.gpus), x.c.index))
+                k = step(sv, True)[1]
+                sv.reps -= k
+                left[t] += k * sv.gpus
+        ups = [sv for sv in todo if sv.reps < sv.high and sv.high >= sv.least]
+        ups.sort(key=lambda x: (-step(x, False)[0] / (step(x, False)[1] * x.gpus), x.c.index))
+        for sv in ups:
+            k = step(sv, False)[1]
+            if sv.reps + k <= sv.high and left[sv.t] >= k * sv.gpus:
+                sv.reps += k
+                left[sv.t] -= k * sv.gpus
+    for sv in todo:
+        if sv.reps < sv.least:
+            continue
+        mass_t = sum(sv.raw.values())
+        share = {o: (sv.raw[o] / mass_t if mass_t > 0 else 1.0 / len(sv.mine)) * sv.reps for o in sv.mine}
+        reps = {o: math.floor(x + 1e-6) for o, x in share.items()}
+        for o in sorted(sv.mine, key=lambda o: (reps[o] - share[o], o)):  # largest fractions first
+            if sum(reps.values()) >= sv.reps:
+                break
+            reps[o] += 1
+        counts.update({(sv.c.index, o): k for o, k in reps.items() if k > 0})
     return counts
 
 

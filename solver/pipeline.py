@@ -234,7 +234,9 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                 if value > best_value:
                     best, best_value = found, value
 
-        counts = round_down(form, lp_values)
+        # Services rounded to fit the GPUs of their type (rounded up they keep the
+        # LP's demand but overflow a full cluster, and whole services are lost).
+        counts = round_down(form, lp_values, services="fit")
         # Packing the rounded solution can lose a little of what earlier stages
         # protect: services' served fraction (to rounding and fragmentation), a
         # tier's jobs (the LP trades them for fractional service coverage under the
@@ -254,9 +256,10 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             lambda: concrete(counts)
         ]
         if form.f:
-            # Services rounded up keep demand but can overflow a full cluster (and
-            # then lose whole services): rounded down as well.
-            attempts.append(lambda: concrete(round_down(form, lp_values, services_up=False)))
+            # Rounded down (leaves room to others), and up (where the packing happens to
+            # find room for them all).
+            attempts.append(lambda: concrete(round_down(form, lp_values, services="down")))
+            attempts.append(lambda: concrete(round_down(form, lp_values, services="up")))
         attempts.insert(0 if protected else len(attempts), lambda: tiered(counts, services))
         spent = 0.0
         for attempt in attempts:
