@@ -194,6 +194,23 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             placed_t = complete(index, placed_t, pol.prefer, tier=tier)
         return placed_t, form.hint(placed_t.values())
 
+    def restored(
+        counts: Mapping[tuple[int, int], int], keep: Mapping[str, Placement]
+    ) -> tuple[dict[str, Placement], dict[int, float]]:
+        """Like ``concrete``, then strict priority restored on the nodes: a higher
+        tier's job that rounding or packing left out (the LP may trade a tier's jobs
+        for fractional service coverage under the same floor) takes the room of
+        lower-priority work, which is placed again where it fits; repeated while that
+        changes the plan (a middle tier's evicted job gets its turn), at most 3 times."""
+        partial, _ = disaggregate(index, counts, keep)
+        full = complete(index, partial, pol.prefer)
+        for _ in range(3):
+            again = complete(index, repair_priority(index, full, options.max_migrations), pol.prefer)
+            if again == full:
+                break
+            full = again
+        return full, form.hint(full.values())
+
     incumbent: dict[str, Placement] | None = dict(seed)  # concrete plan behind ``values``, if any
     # Hard rows a packed candidate can break although the LP or CP-SAT solution held them.
     guarded = [c for c in form.model.constraints if c.name == "migrations" or c.name.startswith("pin[")]
@@ -241,8 +258,9 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         # protect: services' served fraction (to rounding and fragmentation), a
         # tier's jobs (the LP trades them for fractional service coverage under the
         # same floor). Where there are floors, first keep the incumbent's services
-        # that those stages count and pack the rest tier by tier; then the plain
-        # rounding, which may also improve those services.
+        # that those stages count, pack the rest and restore strict priority (else
+        # pack the rest tier by tier); then the plain rounding, which may also
+        # improve those services.
         floor_vars = {v.index for st_ in stages[:k] for v, _a in st_.terms}
         protected = {
             w
@@ -260,7 +278,10 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             # find room for them all).
             attempts.append(lambda: concrete(round_down(form, lp_values, services="down")))
             attempts.append(lambda: concrete(round_down(form, lp_values, services="up")))
-        attempts.insert(0 if protected else len(attempts), lambda: tiered(counts, services))
+        if protected:
+            attempts[:0] = [lambda: restored(counts, services), lambda: tiered(counts, services)]
+        else:
+            attempts.append(lambda: tiered(counts, services))
         spent = 0.0
         for attempt in attempts:
             if spent and end - time.perf_counter() < 1.5 * spent:
