@@ -386,6 +386,17 @@ def explain(loop: ControlLoop, store: Store, workload_id: str) -> tuple[solver.E
             ),
             row.state,
         )
+    invalid = [r.get("message", "") for r in row.reasons if r.get("code") == "INVALID"]
+    if invalid:
+        return (
+            solver.Explanation(
+                workload_id=row.id,
+                placed=False,
+                summary="pending: its spec does not validate against the inventory as it is now",
+                details=tuple(invalid),
+            ),
+            row.state,
+        )
     if latest is None or all(w.id != row.id for w in latest.problem.workloads):
         return (
             solver.Explanation(

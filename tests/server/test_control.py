@@ -114,3 +114,24 @@ def test_rolling_update_keeps_the_old_version_until_the_new_one_has_its_minimum(
         assert rolled.state == "PLACED" and not rolled.HasField("serving_version")
         assert len(rolled.placement.shards) >= 2 and all(s.gpus == 8 for s in rolled.placement.shards)
         assert_feasible(srv)
+
+
+def test_a_workload_the_inventory_no_longer_admits_waits_with_the_reason(tmp_path: Path) -> None:
+    with running_server(tmp_path) as srv:
+        stub = srv.stub()
+        stub.UpsertNodes(INVENTORY)  # no tenants: tenant names are labels, no quotas
+        labelled = training("labelled", 2)
+        labelled.tenant = "research"
+        stub.SubmitWorkload(apb.SubmitWorkloadRequest(workload=labelled))
+        stub.SubmitWorkload(apb.SubmitWorkloadRequest(workload=training("other", 2)))
+        srv.settle()
+        assert set(placements(srv)) == {"labelled", "other"}
+        # quotas arrive, and they do not name "research"
+        stub.UpsertNodes(apb.UpsertNodesRequest(tenants=[pb.Tenant(name="product", max_gpus=8)]))
+        srv.settle()
+        status = stub.GetWorkload(apb.GetWorkloadRequest(id="labelled"))
+        assert status.state == "PENDING" and [r.code for r in status.reasons] == ["INVALID"]
+        assert 'unknown tenant "research"' in status.reasons[0].message
+        assert set(placements(srv)) == {"other"}  # the rest is still planned
+        why = stub.Explain(apb.ExplainRequest(id="labelled"))
+        assert not why.placed and "does not validate" in why.summary and why.details
