@@ -161,8 +161,9 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     backend = get_backend(options.backend)
     # time_limit_s bounds the whole call: the solver stages stop early enough to leave
     # time for packing, repair, verification and explanations (measured: about 5% of
-    # the time at 1k workloads, 30% at 10k; with the LP's own overrun, 10% at 1k).
-    reserve = min(0.35, 0.1 + 3e-5 * len(problem.workloads))
+    # the time at 1k workloads, 10-15% at 10k), and for the solvers' own overrun
+    # (CP-SAT's presolve, GLOP) on a loaded machine: up to 10% at 1k.
+    reserve = min(0.35, 0.15 + 3e-5 * len(problem.workloads))
     deadline = timer.start + options.time_limit_s * (1 - reserve)
     bound: float | None = None
     duals: Mapping[str, float] = {}
@@ -345,14 +346,16 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         proven = lp_bound - current <= max(target * max(abs(lp_bound), 1e-9), 1e-9 * max(1.0, abs(current)))
         left = deadline - time.perf_counter()
         # CP-SAT needs its presolve before it can improve anything (measured: about
-        # 0.4 s for 5k variables, over 1 s for 25k): below that, do not start it.
-        least = 0.2 + 5e-5 * nvars
+        # 0.4 s for 5k variables, over 1 s for 25k; on a loaded machine a 0.56 s budget
+        # took 1.09 s at 4.6k variables): below that, do not start it.
+        least = 0.3 + 1e-4 * nvars
         search_left = (deadline if st.primary else search_end) - time.perf_counter()
         sol: Solution | None = None
         if not proven and left > 0.05 and search_left > least and nvars <= _CPSAT_MAX_VARS:
             later = len(stages) - k - 1
             budget = left / (later + 1) if st.primary and later else search_end - time.perf_counter()
-            budget -= min(0.15, 0.1 * budget)  # CP-SAT overshoots its limit a little (presolve)
+            # CP-SAT overshoots its limit (building the model, presolve), more so when large.
+            budget -= min(0.1 + 5e-5 * nvars, 0.5 * budget)
             with timer.stage(f"solve: {st.name}"):
                 sol = backend.solve_mip(
                     form.model,
