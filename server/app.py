@@ -39,6 +39,7 @@ from solver import Plan
 log = logging.getLogger("apportion.server")
 
 SERVICE_NAME = "apportion.v1.Allocator"
+MAX_REPLY_BYTES = 256 * 1024 * 1024  # GetPlan of 100,000 workloads is tens of MiB
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,8 @@ class ApportionServer:
             self.grpc = grpc.server(
                 futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="apportion-rpc"),
                 options=[
-                    ("grpc.max_receive_message_length", limit),
-                    ("grpc.max_send_message_length", limit),
+                    ("grpc.max_receive_message_length", limit),  # requests: bounded
+                    ("grpc.max_send_message_length", MAX_REPLY_BYTES),  # a big cluster's plan
                     ("grpc.so_reuseport", 0),
                 ],
             )

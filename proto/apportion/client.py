@@ -165,6 +165,17 @@ def _workload_list(workloads: pb.WorkloadList | Mapping[str, Any] | Iterable[Mes
     return [_message(w, pb.Workload) for w in workloads]
 
 
+MAX_RECEIVE_BYTES = 256 * 1024 * 1024
+"""Replies can be large (the plan of 100,000 workloads is tens of MiB); gRPC's default is 4 MiB."""
+
+
+def _channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    given = list(options)
+    if not any(name == "grpc.max_receive_message_length" for name, _ in given):
+        given.append(("grpc.max_receive_message_length", MAX_RECEIVE_BYTES))
+    return given
+
+
 class Client:
     """A connection to an Apportion server (see the module docstring for the decisions)."""
 
@@ -202,9 +213,9 @@ class Client:
                 private_key=_pem(key, "client private key"),
                 certificate_chain=_pem(cert, "client certificate"),
             )
-            channel = grpc.secure_channel(address, credentials, options=list(options))
+            channel = grpc.secure_channel(address, credentials, options=_channel_options(options))
         else:
-            channel = grpc.insecure_channel(address, options=list(options))
+            channel = grpc.insecure_channel(address, options=_channel_options(options))
         if interceptors:
             channel = grpc.intercept_channel(channel, *interceptors)
         self._channel = channel
