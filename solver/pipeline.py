@@ -237,11 +237,12 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         return new > old + tol if strictly else new >= old - tol
 
     def rounded(
-        k: int, lp_values: tuple[float, ...], end: float
+        k: int, lp_values: tuple[float, ...], end: float, found_end: float
     ) -> tuple[dict[str, Placement], dict[int, float]] | None:
         """The LP solution of stage ``k`` rounded, packed and completed: the best of a
         few roundings that keeps the floors and beats the incumbent on stage ``k``
-        (None if none does). Later roundings run only while time is left before ``end``."""
+        (None if none does). Later roundings run only while time is left before
+        ``end``, or before ``found_end`` once one of them has succeeded."""
         best: tuple[dict[str, Placement], dict[int, float]] | None = None
         best_value = -math.inf
 
@@ -285,7 +286,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             attempts.append(lambda: tiered(counts, services))
         spent = 0.0
         for attempt in attempts:
-            if spent and end - time.perf_counter() < 1.5 * spent:
+            if spent and (end if best is None else found_end) - time.perf_counter() < 1.5 * spent:
                 break
             t0 = time.perf_counter()
             consider(attempt())
@@ -335,10 +336,12 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         if lp.status is SolveStatus.OPTIMAL:
             if st.primary:
                 bound, duals = lp.objective, lp.duals
-            # Rounding can only help where the LP leaves room above the incumbent.
+            # Rounding can only help where the LP leaves room above the incumbent. Once
+            # one rounding has succeeded, an early stage tries alternatives only within
+            # its even share of the early time, leaving the rest to later stages.
             if lp_bound > current + tol:
                 with timer.stage("round"):
-                    found = rounded(k, lp.values, deadline if st.primary else early_until)
+                    found = rounded(k, lp.values, stage_end, search_end)
                 if found is not None:
                     incumbent, values = found
                     current = form.model.objective_value(vector(values))
