@@ -29,12 +29,11 @@ from grpc_reflection.v1alpha import reflection
 
 from apportion.v1 import allocator_pb2, allocator_pb2_grpc
 from server import auth
-from server.control import ControlLoop, LoopConfig
+from server.control import ControlLoop, LoopConfig, RoundResult
 from server.metrics import Metrics
 from server.service import AllocatorServicer, Shared
 from server.solving import SolverPool
 from server.store import Store
-from solver import Plan
 
 log = logging.getLogger("apportion.server")
 
@@ -121,9 +120,9 @@ class ApportionServer:
         host = self.config.listen.rsplit(":", 1)[0]
         return f"{host}:{self.port}"
 
-    def _on_plan(self, plan: Plan, solve_time_s: float) -> None:
+    def _on_plan(self, result: RoundResult) -> None:
         self.metrics.observe_plan(
-            plan.status.value, gap=plan.gap, objective=plan.objective, solve_seconds=solve_time_s
+            result.status, gap=result.gap, objective=result.objective, solve_seconds=result.solve_time_s
         )
         self.metrics.set_workloads(self.store.counts_by_state())
 

@@ -35,6 +35,15 @@ changed inventory) does not stop the loop: that workload is left PENDING with
 the violation as its reason and the rest is planned.
 
 On start the loop plans once, so work accepted before a restart resumes.
+
+Cost to the server. A round reads the store, then everything else — building
+the domain problem from the stored documents, solving, turning the plan into
+documents and assignments — runs in a solver process (:func:`plan_round`), so
+the server's threads keep the interpreter lock for the RPCs; the round ends
+with one write of the store. After a round the loop rests for as long as the
+round took, so under a steady stream of changes planning takes at most about
+half of the server's time (the plan then trails the changes by about two
+rounds).
 """
 
 from __future__ import annotations
@@ -70,18 +79,50 @@ class LoopConfig:
     max_delay_s: float = 2.0
 
 
-@dataclass(frozen=True)
 class PlanInfo:
-    """The latest plan of this process, with the problem it solved (for Explain)."""
+    """The latest plan of this process and what it was solved from. The domain
+    problem and plan are rebuilt only when an explanation needs them (once)."""
 
-    revision: int
-    based_on: int
-    problem: Problem
-    plan: Plan
-    solve_time_s: float
+    def __init__(
+        self, revision: int, based_on: int, snapshot: Snapshot, result: RoundResult, solve_time_s: float
+    ) -> None:
+        self.revision = revision
+        self.based_on = based_on
+        self.snapshot = snapshot
+        self.result = result
+        self.solve_time_s = solve_time_s
+        self.included = frozenset(result.included)
+        self._lock = threading.Lock()
+        self._solved: tuple[Problem, Plan] | None = None
+
+    def problem_and_plan(self) -> tuple[Problem, Plan]:
+        with self._lock:
+            if self._solved is None:
+                s, r = self.snapshot, self.result
+                specs = {row.id: row.spec for row in s.rows}
+                for row in s.rows:
+                    if (
+                        row.id in r.pinned_old
+                        and row.placement
+                        and isinstance(row.placement.get("spec"), dict)
+                    ):
+                        specs[row.id] = row.placement["spec"]
+                node_ids = {n.get("id") for n in s.nodes}
+                rows = [row for row in s.rows if row.id in self.included]
+                current = [p for row in rows if (p := _current_placement(row, node_ids)) is not None]
+                problem = convert.state_problem(
+                    gpu_types=s.gpu_types,
+                    nodes=s.nodes,
+                    tenants=s.tenants,
+                    workloads=[specs[row.id] for row in rows],
+                    current=current,
+                )
+                plan = convert.plan_from_message(convert.plan_from_data(r.plan_data))
+                self._solved = (problem, plan)
+            return self._solved
 
 
-PlanCallback = Callable[[Plan, float], None]
+PlanCallback = Callable[["RoundResult"], None]
 
 
 class ControlLoop:
@@ -107,6 +148,8 @@ class ControlLoop:
         self._notified = 1  # notify() calls so far; the start counts as one
         self._covered = 0  # notify() calls that a recorded plan has taken into account
         self._failures = 0
+        self._last_round_s = 0.0
+        self._rested_at = 0.0
         self._thread = threading.Thread(target=self._run, name="apportion-control", daemon=True)
 
     # -- control ---------------------------------------------------------
@@ -182,6 +225,8 @@ class ControlLoop:
         if not self._dirty:
             return False
         now = time.monotonic()
+        if now < self._rested_at:
+            return False
         quiet = now - self._last_change >= self.config.debounce_s
         overdue = now - self._first_change >= self.config.max_delay_s
         return quiet or overdue
@@ -192,174 +237,225 @@ class ControlLoop:
         now = time.monotonic()
         until_quiet = self._last_change + self.config.debounce_s - now
         until_overdue = self._first_change + self.config.max_delay_s - now
-        return max(0.001, min(until_quiet, until_overdue))
+        return max(0.001, self._rested_at - now, min(until_quiet, until_overdue))
 
     # -- one round -------------------------------------------------------
 
     def _round(self) -> None:
+        start = time.perf_counter()
         based_on = self.store.revision()
-        rows = [r for r in self.store.active_workloads() if r.state in ACTIVE]
-        gpu_types = self.store.gpu_types()
-        tenants = self.store.tenants()
-        nodes = [n.spec for n in self.store.all_nodes()]
-        node_ids = {n.get("id") for n in nodes}
-        specs: dict[str, dict[str, Any]] = {r.id: r.spec for r in rows}
-        pinned_old: set[str] = set()
-        invalid: dict[str, list[dict[str, Any]]] = {}
-
-        for _ in range(2):  # a second solve only when a rolling update must keep its old version
-            problem, invalid = self._problem(rows, specs, gpu_types, tenants, nodes, node_ids)
-            options = PlanOptions(
-                time_limit_s=self.config.time_limit_s,
-                relative_gap=self.config.relative_gap,
-                migration_penalty=self.config.migration_penalty,
-                max_migrations=self.config.max_migrations,
-            )
-            start = time.perf_counter()
-            try:
-                solved = self.pool.solve(problem, self.config.policy, options)
-            except SolverCrashed:
-                solved = self.pool.solve(problem, self.config.policy, options)  # one retry on a fresh process
-            plan = solved.plan
-            stuck = self._stuck_updates(rows, plan) - pinned_old
-            if not stuck:
-                break
-            for row in rows:
-                if row.id in stuck and row.placement and isinstance(row.placement.get("spec"), dict):
-                    specs[row.id] = row.placement["spec"]
-                    pinned_old.add(row.id)
-        elapsed = time.perf_counter() - start
-        assignments = self._assignments(rows, plan, invalid, pinned_old)
-        plan_data = convert.plan_to_dict(plan)
+        snapshot = Snapshot(
+            rows=tuple(r for r in self.store.active_workloads() if r.state in ACTIVE),
+            gpu_types=tuple(self.store.gpu_types()),
+            tenants=tuple(self.store.tenants()),
+            nodes=tuple(n.spec for n in self.store.all_nodes()),
+        )
+        try:
+            result = self.pool.call(plan_round, snapshot, self.config)
+        except SolverCrashed:
+            result = self.pool.call(plan_round, snapshot, self.config)  # once more, on a fresh process
         revision = self.store.apply_plan(
-            plan_data,
-            status=plan.status.value,
-            gap=plan.gap,
-            solve_s=solved.solve_time_s,
+            result.plan_data,
+            status=result.status,
+            gap=result.gap,
+            solve_s=result.solve_time_s,
             based_on=based_on,
-            assignments=assignments,
+            assignments=result.assignments,
         )
         self._latest = PlanInfo(
-            revision=revision, based_on=based_on, problem=problem, plan=plan, solve_time_s=solved.solve_time_s
+            revision=revision,
+            based_on=based_on,
+            snapshot=snapshot,
+            result=result,
+            solve_time_s=result.solve_time_s,
         )
+        self._last_round_s = time.perf_counter() - start
+        # the next round waits at least as long as this one took: under a stream of
+        # changes planning takes at most half of the time the store and RPCs have
+        self._rested_at = time.monotonic() + self._last_round_s
         log.info(
             "plan recorded",
             extra={
                 "revision": revision,
-                "status": plan.status.value,
-                "gap": plan.gap,
-                "placed": len(plan.placements),
-                "unplaced": len(plan.unplaced),
-                "workloads": len(rows),
-                "solve_s": round(solved.solve_time_s, 4),
-                "round_s": round(elapsed, 4),
+                "status": result.status,
+                "gap": result.gap,
+                "placed": len(result.plan_data.get("placements", [])),
+                "unplaced": len(result.plan_data.get("unplaced", [])),
+                "workloads": len(snapshot.rows),
+                "solve_s": round(result.solve_time_s, 4),
+                "round_s": round(self._last_round_s, 4),
             },
         )
         if self.on_plan is not None:
-            self.on_plan(plan, solved.solve_time_s)
+            self.on_plan(result)
 
-    def _problem(
-        self,
-        rows: list[WorkloadRow],
-        specs: dict[str, dict[str, Any]],
-        gpu_types: list[dict[str, Any]],
-        tenants: list[dict[str, Any]],
-        nodes: list[dict[str, Any]],
-        node_ids: set[Any],
-    ) -> tuple[Problem, dict[str, list[dict[str, Any]]]]:
-        """The problem of the state; workloads that do not validate are left out
-        (returned with their violations), current placements that do not are dropped."""
-        included = list(rows)
-        invalid: dict[str, list[dict[str, Any]]] = {}
-        current = {r.id: _current_placement(r, node_ids) for r in included}
-        for _ in range(len(rows) + 2):
-            workloads = [specs[r.id] for r in included]
-            placements = [p for r in included if (p := current.get(r.id)) is not None]
-            try:
-                problem = convert.state_problem(
-                    gpu_types=gpu_types, nodes=nodes, tenants=tenants, workloads=workloads, current=placements
-                )
-                return problem, invalid
-            except ValidationError as exc:
-                bad_workloads: set[int] = set()
-                bad_current: set[int] = set()
-                for v in exc.violations:
-                    if m := _WORKLOAD_PATH.match(v.path):
-                        bad_workloads.add(int(m.group(1)))
-                    elif m := _CURRENT_PATH.match(v.path):
-                        bad_current.add(int(m.group(1)))
-                if not bad_workloads and not bad_current:
-                    raise  # the inventory itself is invalid: nothing to plan around
-                placed_ids = [r.id for r in included if current.get(r.id) is not None]
-                for i in bad_current:
-                    current[placed_ids[i]] = None
-                for i in sorted(bad_workloads, reverse=True):
-                    row = included.pop(i)
-                    invalid[row.id] = [
-                        {"code": "INVALID", "message": str(v)}
-                        for v in exc.violations
-                        if v.path.startswith(f"workloads[{i}]")
-                    ]
-        raise RuntimeError("could not build a valid problem from the state")
 
-    @staticmethod
-    def _stuck_updates(rows: list[WorkloadRow], plan: Plan) -> set[str]:
-        """Services whose new version gets fewer than its minimum replicas while the
-        old version (still recorded in the placement) serves."""
-        stuck = set()
+@dataclass(frozen=True)
+class Snapshot:
+    """What one round reads of the store: plain data, sent to a solver process."""
+
+    rows: tuple[WorkloadRow, ...]
+    gpu_types: tuple[dict[str, Any], ...]
+    tenants: tuple[dict[str, Any], ...]
+    nodes: tuple[dict[str, Any], ...]
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What a solver process sends back: the plan document and each workload's assignment."""
+
+    plan_data: dict[str, Any]
+    status: str
+    gap: float | None
+    objective: float
+    solve_time_s: float
+    assignments: dict[str, Assignment]
+    included: tuple[str, ...]  # the workloads the problem had (the invalid ones left out)
+    pinned_old: tuple[str, ...]  # services planned with their old version (a waiting rollout)
+
+
+def plan_round(snapshot: Snapshot, config: LoopConfig) -> RoundResult:
+    """One round's computation, in a solver process: build the problem from the
+    stored data, solve (twice when a rolling update must keep its old version),
+    and turn the plan into the store's documents. The server's process only
+    reads the store before and writes it after, so its threads keep answering."""
+    start = time.perf_counter()
+    rows = list(snapshot.rows)
+    nodes = list(snapshot.nodes)
+    node_ids = {n.get("id") for n in nodes}
+    specs: dict[str, dict[str, Any]] = {r.id: r.spec for r in rows}
+    pinned_old: set[str] = set()
+    options = PlanOptions(
+        time_limit_s=config.time_limit_s,
+        relative_gap=config.relative_gap,
+        migration_penalty=config.migration_penalty,
+        max_migrations=config.max_migrations,
+    )
+    for _ in range(2):  # a second solve only when a rolling update must keep its old version
+        problem, invalid = _problem(
+            rows, specs, list(snapshot.gpu_types), list(snapshot.tenants), nodes, node_ids
+        )
+        plan = solver.plan(problem, config.policy, options)
+        stuck = _stuck_updates(rows, plan) - pinned_old
+        if not stuck:
+            break
         for row in rows:
-            p = row.placement
-            if not p or p.get("version", row.version) == row.version or row.kind != "inference":
-                continue
-            minimum = int(row.spec.get("inference", {}).get("min_replicas", 1) or 1)
-            new = plan.placement(row.id)
-            if new is None or len(new.shards) < minimum:
-                stuck.add(row.id)
-        return stuck
+            if row.id in stuck and row.placement and isinstance(row.placement.get("spec"), dict):
+                specs[row.id] = row.placement["spec"]
+                pinned_old.add(row.id)
+    return RoundResult(
+        plan_data=convert.plan_to_dict(plan),
+        status=plan.status.value,
+        gap=plan.gap,
+        objective=plan.objective,
+        solve_time_s=time.perf_counter() - start,
+        assignments=_assignments(rows, plan, invalid, pinned_old),
+        included=tuple(w.id for w in problem.workloads),
+        pinned_old=tuple(sorted(pinned_old)),
+    )
 
-    @staticmethod
-    def _assignments(
-        rows: list[WorkloadRow],
-        plan: Plan,
-        invalid: dict[str, list[dict[str, Any]]],
-        pinned_old: set[str],
-    ) -> dict[str, Assignment]:
-        unplaced = {u.workload_id: u for u in plan.unplaced}
-        shortfalls = {s.workload_id: s for s in plan.shortfalls}
-        out: dict[str, Assignment] = {}
-        for row in rows:
-            if row.id in invalid:
-                out[row.id] = Assignment(row.version, PENDING, None, invalid[row.id])
-                continue
-            p = plan.placement(row.id)
-            if p is None:
-                u = unplaced.get(row.id)
-                reasons = convert.reasons_to_dicts(u.reasons) if u is not None else []
-                out[row.id] = Assignment(row.version, PENDING, None, reasons)
-                continue
-            placement = convert.placement_to_dict(p)
-            shards = placement["shards"]
-            if row.id in pinned_old and row.placement is not None:
-                placement["version"] = row.placement.get("version", row.version)
-                placement["spec"] = row.placement.get("spec")
-                reasons = [
-                    {
-                        "code": "ROLLOUT",
-                        "message": f"version {row.version} waits: it cannot get its minimum replicas; "
-                        f"version {placement['version']} keeps serving",
-                    }
+
+def _problem(
+    rows: list[WorkloadRow],
+    specs: dict[str, dict[str, Any]],
+    gpu_types: list[dict[str, Any]],
+    tenants: list[dict[str, Any]],
+    nodes: list[dict[str, Any]],
+    node_ids: set[Any],
+) -> tuple[Problem, dict[str, list[dict[str, Any]]]]:
+    """The problem of the state; workloads that do not validate are left out
+    (returned with their violations), current placements that do not are dropped."""
+    included = list(rows)
+    invalid: dict[str, list[dict[str, Any]]] = {}
+    current = {r.id: _current_placement(r, node_ids) for r in included}
+    for _ in range(len(rows) + 2):
+        workloads = [specs[r.id] for r in included]
+        placements = [p for r in included if (p := current.get(r.id)) is not None]
+        try:
+            problem = convert.state_problem(
+                gpu_types=gpu_types, nodes=nodes, tenants=tenants, workloads=workloads, current=placements
+            )
+            return problem, invalid
+        except ValidationError as exc:
+            bad_workloads: set[int] = set()
+            bad_current: set[int] = set()
+            for v in exc.violations:
+                if m := _WORKLOAD_PATH.match(v.path):
+                    bad_workloads.add(int(m.group(1)))
+                elif m := _CURRENT_PATH.match(v.path):
+                    bad_current.add(int(m.group(1)))
+            if not bad_workloads and not bad_current:
+                raise  # the inventory itself is invalid: nothing to plan around
+            placed_ids = [r.id for r in included if current.get(r.id) is not None]
+            for i in bad_current:
+                current[placed_ids[i]] = None
+            for i in sorted(bad_workloads, reverse=True):
+                row = included.pop(i)
+                invalid[row.id] = [
+                    {"code": "INVALID", "message": str(v)}
+                    for v in exc.violations
+                    if v.path.startswith(f"workloads[{i}]")
                 ]
-            else:
-                placement["version"] = row.version
-                if row.kind == "inference":  # kept so that a later update can fall back to it
-                    placement["spec"] = row.spec
-                s = shortfalls.get(row.id)
-                reasons = convert.reasons_to_dicts(s.reasons) if s is not None else []
-            old = row.placement or {}
-            unchanged = old.get("shards") == shards and old.get("version") == placement["version"]
-            state = RUNNING if row.state == RUNNING and unchanged else PLACED
-            out[row.id] = Assignment(row.version, state, placement, reasons)
-        return out
+    raise RuntimeError("could not build a valid problem from the state")
+
+
+def _stuck_updates(rows: list[WorkloadRow], plan: Plan) -> set[str]:
+    """Services whose new version gets fewer than its minimum replicas while the
+    old version (still recorded in the placement) serves."""
+    stuck = set()
+    for row in rows:
+        p = row.placement
+        if not p or p.get("version", row.version) == row.version or row.kind != "inference":
+            continue
+        minimum = int(row.spec.get("inference", {}).get("min_replicas", 1) or 1)
+        new = plan.placement(row.id)
+        if new is None or len(new.shards) < minimum:
+            stuck.add(row.id)
+    return stuck
+
+
+def _assignments(
+    rows: list[WorkloadRow],
+    plan: Plan,
+    invalid: dict[str, list[dict[str, Any]]],
+    pinned_old: set[str],
+) -> dict[str, Assignment]:
+    unplaced = {u.workload_id: u for u in plan.unplaced}
+    shortfalls = {s.workload_id: s for s in plan.shortfalls}
+    out: dict[str, Assignment] = {}
+    for row in rows:
+        if row.id in invalid:
+            out[row.id] = Assignment(row.version, PENDING, None, invalid[row.id])
+            continue
+        p = plan.placement(row.id)
+        if p is None:
+            u = unplaced.get(row.id)
+            reasons = convert.reasons_to_dicts(u.reasons) if u is not None else []
+            out[row.id] = Assignment(row.version, PENDING, None, reasons)
+            continue
+        placement = convert.placement_to_dict(p)
+        shards = placement["shards"]
+        if row.id in pinned_old and row.placement is not None:
+            placement["version"] = row.placement.get("version", row.version)
+            placement["spec"] = row.placement.get("spec")
+            reasons = [
+                {
+                    "code": "ROLLOUT",
+                    "message": f"version {row.version} waits: it cannot get its minimum replicas; "
+                    f"version {placement['version']} keeps serving",
+                }
+            ]
+        else:
+            placement["version"] = row.version
+            if row.kind == "inference":  # kept so that a later update can fall back to it
+                placement["spec"] = row.spec
+            s = shortfalls.get(row.id)
+            reasons = convert.reasons_to_dicts(s.reasons) if s is not None else []
+        old = row.placement or {}
+        unchanged = old.get("shards") == shards and old.get("version") == placement["version"]
+        state = RUNNING if row.state == RUNNING and unchanged else PLACED
+        out[row.id] = Assignment(row.version, state, placement, reasons)
+    return out
 
 
 def _current_placement(row: WorkloadRow, node_ids: set[Any]) -> dict[str, Any] | None:
@@ -397,7 +493,7 @@ def explain(loop: ControlLoop, store: Store, workload_id: str) -> tuple[solver.E
             ),
             row.state,
         )
-    if latest is None or all(w.id != row.id for w in latest.problem.workloads):
+    if latest is None or row.id not in latest.included:
         return (
             solver.Explanation(
                 workload_id=row.id,
@@ -407,4 +503,5 @@ def explain(loop: ControlLoop, store: Store, workload_id: str) -> tuple[solver.E
             ),
             row.state,
         )
-    return solver.explain(latest.problem, latest.plan, row.id), row.state
+    problem, plan = latest.problem_and_plan()
+    return solver.explain(problem, plan, row.id), row.state

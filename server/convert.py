@@ -862,6 +862,32 @@ def _rebase(violations: Iterable[Violation], old: str, new: str) -> list[Violati
     return out
 
 
+class WorkloadChecker:
+    """Checks workloads of requests against one inventory's GPU types and tenants
+    (built once, reused for every request while they stay the same)."""
+
+    def __init__(self, gpu_types: Iterable[Mapping[str, Any]], tenants: Iterable[Mapping[str, Any]]) -> None:
+        self.gpu_types = [dict(t) for t in gpu_types]
+        self.tenants = [dict(t) for t in tenants]
+        self._types = tuple(_gpu_type(gpu_type_from_dict(t)) for t in self.gpu_types)
+        self._tenants = tuple(_tenant(tenant_from_dict(t)) for t in self.tenants)
+
+    def check(self, msg: pb.Workload, path: str = "workload") -> None:
+        """Check one workload with the CLI's rules and messages (paths start at
+        ``path``: ``workload.inference.target_rps``).
+
+        Raises:
+            ValidationError: every broken rule.
+        """
+        if not msg.id:
+            raise ValidationError([Violation(f"{path}.id", "must not be empty")])
+        out: list[Violation] = []
+        workload = _workload(msg, "workloads[0]", out)
+        problem = Problem(gpu_types=self._types, nodes=(), tenants=self._tenants, workloads=(workload,))
+        out += _semantic_extra(problem, out)
+        _raise_if(_rebase(_in_file_order(out), "workloads[0]", path))
+
+
 def check_workload(
     msg: pb.Workload,
     *,
@@ -869,21 +895,12 @@ def check_workload(
     tenants: Iterable[Mapping[str, Any]],
     path: str = "workload",
 ) -> None:
-    """Check one workload of a request against the server's inventory, with the
-    CLI's rules and messages (paths start at ``path``: ``workload.inference.target_rps``).
+    """Check one workload of a request against the server's inventory (see :class:`WorkloadChecker`).
 
     Raises:
         ValidationError: every broken rule.
     """
-    inventory = pb.Inventory(
-        gpu_types=[gpu_type_from_dict(t) for t in gpu_types], tenants=[tenant_from_dict(t) for t in tenants]
-    )
-    if not msg.id:
-        raise ValidationError([Violation(f"{path}.id", "must not be empty")])
-    out: list[Violation] = []
-    problem = _build_problem(inventory, pb.WorkloadList(workloads=[msg]), None, out)
-    out += _semantic_extra(problem, out)
-    _raise_if(_rebase(_in_file_order(out), "workloads[0]", path))
+    WorkloadChecker(gpu_types, tenants).check(msg, path)
 
 
 def check_inventory_update(

@@ -207,6 +207,8 @@ def _request_key(principal: Principal, request_id: str) -> str | None:
 class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
     def __init__(self, shared: Shared) -> None:
         self.shared = shared
+        # built from the GPU types and tenants it was made for; rebuilt when they change
+        self._checker: convert.WorkloadChecker | None = None
 
     @property
     def store(self) -> Store:
@@ -247,7 +249,11 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         return row
 
     def _check(self, workload: pb.Workload) -> None:
-        convert.check_workload(workload, gpu_types=self.store.gpu_types(), tenants=self.store.tenants())
+        gpu_types, tenants = self.store.gpu_types(), self.store.tenants()
+        checker = self._checker
+        if checker is None or checker.gpu_types != gpu_types or checker.tenants != tenants:
+            checker = self._checker = convert.WorkloadChecker(gpu_types, tenants)
+        checker.check(workload)
 
     @_unary
     def SubmitWorkload(

@@ -20,12 +20,16 @@ import multiprocessing
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import solver
 from solver import Plan, PlanOptions, Problem
+
+T = TypeVar("T")
 
 
 class SolverCrashed(RuntimeError):
@@ -116,6 +120,23 @@ class SolverPool:
             pool = self._pool
         try:
             return self.submit(problem, policy, options).result()
+        except BrokenProcessPool as exc:
+            with self._lock:
+                if self._pool is pool:
+                    self._pool = self._new_pool()
+            raise SolverCrashed("the solver process died; the plan was not computed") from exc
+
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` (a module-level function; arguments and result pickled)
+        in a worker process.
+
+        Raises:
+            what ``fn`` raises; SolverCrashed: the process died (the pool is replaced).
+        """
+        with self._lock:
+            pool = self._pool
+        try:
+            return pool.submit(fn, *args).result()
         except BrokenProcessPool as exc:
             with self._lock:
                 if self._pool is pool:
