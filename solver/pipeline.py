@@ -237,12 +237,13 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         return new > old + tol if strictly else new >= old - tol
 
     def rounded(
-        k: int, lp_values: tuple[float, ...], end: float, found_end: float
+        k: int, lp_values: tuple[float, ...], end: float, later: int
     ) -> tuple[dict[str, Placement], dict[int, float]] | None:
         """The LP solution of stage ``k`` rounded, packed and completed: the best of a
         few roundings that keeps the floors and beats the incumbent on stage ``k``
         (None if none does). Later roundings run only while time is left before
-        ``end``, or before ``found_end`` once one of them has succeeded."""
+        ``end``; once one has succeeded, only while that leaves the ``later`` stages
+        that share ``end`` time for a rounding each."""
         best: tuple[dict[str, Placement], dict[int, float]] | None = None
         best_value = -math.inf
 
@@ -286,7 +287,8 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             attempts.append(lambda: tiered(counts, services))
         spent = 0.0
         for attempt in attempts:
-            if spent and (end if best is None else found_end) - time.perf_counter() < 1.5 * spent:
+            left = end - time.perf_counter() - (later * 1.5 * spent if best is not None else 0.0)
+            if spent and left < 1.5 * spent:
                 break
             t0 = time.perf_counter()
             consider(attempt())
@@ -299,6 +301,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
 
     # Stages before the primary share at most 60% of the time; the primary gets the rest.
     early_until = time.perf_counter() + 0.6 * max(0.0, deadline - time.perf_counter())
+    primary_index = next((i for i, x in enumerate(stages) if x.primary), len(stages))
     objective_vars: set[int] = set()
     for k, st in enumerate(stages):
         form.model.maximize(st.terms, st.constant)
@@ -337,11 +340,13 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             if st.primary:
                 bound, duals = lp.objective, lp.duals
             # Rounding can only help where the LP leaves room above the incumbent. Once
-            # one rounding has succeeded, an early stage tries alternatives only within
-            # its even share of the early time, leaving the rest to later stages.
+            # one rounding has succeeded, an early stage leaves the early stages still
+            # to come the time for theirs.
             if lp_bound > current + tol:
                 with timer.stage("round"):
-                    found = rounded(k, lp.values, stage_end, search_end)
+                    found = rounded(
+                        k, lp.values, stage_end, 0 if st.primary else max(0, primary_index - k - 1)
+                    )
                 if found is not None:
                     incumbent, values = found
                     current = form.model.objective_value(vector(values))
