@@ -38,6 +38,7 @@ from server.store import Store
 log = logging.getLogger("apportion.server")
 
 SERVICE_NAME = "apportion.v1.Allocator"
+PLAN_HISTORY = 20  # plans kept in the store (the plan of 100,000 workloads is ~25 MB)
 MAX_REPLY_BYTES = 256 * 1024 * 1024  # GetPlan of 100,000 workloads is tens of MiB
 
 
@@ -75,7 +76,7 @@ class ApportionServer:
             else None
         )
         self.metrics = Metrics()
-        self.store = Store(config.db)
+        self.store = Store(config.db, plan_history=PLAN_HISTORY)
         try:
             self.pool = SolverPool(config.solver_processes)
             self.loop = ControlLoop(self.store, self.pool, config.loop, on_plan=self._on_plan)

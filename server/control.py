@@ -48,6 +48,7 @@ rounds).
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import threading
@@ -58,8 +59,9 @@ from typing import Any
 
 import solver
 from server import convert
+from server.errors import FailedPrecondition
 from server.solving import SolverCrashed, SolverPool
-from server.store import ACTIVE, PENDING, PLACED, RUNNING, Assignment, Store, WorkloadRow
+from server.store import ACTIVE, PENDING, PLACED, RUNNING, Assignment, Store, WorkloadRow, read_snapshot
 from solver import Plan, PlanOptions, Problem, ValidationError
 
 log = logging.getLogger("apportion.control")
@@ -80,44 +82,41 @@ class LoopConfig:
 
 
 class PlanInfo:
-    """The latest plan of this process and what it was solved from. The domain
-    problem and plan are rebuilt only when an explanation needs them (once)."""
+    """The latest plan of this process. The domain problem and plan are rebuilt
+    (once) only when an explanation needs them: from the stored plan and the
+    specs of the workloads it was solved for, at the versions it saw."""
 
-    def __init__(
-        self, revision: int, based_on: int, snapshot: Snapshot, result: RoundResult, solve_time_s: float
-    ) -> None:
+    def __init__(self, revision: int, result: RoundResult) -> None:
         self.revision = revision
-        self.based_on = based_on
-        self.snapshot = snapshot
+        self.based_on = result.based_on
         self.result = result
-        self.solve_time_s = solve_time_s
-        self.included = frozenset(result.included)
+        self.included = result.included  # workload id -> the version the plan saw
         self._lock = threading.Lock()
         self._solved: tuple[Problem, Plan] | None = None
 
-    def problem_and_plan(self) -> tuple[Problem, Plan]:
+    def problem_and_plan(self, store: Store) -> tuple[Problem, Plan]:
         with self._lock:
             if self._solved is None:
-                s, r = self.snapshot, self.result
-                specs = {row.id: row.spec for row in s.rows}
-                for row in s.rows:
-                    if (
-                        row.id in r.pinned_old
-                        and row.placement
-                        and isinstance(row.placement.get("spec"), dict)
-                    ):
-                        specs[row.id] = row.placement["spec"]
-                node_ids = {n.get("id") for n in s.nodes}
-                rows = [row for row in s.rows if row.id in self.included]
-                current = [p for row in rows if (p := _current_placement(row, node_ids)) is not None]
+                record = store.latest_plan()
+                if record is None or record.revision != self.revision:
+                    raise FailedPrecondition("a newer plan is being recorded; ask again")
+                rows = [r for r in store.list_workloads(limit=2**62) if r.id in self.included]
+                specs: dict[str, dict[str, Any]] = {}
+                for row in rows:
+                    old = (row.placement or {}).get("spec")
+                    pinned = row.id in self.result.pinned_old and isinstance(old, dict)
+                    specs[row.id] = old if pinned and isinstance(old, dict) else row.spec
+                nodes = [n.spec for n in store.all_nodes()]
+                node_ids = {n.get("id") for n in nodes}
+                current = [p for row in rows if (p := _current_placement(row, node_ids, any_state=True))]
                 problem = convert.state_problem(
-                    gpu_types=s.gpu_types,
-                    nodes=s.nodes,
-                    tenants=s.tenants,
+                    gpu_types=store.gpu_types(),
+                    nodes=nodes,
+                    tenants=store.tenants(),
                     workloads=[specs[row.id] for row in rows],
                     current=current,
                 )
-                plan = convert.plan_from_message(convert.plan_from_data(r.plan_data))
+                plan = convert.plan_from_message(convert.plan_from_data(record.plan))
                 self._solved = (problem, plan)
             return self._solved
 
@@ -243,32 +242,20 @@ class ControlLoop:
 
     def _round(self) -> None:
         start = time.perf_counter()
-        based_on = self.store.revision()
-        snapshot = Snapshot(
-            rows=tuple(r for r in self.store.active_workloads() if r.state in ACTIVE),
-            gpu_types=tuple(self.store.gpu_types()),
-            tenants=tuple(self.store.tenants()),
-            nodes=tuple(n.spec for n in self.store.all_nodes()),
-        )
         try:
-            result = self.pool.call(plan_round, snapshot, self.config)
+            result = self.pool.call(plan_round, str(self.store.path), self.config)
         except SolverCrashed:
-            result = self.pool.call(plan_round, snapshot, self.config)  # once more, on a fresh process
+            result = self.pool.call(plan_round, str(self.store.path), self.config)  # on a fresh process
         revision = self.store.apply_plan(
-            result.plan_data,
+            result.plan_json,
             status=result.status,
             gap=result.gap,
             solve_s=result.solve_time_s,
-            based_on=based_on,
+            based_on=result.based_on,
             assignments=result.assignments,
+            summary={"objective": result.objective, "placed": result.placed, "unplaced": result.unplaced},
         )
-        self._latest = PlanInfo(
-            revision=revision,
-            based_on=based_on,
-            snapshot=snapshot,
-            result=result,
-            solve_time_s=result.solve_time_s,
-        )
+        self._latest = PlanInfo(revision, result)
         self._last_round_s = time.perf_counter() - start
         # the next round waits at least as long as this one took: under a stream of
         # changes planning takes at most half of the time the store and RPCs have
@@ -279,9 +266,10 @@ class ControlLoop:
                 "revision": revision,
                 "status": result.status,
                 "gap": result.gap,
-                "placed": len(result.plan_data.get("placements", [])),
-                "unplaced": len(result.plan_data.get("unplaced", [])),
-                "workloads": len(snapshot.rows),
+                "placed": result.placed,
+                "unplaced": result.unplaced,
+                "workloads": len(result.included),
+                "changed": len(result.assignments),
                 "solve_s": round(result.solve_time_s, 4),
                 "round_s": round(self._last_round_s, 4),
             },
@@ -291,35 +279,30 @@ class ControlLoop:
 
 
 @dataclass(frozen=True)
-class Snapshot:
-    """What one round reads of the store: plain data, sent to a solver process."""
-
-    rows: tuple[WorkloadRow, ...]
-    gpu_types: tuple[dict[str, Any], ...]
-    tenants: tuple[dict[str, Any], ...]
-    nodes: tuple[dict[str, Any], ...]
-
-
-@dataclass(frozen=True)
 class RoundResult:
-    """What a solver process sends back: the plan document and each workload's assignment."""
+    """What a solver process sends back: the plan document (as JSON text) and the
+    assignments that change something."""
 
-    plan_data: dict[str, Any]
+    based_on: int  # the revision of the state it was solved from
+    plan_json: str
     status: str
     gap: float | None
     objective: float
-    solve_time_s: float
-    assignments: dict[str, Assignment]
-    included: tuple[str, ...]  # the workloads the problem had (the invalid ones left out)
+    placed: int
+    unplaced: int
+    solve_time_s: float  # reading the state, building, solving, making the documents
+    assignments: dict[str, Assignment]  # only those that change a workload
+    included: dict[str, int]  # workload id -> version, of the workloads the problem had
     pinned_old: tuple[str, ...]  # services planned with their old version (a waiting rollout)
 
 
-def plan_round(snapshot: Snapshot, config: LoopConfig) -> RoundResult:
-    """One round's computation, in a solver process: build the problem from the
-    stored data, solve (twice when a rolling update must keep its old version),
-    and turn the plan into the store's documents. The server's process only
-    reads the store before and writes it after, so its threads keep answering."""
+def plan_round(db_path: str, config: LoopConfig) -> RoundResult:
+    """One round's computation, in a solver process: read the state from the
+    store, build the problem, solve (twice when a rolling update must keep its
+    old version), and make the store's documents. The server's process only
+    writes the result, so its threads keep answering RPCs."""
     start = time.perf_counter()
+    snapshot = read_snapshot(db_path)
     rows = list(snapshot.rows)
     nodes = list(snapshot.nodes)
     node_ids = {n.get("id") for n in nodes}
@@ -332,9 +315,8 @@ def plan_round(snapshot: Snapshot, config: LoopConfig) -> RoundResult:
         max_migrations=config.max_migrations,
     )
     for _ in range(2):  # a second solve only when a rolling update must keep its old version
-        problem, invalid = _problem(
-            rows, specs, list(snapshot.gpu_types), list(snapshot.tenants), nodes, node_ids
-        )
+        gpu_types, tenants = list(snapshot.gpu_types), list(snapshot.tenants)
+        problem, invalid = _problem(rows, specs, gpu_types, tenants, nodes, node_ids)
         plan = solver.plan(problem, config.policy, options)
         stuck = _stuck_updates(rows, plan) - pinned_old
         if not stuck:
@@ -343,14 +325,25 @@ def plan_round(snapshot: Snapshot, config: LoopConfig) -> RoundResult:
             if row.id in stuck and row.placement and isinstance(row.placement.get("spec"), dict):
                 specs[row.id] = row.placement["spec"]
                 pinned_old.add(row.id)
+    assignments = _assignments(rows, plan, invalid, pinned_old)
+    by_id = {r.id: r for r in rows}
+    changed = {
+        id: a
+        for id, a in assignments.items()
+        if (a.state, a.placement, a.reasons) != (by_id[id].state, by_id[id].placement, by_id[id].reasons)
+    }
+    versions = {r.id: r.version for r in rows}
     return RoundResult(
-        plan_data=convert.plan_to_dict(plan),
+        based_on=snapshot.revision,
+        plan_json=json.dumps(convert.plan_to_dict(plan), separators=(",", ":"), allow_nan=False),
         status=plan.status.value,
         gap=plan.gap,
         objective=plan.objective,
+        placed=len(plan.placements),
+        unplaced=len(plan.unplaced),
         solve_time_s=time.perf_counter() - start,
-        assignments=_assignments(rows, plan, invalid, pinned_old),
-        included=tuple(w.id for w in problem.workloads),
+        assignments=changed,
+        included={w.id: versions[w.id] for w in problem.workloads},
         pinned_old=tuple(sorted(pinned_old)),
     )
 
@@ -458,9 +451,11 @@ def _assignments(
     return out
 
 
-def _current_placement(row: WorkloadRow, node_ids: set[Any]) -> dict[str, Any] | None:
+def _current_placement(
+    row: WorkloadRow, node_ids: set[Any], *, any_state: bool = False
+) -> dict[str, Any] | None:
     """What runs now for ``row``, as a placement dict, without shards on nodes that are gone."""
-    if row.state not in (PLACED, RUNNING) or not row.placement:
+    if (row.state not in (PLACED, RUNNING) and not any_state) or not row.placement:
         return None
     shards = [s for s in row.placement.get("shards", []) if s.get("node_id") in node_ids]
     if not shards:
@@ -493,6 +488,16 @@ def explain(loop: ControlLoop, store: Store, workload_id: str) -> tuple[solver.E
             ),
             row.state,
         )
+    if latest is not None and row.id in latest.included and latest.included[row.id] != row.version:
+        return (
+            solver.Explanation(
+                workload_id=row.id,
+                placed=bool(row.placement),
+                summary=f"version {row.version} arrived after the latest plan; the next plan includes it",
+                details=(),
+            ),
+            row.state,
+        )
     if latest is None or row.id not in latest.included:
         return (
             solver.Explanation(
@@ -503,5 +508,5 @@ def explain(loop: ControlLoop, store: Store, workload_id: str) -> tuple[solver.E
             ),
             row.state,
         )
-    problem, plan = latest.problem_and_plan()
+    problem, plan = latest.problem_and_plan(store)
     return solver.explain(problem, plan, row.id), row.state

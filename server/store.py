@@ -122,9 +122,11 @@ __all__ = [
     "Event",
     "NodeRow",
     "PlanRow",
+    "Snapshot",
     "Store",
     "StoreError",
     "WorkloadRow",
+    "read_snapshot",
 ]
 
 log = logging.getLogger(__name__)
@@ -218,6 +220,47 @@ class Assignment:
     state: str
     placement: JSONDict | None
     reasons: list[JSONDict]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The state a plan is computed from, read in one read transaction."""
+
+    revision: int  # the revision of the last change it includes
+    rows: tuple[WorkloadRow, ...]  # the active workloads, by id
+    gpu_types: tuple[JSONDict, ...]
+    tenants: tuple[JSONDict, ...]
+    nodes: tuple[JSONDict, ...]
+
+
+def read_snapshot(path: str | os.PathLike[str]) -> Snapshot:
+    """Read what planning needs from the store at ``path``, consistently, from any
+    process: the control loop's solver process reads it itself, so the server's
+    process does not spend its time decoding every workload of every round. (A
+    read-only connection beside the server's writer: WAL readers never block it.)"""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA query_only = ON")
+        conn.execute("PRAGMA busy_timeout = 10000")
+        conn.execute("BEGIN")  # one read transaction: one consistent snapshot
+        seq = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'events'").fetchone()
+        rows = conn.execute(
+            f"SELECT {_WORKLOAD_COLS} FROM workloads WHERE state IN (?, ?, ?) ORDER BY id", sorted(ACTIVE)
+        ).fetchall()
+        specs = {
+            table: tuple(json.loads(r[0]) for r in conn.execute(f"SELECT spec FROM {table} ORDER BY {key}"))
+            for table, key in (("gpu_types", "name"), ("tenants", "name"), ("nodes", "id"))
+        }
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+    return Snapshot(
+        revision=0 if seq is None else int(seq[0]),
+        rows=tuple(_workload(r) for r in rows),
+        gpu_types=specs["gpu_types"],
+        tenants=specs["tenants"],
+        nodes=specs["nodes"],
+    )
 
 
 # --------------------------------------------------------------------------- schema
@@ -444,6 +487,9 @@ class Store:
         self.path = Path(path)
         self.plan_history = plan_history
         self.event_history = event_history
+        self._inventory_lock = threading.Lock()
+        self._inventory_generation = 0
+        self._inventory_cache: dict[str, list[JSONDict]] = {}
         self._lock_fd = self._take_lock()
         try:
             self._conn = self._connect()
@@ -739,12 +785,32 @@ class Store:
         return [_node(r) for r in self._query("SELECT id, spec, revision, updated_at FROM nodes ORDER BY id")]
 
     def gpu_types(self) -> list[JSONDict]:
-        """The GPU type specs, ordered by name."""
-        return [json.loads(r[0]) for r in self._query("SELECT spec FROM gpu_types ORDER BY name")]
+        """The GPU type specs, ordered by name (cached: treat them as read-only)."""
+        return self._inventory_table("gpu_types")
 
     def tenants(self) -> list[JSONDict]:
-        """The tenant specs, ordered by name."""
-        return [json.loads(r[0]) for r in self._query("SELECT spec FROM tenants ORDER BY name")]
+        """The tenant specs, ordered by name (cached: treat them as read-only)."""
+        return self._inventory_table("tenants")
+
+    def _inventory_table(self, table: str) -> list[JSONDict]:
+        """GPU types and tenants are read on every submission and change rarely, so
+        they are cached until :meth:`upsert_inventory` changes them. A reader fills
+        the cache only if no inventory write returned while it read, so the cache
+        never keeps what an acknowledged write replaced."""
+        cached = self._inventory_cache.get(table)
+        if cached is not None:
+            return cached
+        generation = self._inventory_generation
+        value = [json.loads(r[0]) for r in self._query(f"SELECT spec FROM {table} ORDER BY name")]
+        with self._inventory_lock:
+            if generation == self._inventory_generation:
+                self._inventory_cache[table] = value
+        return value
+
+    def _inventory_changed(self) -> None:
+        with self._inventory_lock:
+            self._inventory_generation += 1
+            self._inventory_cache.clear()
 
     def latest_plan(self) -> PlanRow | None:
         rows = self._query(f"SELECT {_PLAN_COLS} FROM plans ORDER BY revision DESC LIMIT 1")
@@ -949,7 +1015,11 @@ class Store:
                 rows[id] = current if current.spec == spec else tx.write_node(id, spec, "updated", t)
             return [rows[spec["id"]] for spec in payload[2]]
 
-        return self._write(op)
+        try:
+            return self._write(op)
+        finally:
+            if payload[0] or payload[1]:
+                self._inventory_changed()
 
     def drain_node(self, id: str) -> NodeRow:
         """Mark node ``id`` draining (``spec["state"] = "draining"``); NotFound."""
@@ -977,13 +1047,14 @@ class Store:
 
     def apply_plan(
         self,
-        plan: JSONDict,
+        plan: JSONDict | str,
         *,
         status: str,
         gap: float | None,
         solve_s: float,
         based_on: int,
         assignments: Mapping[str, Assignment],
+        summary: Mapping[str, Any] | None = None,
     ) -> int:
         """Store ``plan`` and apply its assignments in one transaction; the plan's revision.
 
@@ -991,11 +1062,25 @@ class Store:
         ``assignment.version`` (else it changed while the plan was solved, and is skipped),
         and gets an event only if its state, placement or reasons change. The plan's own
         event comes last.
+
+        ``plan`` may come already encoded as JSON (from the process that made it);
+        then ``summary`` gives its ``objective``, ``placed`` and ``unplaced``.
         """
+        if isinstance(plan, str):
+            if summary is None:
+                raise ValueError("a plan given as JSON text needs its summary")
+            plan_json = plan
+            counts = dict(summary)
+        else:
+            plan_json = _dumps(plan)
+            counts = {
+                "objective": plan.get("objective", 0.0),
+                "placed": len(plan.get("placements", ())),
+                "unplaced": len(plan.get("unplaced", ())),
+            }
         for id, a in assignments.items():
             if a.state not in ACTIVE:
                 raise ValueError(f"assignment of {id!r}: a plan cannot set state {a.state!r}")
-        plan_json = _dumps(plan)
         changes = json.loads(_dumps({id: [a.placement, a.reasons] for id, a in assignments.items()}))
 
         def op(tx: _Tx) -> int:
@@ -1027,9 +1112,9 @@ class Store:
             summary = {
                 "status": status,
                 "gap": gap,
-                "objective": plan.get("objective", 0.0),
-                "placed": len(plan.get("placements", ())),
-                "unplaced": len(plan.get("unplaced", ())),
+                "objective": counts.get("objective", 0.0),
+                "placed": counts.get("placed", 0),
+                "unplaced": counts.get("unplaced", 0),
                 "solve_s": solve_s,
             }
             tx.event("plan", "created", str(revision), "", summary, t)
