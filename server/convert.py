@@ -1022,9 +1022,13 @@ def reasons_to_dicts(reasons: Iterable[Reason]) -> list[dict[str, Any]]:
     return [{"code": r.code.value, "message": r.message} for r in reasons]
 
 
-def workload_status(row: WorkloadRowLike, *, serving_version: int | None = None) -> apb.WorkloadStatus:
+def workload_status(
+    row: WorkloadRowLike, *, serving_version: int | None = None, workload: pb.Workload | None = None
+) -> apb.WorkloadStatus:
+    """A stored workload as the API's status (``workload``: its spec as a message
+    already at hand, instead of parsing ``row.spec`` again)."""
     msg = apb.WorkloadStatus(
-        workload=workload_from_dict(row.spec),
+        workload=workload if workload is not None else workload_from_dict(row.spec),
         state=row.state,
         version=row.version,
         reasons=[pb.Reason(code=r.get("code", ""), message=r.get("message", "")) for r in row.reasons],

@@ -277,6 +277,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         )
         if created:
             self.shared.loop.notify()
+            return convert.workload_status(row, workload=workload)  # what was stored, unparsed
         return convert.workload_status(row)
 
     @_unary
