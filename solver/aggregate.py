@@ -190,11 +190,19 @@ def usable_service_types(w: Workload, types: Mapping[str, GpuType]) -> list[str]
     ]
 
 
-def _node_shapes(nodes: Sequence[Node]) -> tuple[list[NodeShape], dict[str, int]]:
+def _node_shapes(
+    nodes: Sequence[Node], selected: frozenset[tuple[str, str]] = frozenset()
+) -> tuple[list[NodeShape], dict[str, int]]:
+    """Ready nodes grouped into shapes. Only the labels some workload selects on
+    (``selected``, pairs of key and value) tell shapes apart: a label no selector
+    names changes nothing a plan can do, and keeping it would split nodes that
+    a gang may span (a hostname label would make every node a shape of its own)."""
     groups: dict[tuple[str, int, float, float, frozenset[tuple[str, str]]], list[Node]] = defaultdict(list)
+    labels_of: dict[str, frozenset[tuple[str, str]]] = {}
     for n in nodes:
         if n.state is NodeState.READY:
-            key = (n.gpu_type, n.gpus, n.cpus, n.memory_gib, frozenset(n.labels.items()))
+            labels = labels_of[n.id] = frozenset(n.labels.items()) & selected
+            key = (n.gpu_type, n.gpus, n.cpus, n.memory_gib, labels)
             groups[key].append(n)
     shapes: list[NodeShape] = []
     node_shape: dict[str, int] = {}
@@ -211,7 +219,7 @@ def _node_shapes(nodes: Sequence[Node]) -> tuple[list[NodeShape], dict[str, int]
             gpus=members[0].gpus,
             cpus=members[0].cpus,
             memory_gib=members[0].memory_gib,
-            labels=frozenset(members[0].labels.items()),
+            labels=labels_of[members[0].id],
             node_ids=tuple(n.id for n in members),
             by_domain=dict(sorted(by_domain.items())),
             by_zone=dict(sorted(by_zone.items())),
@@ -444,7 +452,8 @@ def build_index(problem: Problem) -> Index:
     """Group nodes into shapes and workloads into classes with their options."""
     types = {t.name: t for t in problem.gpu_types}
     nodes = {n.id: n for n in problem.nodes}
-    shapes, node_shape = _node_shapes(problem.nodes)
+    selected = frozenset(pair for w in problem.workloads for pair in w.node_selector.items())
+    shapes, node_shape = _node_shapes(problem.nodes, selected)
     tenant_weight = {t.name: t.weight for t in problem.tenants}
     workloads = {w.id: w for w in problem.workloads}
     current = {p.workload_id: p for p in problem.current if p.workload_id in workloads}

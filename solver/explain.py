@@ -297,10 +297,12 @@ class Explainer:
                     )
                 ]
             scope = spec.locality.value
+            kind = "of one kind (GPU type, size, host resources, labels that selectors name)"
+            where = "there are not that many" if scope == "any" else f"no {scope} has that many"
+            scoped = "" if scope == "any" else f" in one {scope}"
             return [
                 Reason(
-                    ReasonCode.TOO_LARGE,
-                    f"needs {need_g} GPUs in one {scope}; no {scope} has enough whole usable nodes",
+                    ReasonCode.TOO_LARGE, f"needs {need_g} GPUs on whole usable nodes {kind}{scoped}; {where}"
                 )
             ]
         lim = next((t for t in idx.problem.tenants if t.name == w.tenant), None)

@@ -11,7 +11,10 @@ Semantics decided here (DESIGN.md is silent on them):
   runs on one node. Otherwise (allowed only when ``locality`` is not ``node``)
   it takes ``ceil(gpus / node_gpus)`` whole, otherwise idle nodes of that type
   inside one locality group (a domain, a zone, or anywhere), with the GPUs
-  split as evenly as possible across them, as torchrun expects.
+  split as evenly as possible across them, as torchrun expects. The nodes of
+  one gang are of one kind: same GPU type, GPU count and host resources, and
+  the same values of the labels that workloads' selectors name (labels no
+  selector names, such as a hostname, do not matter).
 * An elastic job lists several :class:`GangShape` (GPU count, throughput per
   type); the planner picks at most one.
 * An inference service runs replicas of ``gpus_per_replica[type]`` GPUs, each on

@@ -147,6 +147,22 @@ def test_gang_takes_two_whole_nodes_in_one_domain() -> None:
     assert nodes_of(r, "small") == [("a3", 4)]
 
 
+def test_gang_spans_nodes_that_differ_only_in_labels_no_selector_names() -> None:
+    # every node carries its own hostname label, as in Kubernetes; only "pool" is selected on
+    labelled = [
+        node(f"a{i}", gpus=4, zone="z1", domain="r1", labels={"hostname": f"a{i}", "pool": "gpu"})
+        for i in (1, 2)
+    ]
+    picky = train("picky", 4, selector={"pool": "gpu"})
+    p = problem(nodes=labelled, workloads=[train("gang", 8, locality="domain")])
+    assert nodes_of(solve(p, "throughput", 1.0), "gang") == [("a1", 4), ("a2", 4)]
+    # nodes that differ in a selected label are still of different kinds: no gang spans them
+    mixed = [labelled[0], node("a3", gpus=4, zone="z1", domain="r1", labels={"pool": "cpu"})]
+    r = solve(problem(nodes=mixed, workloads=[train("gang", 8, locality="domain"), picky]), "throughput", 1.0)
+    assert unplaced_ids(r) == {"gang"}
+    assert "labels that selectors name" in r.unplaced[0].reasons[0].message
+
+
 # a1 (z1/r1), a2 (z1/r2), a3 (z2/r3): no domain has two nodes, zone z1 has.
 # locality domain: the gang cannot run -> 0 (TOO_LARGE).
 # locality zone  : a1 + a2 (z1), 4 + 4 -> 1.
