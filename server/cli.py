@@ -402,6 +402,9 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         "--solver-processes", type=_positive_int, default=2, metavar="N", help="solver processes"
     )
     serve.add_argument(
+        "--threads", type=_positive_int, default=64, metavar="N", help="RPC threads (a Watch holds one)"
+    )
+    serve.add_argument(
         "--rate-limit", type=float, default=0.0, metavar="R", help="requests/s per caller (0: no limit)"
     )
     serve.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format")
@@ -892,6 +895,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             debounce_s=args.debounce,
         ),
         solver_processes=args.solver_processes,
+        threads=args.threads,
         rate_limit=args.rate_limit,
     )
     try:
