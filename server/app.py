@@ -54,7 +54,7 @@ class ServerConfig:
     metrics_port: int | None = None
     loop: LoopConfig = field(default_factory=LoopConfig)
     solver_processes: int = 2
-    threads: int = 64
+    threads: int = 32  # a Watch holds one; fewer threads contend less for the GIL
     max_message_mib: int = 16
     rate_limit: float = 0.0  # requests/s per caller; 0: no limit
     rate_burst: int = 200

@@ -402,7 +402,7 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         "--solver-processes", type=_positive_int, default=2, metavar="N", help="solver processes"
     )
     serve.add_argument(
-        "--threads", type=_positive_int, default=64, metavar="N", help="RPC threads (a Watch holds one)"
+        "--threads", type=_positive_int, default=32, metavar="N", help="RPC threads (a Watch holds one)"
     )
     serve.add_argument(
         "--rate-limit", type=float, default=0.0, metavar="R", help="requests/s per caller (0: no limit)"

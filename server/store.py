@@ -301,6 +301,7 @@ CREATE TABLE requests (
 # Migrations from schema N to N + 1, run in the opening transaction.
 _MIGRATIONS: dict[int, str] = {}
 
+_WORKLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(WorkloadRow))
 _WORKLOAD_COLS = (
     "id, tenant, kind, state, version, spec, placement, reasons, message, created_at, updated_at, revision"
 )
@@ -407,9 +408,14 @@ class _Tx:
             raise NotFound(f"no workload {id!r}")
         return _workload(row)
 
-    def write_workload(self, row: WorkloadRow, action: EventAction) -> WorkloadRow:
-        """Store ``row`` (built with ``revision=next_revision``) and append its event."""
+    def write_workload(
+        self, row: WorkloadRow, action: EventAction, spec_json: str | None = None
+    ) -> WorkloadRow:
+        """Store ``row`` (built with ``revision=next_revision``) and append its event
+        (``spec_json``: ``row.spec`` already encoded)."""
         assert row.revision == self.next_revision
+        if spec_json is None:
+            spec_json = _dumps(row.spec)
         self.conn.execute(
             f"INSERT OR REPLACE INTO workloads ({_WORKLOAD_COLS}) VALUES ({_marks(12)})",
             (
@@ -418,7 +424,7 @@ class _Tx:
                 row.kind,
                 row.state,
                 row.version,
-                _dumps(row.spec),
+                spec_json,
                 None if row.placement is None else _dumps(row.placement),
                 _dumps(row.reasons),
                 row.message,
@@ -427,7 +433,9 @@ class _Tx:
                 row.revision,
             ),
         )
-        self.event("workload", action, row.id, row.tenant, row.as_dict(), row.updated_at)
+        # the event's data is the row as a dict; encoded without copying it first (asdict would)
+        data = {name: getattr(row, name) for name in _WORKLOAD_FIELDS}
+        self.event("workload", action, row.id, row.tenant, data, row.updated_at)
         return row
 
     def request(self, key: str | None, op: str, workload_id: str) -> WorkloadRow | None:
@@ -878,7 +886,7 @@ class Store:
                 updated_at=t,
                 revision=tx.next_revision,
             )
-            tx.write_workload(row, "created")
+            tx.write_workload(row, "created", spec_json)
             tx.remember(request_key, "submit", id, t)
             return row, True
 
