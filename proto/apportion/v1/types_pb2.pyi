@@ -503,6 +503,7 @@ class Workload(_message.Message):
     SUBMIT_TIME_S_FIELD_NUMBER: _builtins.int
     TRAINING_FIELD_NUMBER: _builtins.int
     INFERENCE_FIELD_NUMBER: _builtins.int
+    RUNTIME_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """unique"""
     tenant: _builtins.str
@@ -525,6 +526,10 @@ class Workload(_message.Message):
     def training(self) -> Global___TrainingSpec: ...
     @_builtins.property
     def inference(self) -> Global___InferenceSpec: ...
+    @_builtins.property
+    def runtime(self) -> Global___Runtime:
+        """what the workers run; absent: nothing to run (planning only)"""
+
     def __init__(
         self,
         *,
@@ -537,10 +542,11 @@ class Workload(_message.Message):
         submit_time_s: _builtins.float = ...,
         training: Global___TrainingSpec | None = ...,
         inference: Global___InferenceSpec | None = ...,
+        runtime: Global___Runtime | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "inference", b"inference", "spec", b"spec", "training", b"training", "weight", b"weight"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "inference", b"inference", "runtime", b"runtime", "spec", b"spec", "training", b"training", "weight", b"weight"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "allowed_gpu_types", b"allowed_gpu_types", "id", b"id", "inference", b"inference", "node_selector", b"node_selector", "priority", b"priority", "spec", b"spec", "submit_time_s", b"submit_time_s", "tenant", b"tenant", "training", b"training", "weight", b"weight"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_weight", b"_weight", "allowed_gpu_types", b"allowed_gpu_types", "id", b"id", "inference", b"inference", "node_selector", b"node_selector", "priority", b"priority", "runtime", b"runtime", "spec", b"spec", "submit_time_s", b"submit_time_s", "tenant", b"tenant", "training", b"training", "weight", b"weight"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__weight: _TypeAlias = _typing.Literal["weight"]  # noqa: Y015
     _WhichOneofArgType__weight: _TypeAlias = _typing.Literal["_weight", b"_weight"]  # noqa: Y015
@@ -552,6 +558,68 @@ class Workload(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_spec) -> _WhichOneofReturnType_spec | None: ...
 
 Global___Workload: _TypeAlias = Workload  # noqa: Y015
+
+@_typing.final
+class Runtime(_message.Message):
+    """What a worker runs for a workload: exactly one of a built-in runtime, a
+    Python entry point or a command line, with arguments and environment.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class EnvEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    BUILTIN_FIELD_NUMBER: _builtins.int
+    ENTRYPOINT_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    ARGS_FIELD_NUMBER: _builtins.int
+    ENV_FIELD_NUMBER: _builtins.int
+    builtin: _builtins.str
+    """train-lm | serve-lm"""
+    entrypoint: _builtins.str
+    """"module:function" """
+    @_builtins.property
+    def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """argv"""
+
+    @_builtins.property
+    def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def env(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        builtin: _builtins.str = ...,
+        entrypoint: _builtins.str = ...,
+        command: _abc.Iterable[_builtins.str] | None = ...,
+        args: _abc.Iterable[_builtins.str] | None = ...,
+        env: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "builtin", b"builtin", "command", b"command", "entrypoint", b"entrypoint", "env", b"env"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Runtime: _TypeAlias = Runtime  # noqa: Y015
 
 @_typing.final
 class WorkloadList(_message.Message):
