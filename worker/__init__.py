@@ -1,0 +1,1 @@
+"""The worker: the agent on a GPU node and the built-in runtimes it runs (worker/runtimes)."""
