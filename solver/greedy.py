@@ -188,6 +188,8 @@ def place_service(
 
 def place_one(ledger: Ledger, w: Workload, best_fit: bool, prefer: str = "value") -> Placement | None:
     """Place one workload on what the ledger has free (and record it)."""
+    if ledger.open_nodes <= 0:
+        return None  # every ready node is full: with many more workloads than GPUs, most calls end here
     c = ledger.index.classes[ledger.index.workload_class[w.id]]
     if w.training is not None:
         return place_training(ledger, w, c, best_fit, prefer)

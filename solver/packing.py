@@ -67,6 +67,8 @@ class Ledger:
             for nid in s.node_ids:
                 bisect.insort(self.buckets[s.index][s.gpus], self.order[nid])
         self.quota = Quota(index)
+        # ready nodes with a free GPU: at 0 nothing more fits anywhere, and searches stop at once
+        self.open_nodes = sum(len(s.node_ids) for s in index.shapes if s.gpus > 0)
         self.freed: dict[int, int] = defaultdict(int)  # shape -> times a node became whole
         self._gang_miss: dict[Option, int] = {}  # option -> ``freed`` when it last found nothing
 
@@ -77,6 +79,7 @@ class Ledger:
         if si is None:
             return
         pos = self.order[node_id]
+        self.open_nodes += (after > 0) - (before > 0)
         if after == self.index.shapes[si].gpus:
             self.freed[si] += 1  # a node became whole again: gang searches may succeed now
         b = self.buckets[si][before]
