@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import os
 import signal
 import sys
@@ -179,21 +180,26 @@ class StopFlag:
 class Progress:
     """Rank 0's progress lines: loss and samples/s since the previous line."""
 
-    def __init__(self, cfg: TrainConfig) -> None:
+    def __init__(self, cfg: TrainConfig, last_loss: float | None) -> None:
         self.cfg = cfg
         self.samples_per_step = cfg.batch_size * cfg.world_size
+        self.last_loss = last_loss  # a line right after another repeats the latest loss
         self._reset(time.monotonic())
 
     def _reset(self, now: float) -> None:
         self.since = now
         self.steps = 0
         self.loss_sum = 0.0
-        self.last_loss: float | None = None
 
     def step(self, loss: float) -> None:
         self.steps += 1
         self.loss_sum += loss
         self.last_loss = loss
+
+    def _loss(self) -> float | None:
+        """The mean loss since the previous line; just after one, the latest loss."""
+        loss = self.loss_sum / self.steps if self.steps else self.last_loss
+        return None if loss is None else round(loss, 5)
 
     def due(self) -> bool:
         return time.monotonic() - self.since >= self.cfg.progress_interval_s
@@ -204,7 +210,7 @@ class Progress:
         payload: dict[str, Any] = {
             "step": step,
             "total_steps": self.cfg.total_steps,
-            "loss": round(self.loss_sum / self.steps, 5) if self.steps else None,
+            "loss": self._loss(),
             "samples_per_s": round(self.steps * self.samples_per_step / elapsed, 2) if self.steps else 0.0,
             "world_size": self.cfg.world_size,
             "state": state,
@@ -239,11 +245,14 @@ def train(cfg: TrainConfig, stop: StopFlag) -> str:
     torch.manual_seed(cfg.seed)
     model_cfg = cfg.model
     start = 0
+    last_loss: float | None = None
     state: dict[str, Any] | None = None
     latest = checkpoint.latest_path(cfg.checkpoint_dir)
     if latest is not None:
         state = checkpoint.load(latest)
         start = int(state["step"])
+        loss = state.get("loss")
+        last_loss = float(loss) if isinstance(loss, float) and math.isfinite(loss) else None
         model_cfg = ModelConfig.from_dict(state["model_config"])
         if lead:
             log(RUNTIME, f"resumed from {latest} at step {start}")
@@ -267,9 +276,8 @@ def train(cfg: TrainConfig, stop: StopFlag) -> str:
             f"{cfg.workload_id}: steps {start} to {cfg.total_steps} on {cfg.world_size} rank(s), "
             f"device {cfg.device}, {sum(p.numel() for p in model.parameters()):,} parameters",
         )
-    progress = Progress(cfg)
+    progress = Progress(cfg, last_loss)
     saved = start
-    last_loss = float("nan")
 
     def save(step: int) -> str:
         path = checkpoint.save(
