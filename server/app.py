@@ -1,8 +1,10 @@
 """``apportion serve``: assemble and run the gRPC server.
 
 One process holds: the SQLite store (``--db``), the control loop, a pool of
-solver processes, the gRPC server (``Allocator``, standard health checking,
-server reflection) and, with ``--metrics-port``, the Prometheus endpoint.
+solver processes, the gRPC server (``Allocator``; ``Workers``, whose dispatcher
+thread turns the plan into launches and watches the workers' liveness, see
+``server.workers``; standard health checking, server reflection) and, with
+``--metrics-port``, the Prometheus endpoint.
 
 Start-up refuses an unsafe configuration (see ``server.auth.check_listen``):
 without ``--insecure`` it needs TLS and a tokens file; ``--insecure`` allows
@@ -27,17 +29,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from apportion.v1 import allocator_pb2, allocator_pb2_grpc
+from apportion.v1 import allocator_pb2, allocator_pb2_grpc, workers_pb2, workers_pb2_grpc
 from server import auth
 from server.control import ControlLoop, LoopConfig, RoundResult
 from server.metrics import Metrics
 from server.service import AllocatorServicer, Shared
 from server.solving import SolverPool
 from server.store import Store
+from server.workers import Dispatcher, WorkersConfig, WorkersServicer
 
 log = logging.getLogger("apportion.server")
 
 SERVICE_NAME = "apportion.v1.Allocator"
+WORKERS_SERVICE_NAME = "apportion.v1.Workers"
 PLAN_HISTORY = 20  # plans kept in the store (the plan of 100,000 workloads is ~25 MB)
 MAX_REPLY_BYTES = 256 * 1024 * 1024  # GetPlan of 100,000 workloads is tens of MiB
 
@@ -58,6 +62,7 @@ class ServerConfig:
     max_message_mib: int = 16
     rate_limit: float = 0.0  # requests/s per caller; 0: no limit
     rate_burst: int = 200
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
 
 
 class ApportionServer:
@@ -98,10 +103,15 @@ class ApportionServer:
                 ],
             )
             allocator_pb2_grpc.add_AllocatorServicer_to_server(AllocatorServicer(self.shared), self.grpc)
+            self.dispatcher = Dispatcher(self.shared, config.workers)
+            workers_pb2_grpc.add_WorkersServicer_to_server(
+                WorkersServicer(self.shared, self.dispatcher), self.grpc
+            )
             self.health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
             names = (
                 allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name,
+                workers_pb2.DESCRIPTOR.services_by_name["Workers"].full_name,
                 health.SERVICE_NAME,
                 reflection.SERVICE_NAME,
             )
@@ -126,15 +136,18 @@ class ApportionServer:
             result.status, gap=result.gap, objective=result.objective, solve_seconds=result.solve_time_s
         )
         self.metrics.set_workloads(self.store.counts_by_state())
+        self.dispatcher.notify()
 
     def start(self) -> None:
         self.metrics.set_workloads(self.store.counts_by_state())
         if self.config.metrics_port is not None:
             self.metrics.serve(self.config.metrics_port)
         self.loop.start()
+        self.dispatcher.start()
         self.grpc.start()
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(WORKERS_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving",
             extra={
@@ -155,6 +168,7 @@ class ApportionServer:
         self.health.enter_graceful_shutdown()
         self.shared.stopping = True
         self.grpc.stop(grace).wait()
+        self.dispatcher.stop()
         self.loop.stop()
         self.pool.close()
         self.metrics.stop()

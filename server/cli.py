@@ -7,6 +7,7 @@ Files (no server):
                    [--backend ortools|pulp] [--format table|json] [-o FILE]
     apportion explain WORKLOAD_ID --inventory FILE --workloads FILE [...]
     apportion serve [--listen ADDR] [--db PATH] [--tls-cert PEM --tls-key PEM] [--tokens FILE] ...
+    apportion worker --server ADDR [--gpus auto|N --gpu-type T] [--node-id ID] ...   # the node agent
     apportion --version
 
 A client of a server (``apportion serve``):
@@ -217,7 +218,28 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _serve_options(serve)
     serve.set_defaults(run=_cmd_serve)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run the node agent: register this machine's GPUs and run what the plan gives them",
+        description="Run the Apportion node agent (worker.agent): register this node with the server, "
+        "keep its stream, launch and stop the processes of the shards the plan puts here.",
+    )
+    _worker_options(worker)
+    worker.set_defaults(run=_cmd_worker)
     return parser
+
+
+def _worker_options(parser: argparse.ArgumentParser) -> None:
+    from worker import agent  # grpc and the agent only for this command
+
+    agent.add_arguments(parser)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from worker import agent
+
+    return agent.run_command(args)
 
 
 def _inputs_parser(*, required: bool) -> _Parser:

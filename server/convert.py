@@ -936,6 +936,28 @@ def check_inventory_update(
     _raise_if(_in_file_order(out))
 
 
+def check_worker_node(
+    node: pb.Node,
+    *,
+    gpu_types: Iterable[Mapping[str, Any]],
+    nodes: Iterable[Mapping[str, Any]],
+    tenants: Iterable[Mapping[str, Any]],
+) -> None:
+    """Check the node of a worker's ``Register`` merged into the stored inventory
+    (a stored node with the same id is replaced). Paths start at ``node``
+    (``node.gpu_type``), the request's field.
+
+    Raises:
+        ValidationError: every broken rule.
+    """
+    if not node.id:
+        raise ValidationError([Violation("node.id", "must not be empty")])
+    try:
+        check_inventory_update([], [node], [], gpu_types=gpu_types, nodes=nodes, tenants=tenants)
+    except ValidationError as exc:
+        raise ValidationError(_rebase(exc.violations, "nodes[0]", "node")) from None
+
+
 def state_problem(
     *,
     gpu_types: Iterable[Mapping[str, Any]],

@@ -1,0 +1,659 @@
+"""The ``Workers`` service: node agents register, keep a stream, and run what the plan says.
+
+A worker (``apportion worker``, :mod:`worker.agent`) calls ``Register`` with its
+node, then keeps one ``Connect`` stream open: heartbeats, shard statuses and
+log lines go up, ``Launch`` and ``Stop`` come down. This module holds the
+servicer, the table of sessions (:class:`Workers`) and the :class:`Dispatcher`
+that turns the stored plan into launches and stops and the workers' reports
+into workload states.
+
+Decisions (DESIGN.md is silent on them):
+
+* Auth. ``Register`` and ``Connect`` need the admin role when the server has a
+  tokens file (a worker changes the inventory, as ``UpsertNodes`` does); there
+  is no separate worker role yet. Without tokens (``--insecure`` on loopback)
+  every caller is the admin.
+* Register upserts the node with state ``ready`` (a node an admin drained stays
+  ``draining``) and the label :data:`WORKER_LABEL` (the worker's advertised
+  address), and answers a fresh session id; the previous session of the same
+  node, if any, ends (its stream is closed). The node must validate against the
+  stored inventory (its GPU type must exist: the agent adds a missing type
+  through ``UpsertNodes`` first); violations are INVALID_ARGUMENT with paths
+  under ``node``.
+* Liveness. Every message on the stream refreshes the session. A session
+  silent for ``heartbeat_timeout_s`` is dropped and its node marked ``down``
+  in the store, and the control loop re-plans (a down node's work counts as
+  not running, so it is placed elsewhere). A server that restarts marks the
+  nodes registered by workers (those with :data:`WORKER_LABEL`) down if their
+  worker has not registered again within ``heartbeat_timeout_s``.
+  A stream that breaks while its session is alive may reconnect with the same
+  session id; a reconnect with an unknown (expired, superseded, or a previous
+  server's) session id is FAILED_PRECONDITION and the worker registers again.
+* Dispatch. Only PLACED or RUNNING workloads with a ``runtime`` are dispatched
+  (planning-only workloads never are). A training placement is one gang:
+  shard ``i`` has node_rank ``i``, one process per GPU (at least one per
+  shard), world_size the gang's processes, rank_offset the processes of the
+  shards before it, MASTER_ADDR the advertised address of shard 0's worker and
+  MASTER_PORT ``29500 + crc32(id) % 1000``. A gang is launched only when every
+  node it spans has a connected worker, and stopped as a whole when one of them
+  is lost. An inference placement is one independent replica per shard (each
+  its own little gang of one node, MASTER_ADDR its own worker). What a worker
+  was sent is remembered per session; the dispatcher sends the difference
+  between that and what the plan wants (a changed gang — new version, other
+  ranks — is stopped and launched again), and stops shards a worker reports
+  alive that nobody wants (e.g. left over from before a server restart).
+* Results. A workload becomes RUNNING when every shard reports RUNNING; a
+  training workload SUCCEEDED when every shard has exited 0. A shard that exits
+  otherwise (or any exit of a serving replica) is a crash: the whole gang (a
+  training job) or the replica (a service) is stopped and launched again after
+  a back-off of ``restart_backoff_s`` doubling per restart; after
+  ``max_restarts`` restarts the next crash makes the workload FAILED, with the
+  exit status and the tail of its log in the message. Statuses that arrive
+  while a restart is pending (the rest of a broken gang exiting) are not
+  counted again. A shard stopped on command reports STOPPED: not a crash.
+* Progress (step, loss, samples/s of shard 0; a service's requests/s and ready
+  replicas) is kept in memory and written to the workload's message at most
+  every ``progress_interval_s``: "step 120/400 loss 2.3100 1500 samples/s".
+  Log lines are kept in memory (the last :data:`LOG_LINES` per workload) for
+  failure messages and a later ``apportion logs``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+import uuid
+import zlib
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+
+from apportion.v1 import types_pb2 as pb
+from apportion.v1 import workers_pb2 as wpb
+from apportion.v1 import workers_pb2_grpc
+from server import convert
+from server.auth import Principal
+from server.errors import FailedPrecondition, NotFound, ServiceError
+from server.service import Shared, _stream, _unary
+from server.store import FAILED, PLACED, RUNNING, SUCCEEDED, TERMINAL, WorkloadRow
+
+log = logging.getLogger("apportion.workers")
+
+WORKER_LABEL = "apportion.io/worker"  # on nodes registered by a worker: its advertised address
+LOG_LINES = 200  # log lines kept per workload
+TAIL_LINES = 20  # of them, in a failure message
+BASE_PORT = 29500
+STREAM_POLL_S = 0.25
+
+
+@dataclass(frozen=True)
+class WorkersConfig:
+    heartbeat_interval_s: float = 2.0
+    heartbeat_timeout_s: float = 10.0
+    max_restarts: int = 3
+    restart_backoff_s: float = 1.0
+    stop_grace_s: float = 10.0
+    progress_interval_s: float = 2.0
+    tick_s: float = 0.25  # how often liveness and restart back-offs are checked
+
+
+def master_port(key: str) -> int:
+    """A deterministic port per gang (workload id, or ``id/shard`` for a replica)."""
+    return BASE_PORT + zlib.crc32(key.encode()) % 1000
+
+
+def shard_key(workload_id: str, shard_index: int) -> str:
+    return f"{workload_id}/{shard_index}"
+
+
+def _copy(node: pb.Node) -> pb.Node:
+    out = pb.Node()
+    out.CopyFrom(node)
+    return out
+
+
+# ----------------------------------------------------------------------------- sessions
+
+
+class Session:
+    def __init__(self, node_id: str, advertise: str, running: set[str]) -> None:
+        self.id = uuid.uuid4().hex
+        self.node_id = node_id
+        self.advertise = advertise
+        self.last_seen = time.monotonic()
+        self.outbox: queue.Queue[wpb.ServerMessage] = queue.Queue()
+        self.stream = 0  # generation of the Connect stream that serves it
+        self.connected = False
+        self.closed = False
+        self.sent: dict[str, tuple[Any, ...]] = {}  # shard key -> signature of the Launch sent
+        self.alive: set[str] = set(running)  # shard keys the worker reports alive
+        self.stopping: dict[str, float] = {}  # shard key -> when a Stop was last sent
+        self.usage = wpb.Heartbeat()
+
+
+@dataclass(frozen=True)
+class _Want:
+    """One shard a worker should run."""
+
+    node_id: str
+    launch: wpb.Launch
+
+    @property
+    def key(self) -> str:
+        return shard_key(self.launch.workload_id, self.launch.shard_index)
+
+    @property
+    def signature(self) -> tuple[Any, ...]:
+        x = self.launch
+        return (x.version, x.gpus, x.node_rank, x.nnodes, x.world_size, x.rank_offset, x.master_addr,
+                x.master_port)  # fmt: skip
+
+
+@dataclass
+class _Track:
+    """What the dispatcher knows of one dispatched workload (in memory)."""
+
+    kind: str
+    shards: int = 0
+    total_steps: float = 0.0
+    restarts: int = 0
+    hold_until: float = 0.0  # a restart waits for its back-off
+    hold_shard: int | None = None  # a service's replica being restarted (None: the whole gang)
+    running: dict[int, str] = field(default_factory=dict)  # shard index -> the node it runs on
+    succeeded: set[int] = field(default_factory=set)
+    step: float = 0.0
+    loss: float = 0.0
+    samples_per_s: float = 0.0
+    requests_per_s: dict[int, float] = field(default_factory=dict)
+    endpoints: dict[int, str] = field(default_factory=dict)
+    message: str = ""
+    written_at: float = 0.0
+    logs: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
+
+
+class Dispatcher:
+    """Sessions, and the plan turned into launches and stops (see the module docstring)."""
+
+    def __init__(self, shared: Shared, config: WorkersConfig) -> None:
+        self.shared = shared
+        self.config = config
+        self._lock = threading.RLock()
+        self._sessions: dict[str, Session] = {}  # node id -> its current session
+        self._by_id: dict[str, Session] = {}
+        self._tracks: dict[str, _Track] = {}
+        self._dirty = threading.Event()
+        self._seen_revision = -1
+        self._rows: list[WorkloadRow] = []
+        self._started = time.monotonic()
+        self._orphans_checked = False
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="apportion-workers", daemon=True)
+
+    @property
+    def store(self) -> Any:
+        return self.shared.store
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._dirty.set()
+        if self._thread.is_alive():
+            self._thread.join(5)
+        with self._lock:
+            for s in self._sessions.values():
+                s.closed = True
+
+    def notify(self) -> None:
+        """The plan or the workloads changed: reconcile soon."""
+        self._dirty.set()
+
+    def _run(self) -> None:
+        while not self._stopped.is_set():
+            self._dirty.wait(self.config.tick_s)
+            if self._stopped.is_set():
+                return
+            self._dirty.clear()
+            try:
+                self._expire()
+                self.reconcile()
+            except Exception:  # never let the thread die
+                log.exception("dispatch failed")
+
+    # -- sessions --------------------------------------------------------------
+
+    def register(self, node: pb.Node, advertise: str, running: list[str]) -> Session:
+        stored = {n.id: n.spec for n in self.store.all_nodes()}
+        node = _copy(node)
+        old = stored.get(node.id, {})
+        node.state = "draining" if old.get("state") == "draining" else "ready"
+        node.labels[WORKER_LABEL] = advertise
+        convert.check_worker_node(
+            node,
+            gpu_types=self.store.gpu_types(),
+            nodes=list(stored.values()),
+            tenants=self.store.tenants(),
+        )
+        self.store.upsert_inventory(nodes=[convert.message_to_dict(node)])
+        session = Session(node.id, advertise, set(running))
+        with self._lock:
+            previous = self._sessions.get(node.id)
+            if previous is not None:
+                previous.closed = True
+                self._by_id.pop(previous.id, None)
+            self._sessions[node.id] = session
+            self._by_id[session.id] = session
+        log.info(
+            "worker registered", extra={"node": node.id, "advertise": advertise, "running": len(running)}
+        )
+        self.shared.loop.notify()
+        self.notify()
+        return session
+
+    def attach(self, session_id: str) -> tuple[Session, int]:
+        with self._lock:
+            session = self._by_id.get(session_id)
+            if session is None or session.closed:
+                raise FailedPrecondition("unknown or expired session: register again")
+            session.stream += 1
+            session.connected = True
+            session.last_seen = time.monotonic()
+        self.notify()
+        return session, session.stream
+
+    def detach(self, session: Session, generation: int) -> None:
+        with self._lock:
+            if session.stream == generation:
+                session.connected = False
+
+    def sessions(self) -> dict[str, Session]:
+        with self._lock:
+            return dict(self._sessions)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        timeout = self.config.heartbeat_timeout_s
+        with self._lock:
+            lost = [s for s in self._sessions.values() if now - s.last_seen > timeout]
+            for s in lost:
+                s.closed = True
+                del self._sessions[s.node_id]
+                self._by_id.pop(s.id, None)
+            live = set(self._sessions)
+        down = [s.node_id for s in lost]
+        if not self._orphans_checked and now - self._started > timeout:
+            self._orphans_checked = True  # nodes of workers from before a restart that never came back
+            down += [
+                n.id
+                for n in self.store.all_nodes()
+                if WORKER_LABEL in (n.spec.get("labels") or {}) and n.id not in live and n.id not in down
+            ]
+        for node_id in down:
+            self._mark_down(node_id)
+
+    def _mark_down(self, node_id: str) -> None:
+        try:
+            row = self.store.get_node(node_id)
+        except NotFound:
+            return
+        if row.spec.get("state") == "down":
+            return
+        log.warning("worker lost: node marked down", extra={"node": node_id})
+        self.store.upsert_inventory(nodes=[{**row.spec, "state": "down"}])
+        self.shared.loop.notify()
+        self.notify()
+
+    # -- reports from workers -----------------------------------------------------
+
+    def on_message(self, session: Session, msg: wpb.WorkerMessage) -> None:
+        session.last_seen = time.monotonic()
+        body = msg.WhichOneof("body")
+        if body == "heartbeat":
+            session.usage = msg.heartbeat
+        elif body == "status":
+            self._on_status(session, msg.status)
+        elif body == "log":
+            with self._lock:
+                track = self._tracks.get(msg.log.workload_id)
+                if track is not None:
+                    for line in msg.log.text.splitlines():
+                        track.logs.append(f"[{msg.log.shard_index}:{msg.log.rank}] {line}")
+
+    def _on_status(self, session: Session, status: wpb.ShardStatus) -> None:
+        key = shard_key(status.workload_id, status.shard_index)
+        with self._lock:
+            if status.state in ("STARTING", "RUNNING"):
+                session.alive.add(key)
+            else:
+                session.alive.discard(key)
+                session.stopping.pop(key, None)
+            track = self._tracks.get(status.workload_id)
+            if track is None or key not in session.sent:
+                return  # not (or no longer) what this worker was asked to run
+            i = status.shard_index
+            if status.state == "RUNNING":
+                track.running[i] = session.node_id
+                if status.endpoint:
+                    track.endpoints[i] = status.endpoint
+                if i == 0 and track.kind == "training":
+                    track.step = status.step
+                    track.loss = status.loss
+                    track.samples_per_s = status.samples_per_s
+                if track.kind == "inference":
+                    track.requests_per_s[i] = status.requests_per_s
+            elif status.state == "SUCCEEDED" and track.kind == "training":
+                track.running.pop(i, None)
+                track.succeeded.add(i)
+                if i == 0 and status.step:
+                    track.step = status.step
+            elif status.state in ("FAILED", "SUCCEEDED"):
+                track.running.pop(i, None)
+                track.endpoints.pop(i, None)
+                self._crashed(session, status, track)
+            elif status.state == "STOPPED" and track.running.get(i) == session.node_id:
+                track.running.pop(i, None)
+                track.endpoints.pop(i, None)
+        self.notify()
+
+    def _crashed(self, session: Session, status: wpb.ShardStatus, track: _Track) -> None:
+        now = time.monotonic()
+        if track.hold_until > now and (track.hold_shard is None or track.hold_shard == status.shard_index):
+            return  # the rest of a gang that is being restarted
+        what = f"shard {status.shard_index} on node {session.node_id} exited with status {status.exit_code}"
+        tail = status.message or "\n".join(list(track.logs)[-TAIL_LINES:])
+        if track.restarts >= self.config.max_restarts:
+            message = f"{what} after {track.restarts} restarts; log tail:\n{tail}"
+            log.warning("workload failed", extra={"workload": status.workload_id, "exit": status.exit_code})
+            self._finish(status.workload_id, FAILED, message)
+            return
+        track.restarts += 1
+        delay = self.config.restart_backoff_s * 2 ** (track.restarts - 1)
+        track.hold_until = now + delay
+        track.hold_shard = status.shard_index if track.kind == "inference" else None
+        if track.hold_shard is None:
+            track.running.clear()
+        else:
+            track.running.pop(status.shard_index, None)
+        track.succeeded.clear()
+        log.info(
+            "shard crashed; restarting",
+            extra={"workload": status.workload_id, "exit": status.exit_code, "restart": track.restarts},
+        )
+        # forget what was sent, so that the gang (or replica) is launched again after the hold
+        for s in self._sessions.values():
+            for key in list(s.sent):
+                wid, _, index = key.rpartition("/")
+                if wid == status.workload_id and (track.hold_shard is None or int(index) == track.hold_shard):
+                    del s.sent[key]
+                    if key in s.alive:
+                        self._send_stop(s, key, "restarting after a crash")
+
+    def _finish(self, workload_id: str, state: str, message: str) -> None:
+        with contextlib.suppress(NotFound, FailedPrecondition):  # cancelled or finished meanwhile
+            self.store.set_workload_state(workload_id, state, message)
+        self.shared.loop.notify()
+        self._dirty.set()
+
+    # -- the plan -> launches and stops ---------------------------------------------
+
+    def _wanted(self, rows: list[WorkloadRow], advertise: dict[str, str]) -> list[_Want]:
+        out: list[_Want] = []
+        for row in rows:
+            if row.state not in (PLACED, RUNNING) or not row.placement:
+                continue
+            placement = row.placement
+            old = placement.get("spec")
+            version = placement.get("version", row.version)
+            spec = old if version != row.version and isinstance(old, dict) else row.spec
+            if not spec.get("runtime"):
+                continue
+            shards = placement.get("shards") or []
+            workload = convert.workload_from_dict(spec)
+            gpu_type = str(placement.get("gpu_type", ""))
+            if row.kind == "training":
+                out += self._gang(row.id, version, workload, gpu_type, shards, advertise)
+            else:
+                for i, shard in enumerate(shards):
+                    node = str(shard.get("node_id", ""))
+                    if node not in advertise:
+                        continue
+                    gpus = int(shard.get("gpus", 0))
+                    launch = wpb.Launch(
+                        workload_id=row.id, version=version, shard_index=i, gpus=gpus, gpu_type=gpu_type,
+                        node_rank=0, nnodes=1, world_size=max(1, gpus), rank_offset=0,
+                        master_addr=advertise[node], master_port=master_port(shard_key(row.id, i)),
+                        workload=workload,
+                    )  # fmt: skip
+                    out.append(_Want(node, launch))
+        return out
+
+    def _gang(
+        self,
+        workload_id: str,
+        version: int,
+        workload: pb.Workload,
+        gpu_type: str,
+        shards: list[dict[str, Any]],
+        advertise: dict[str, str],
+    ) -> list[_Want]:
+        nodes = [str(s.get("node_id", "")) for s in shards]
+        if not nodes or any(n not in advertise for n in nodes):
+            return []  # launched only whole: a gang with a missing member would hang
+        procs = [max(1, int(s.get("gpus", 0))) for s in shards]
+        out = []
+        for i, shard in enumerate(shards):
+            launch = wpb.Launch(
+                workload_id=workload_id, version=version, shard_index=i, gpus=int(shard.get("gpus", 0)),
+                gpu_type=gpu_type, node_rank=i, nnodes=len(shards), world_size=sum(procs),
+                rank_offset=sum(procs[:i]), master_addr=advertise[nodes[0]],
+                master_port=master_port(workload_id), workload=workload,
+            )  # fmt: skip
+            out.append(_Want(nodes[i], launch))
+        return out
+
+    def reconcile(self) -> None:
+        sessions = self.sessions()
+        if not sessions and not self._tracks:
+            return  # no workers: planning-only use costs nothing
+        revision = self.store.revision()
+        if revision != self._seen_revision:
+            self._seen_revision = revision
+            self._rows = [r for r in self.store.active_workloads() if r.state in (PLACED, RUNNING)]
+            self._sync_tracks(self._rows)
+        rows = self._rows
+        advertise = {n: s.advertise for n, s in sessions.items() if s.connected}
+        now = time.monotonic()
+        with self._lock:
+            wants = [w for w in self._wanted(rows, advertise) if not self._held(w, now)]
+            by_node: dict[str, dict[str, _Want]] = {}
+            for w in wants:
+                by_node.setdefault(w.node_id, {})[w.key] = w
+            for node_id, session in sessions.items():
+                if not session.connected:
+                    continue
+                mine = by_node.get(node_id, {})
+                for key in list(session.sent):
+                    if key not in mine:
+                        del session.sent[key]
+                        self._send_stop(session, key, "no longer in the plan")
+                for key in list(session.alive):
+                    if key not in mine and key not in session.sent:
+                        last = session.stopping.get(key, 0.0)
+                        if now - last > max(5.0, self.config.stop_grace_s):
+                            self._send_stop(session, key, "not in the plan")
+                for key, w in mine.items():
+                    sig = w.signature
+                    if session.sent.get(key) == sig:
+                        continue
+                    if key in session.sent:
+                        self._send_stop(session, key, "the gang changed")
+                    session.sent[key] = sig
+                    session.outbox.put(wpb.ServerMessage(launch=w.launch))
+                    log.info(
+                        "launch", extra={"node": node_id, "shard": key, "world_size": w.launch.world_size}
+                    )
+            self._update_states(rows, wants, now)
+
+    def _held(self, want: _Want, now: float) -> bool:
+        track = self._tracks.get(want.launch.workload_id)
+        if track is None or track.hold_until <= now:
+            return False
+        return track.hold_shard is None or track.hold_shard == want.launch.shard_index
+
+    def _send_stop(self, session: Session, key: str, reason: str) -> None:
+        wid, _, index = key.rpartition("/")
+        session.stopping[key] = time.monotonic()
+        stop = wpb.Stop(
+            workload_id=wid, shard_index=int(index), reason=reason, grace_s=self.config.stop_grace_s
+        )
+        session.outbox.put(wpb.ServerMessage(stop=stop))
+        log.info("stop", extra={"node": session.node_id, "shard": key, "reason": reason})
+
+    def _sync_tracks(self, rows: list[WorkloadRow]) -> None:
+        with self._lock:
+            live = {r.id for r in rows if r.spec.get("runtime")}
+            for wid in list(self._tracks):
+                if wid not in live:
+                    del self._tracks[wid]
+            for row in rows:
+                if row.id not in live:
+                    continue
+                track = self._tracks.get(row.id)
+                if track is None:
+                    track = self._tracks[row.id] = _Track(kind=row.kind)
+                track.shards = len((row.placement or {}).get("shards") or [])
+                remaining = (row.spec.get("training") or {}).get("remaining_work")
+                track.total_steps = float(remaining or 0)
+
+    def _update_states(self, rows: list[WorkloadRow], wants: list[_Want], now: float) -> None:
+        wanted: dict[str, list[_Want]] = {}
+        for w in wants:
+            wanted.setdefault(w.launch.workload_id, []).append(w)
+        for row in rows:
+            track = self._tracks.get(row.id)
+            if track is None or row.state in TERMINAL:
+                continue
+            n = track.shards
+            if track.kind == "training" and n and len(track.succeeded) >= n:
+                self._finish(row.id, SUCCEEDED, f"done: {self._progress(track)}".rstrip(": "))
+                del self._tracks[row.id]
+                continue
+            mine = wanted.get(row.id, [])
+            all_running = (
+                n > 0
+                and len(mine) == n
+                and all(track.running.get(w.launch.shard_index) == w.node_id for w in mine)
+            )
+            message = self._progress(track)
+            due = now - track.written_at >= self.config.progress_interval_s
+            start = all_running and row.state == PLACED
+            progress = row.state == RUNNING and bool(message) and message != row.message and due
+            if start or progress:
+                self._write(row.id, RUNNING, message, track, now)
+
+    def _write(self, workload_id: str, state: str, message: str, track: _Track, now: float) -> None:
+        track.written_at = now
+        track.message = message
+        with contextlib.suppress(NotFound, FailedPrecondition):
+            self.store.set_workload_state(workload_id, state, message)
+
+    @staticmethod
+    def _progress(track: _Track) -> str:
+        if track.kind == "training":
+            if not track.step and not track.loss:
+                return ""
+            total = f"/{track.total_steps:g}" if track.total_steps else ""
+            text = f"step {track.step:g}{total} loss {track.loss:.4f}"
+            if track.samples_per_s:
+                text += f" {track.samples_per_s:.0f} samples/s"
+            return text
+        if not track.running:
+            return ""
+        rps = sum(track.requests_per_s.get(i, 0.0) for i in track.running)
+        return f"{len(track.running)} replicas running, {rps:.1f} requests/s"
+
+    # -- for other parts of the server ------------------------------------------------
+
+    def endpoints(self, workload_id: str) -> dict[int, str]:
+        """A service's ready replicas: shard index -> endpoint."""
+        with self._lock:
+            track = self._tracks.get(workload_id)
+            return dict(track.endpoints) if track else {}
+
+    def logs(self, workload_id: str) -> list[str]:
+        with self._lock:
+            track = self._tracks.get(workload_id)
+            return list(track.logs) if track else []
+
+
+# ----------------------------------------------------------------------------- the servicer
+
+
+class WorkersServicer(workers_pb2_grpc.WorkersServicer):
+    def __init__(self, shared: Shared, dispatcher: Dispatcher) -> None:
+        self.shared = shared
+        self.dispatcher = dispatcher
+
+    @_unary
+    def Register(
+        self, request: wpb.RegisterRequest, context: grpc.ServicerContext, who: Principal
+    ) -> wpb.RegisterResponse:
+        who.require_admin("registering a worker")
+        session = self.dispatcher.register(request.node, request.advertise_address, list(request.running))
+        config = self.dispatcher.config
+        return wpb.RegisterResponse(
+            session_id=session.id,
+            heartbeat_interval_s=config.heartbeat_interval_s,
+            heartbeat_timeout_s=config.heartbeat_timeout_s,
+        )
+
+    @_stream
+    def Connect(
+        self, request_iterator: Iterator[wpb.WorkerMessage], context: grpc.ServicerContext, who: Principal
+    ) -> Iterator[wpb.ServerMessage]:
+        who.require_admin("connecting a worker")
+        try:
+            first = next(request_iterator)
+        except StopIteration:
+            return
+        if not first.session_id:
+            raise FailedPrecondition("the first message must carry the session id from Register")
+        session, generation = self.dispatcher.attach(first.session_id)
+        self.dispatcher.on_message(session, first)
+        done = threading.Event()
+
+        def read() -> None:
+            try:
+                for msg in request_iterator:
+                    if session.closed or session.stream != generation:
+                        break
+                    self.dispatcher.on_message(session, msg)
+            except (grpc.RpcError, ServiceError, ValueError):
+                pass
+            except Exception:
+                log.exception("worker stream failed", extra={"node": session.node_id})
+            finally:
+                done.set()
+
+        reader = threading.Thread(target=read, name=f"apportion-worker-{session.node_id}", daemon=True)
+        reader.start()
+        try:
+            while not done.is_set() and context.is_active() and not self.shared.stopping:
+                if session.closed or session.stream != generation:
+                    break
+                try:
+                    item = session.outbox.get(timeout=STREAM_POLL_S)
+                except queue.Empty:
+                    continue
+                yield item
+        finally:
+            self.dispatcher.detach(session, generation)

@@ -1,0 +1,100 @@
+"""The agent's pieces without a server: argv of each runtime kind, the environment
+of a rank, APPORTION_* lines, GPU options, and the clean-up of leftover processes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from apportion.v1 import types_pb2 as pb
+from apportion.v1 import workers_pb2 as wpb
+from worker import agent
+
+
+def test_runtime_argv_for_each_kind() -> None:
+    py = "/usr/bin/python3"
+    builtin = pb.Runtime(builtin="train-lm", args=["--steps", "5"])
+    assert agent.runtime_argv(builtin, py) == [py, "-m", "worker.runtimes.train_lm", "--steps", "5"]
+    assert agent.runtime_argv(pb.Runtime(builtin="serve-lm"), py) == [py, "-m", "worker.runtimes.serve_lm"]
+    entry = pb.Runtime(entrypoint="pkg.mod:main", args=["x"])
+    assert agent.runtime_argv(entry, py) == [py, "-c", "import pkg.mod; pkg.mod.main()", "x"]
+    command = pb.Runtime(command=["echo", "hi"], args=["there"])
+    assert agent.runtime_argv(command, py) == ["echo", "hi", "there"]
+    for bad in (pb.Runtime(), pb.Runtime(builtin="nope"), pb.Runtime(entrypoint="no-colon")):
+        with pytest.raises(agent.AgentError):
+            agent.runtime_argv(bad, py)
+
+
+def test_the_environment_of_a_rank() -> None:
+    launch = wpb.Launch(
+        workload_id="job", version=2, shard_index=1, gpus=2, node_rank=1, nnodes=2, world_size=4,
+        rank_offset=2, master_addr="10.0.0.1", master_port=29601,
+        workload=pb.Workload(
+            id="job",
+            training=pb.TrainingSpec(gpus=4, remaining_work=400.0),
+            runtime=pb.Runtime(command=["x"], env={"EXTRA": "1", "LOCAL_RANK": "overridden"}),
+        ),
+    )  # fmt: skip
+    env = agent.shard_env(launch, 1, 2, "3", Path("/ckpt/job"), base={"PYTHONPATH": "/mine"})
+    assert env["RANK"] == "3" and env["WORLD_SIZE"] == "4" and env["LOCAL_WORLD_SIZE"] == "2"
+    assert env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == "29601"
+    assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["GROUP_RANK"] == "1"
+    assert env["APPORTION_TOTAL_STEPS"] == "400" and env["APPORTION_CHECKPOINT_DIR"] == "/ckpt/job"
+    assert env["APPORTION_WORKLOAD_ID"] == "job" and env["EXTRA"] == "1"
+    assert env["LOCAL_RANK"] == "overridden"  # the runtime's env comes last
+    paths = env["PYTHONPATH"].split(os.pathsep)
+    assert paths[-1] == "/mine" and len(paths) >= 2
+
+
+def test_apportion_lines_are_parsed_and_the_rest_is_log() -> None:
+    assert agent.parse_line('APPORTION_PROGRESS {"step": 3, "loss": 1.5}') == (
+        "progress",
+        {"step": 3, "loss": 1.5},
+    )
+    assert agent.parse_line('APPORTION_READY {"endpoint": "h:1"}') == ("ready", {"endpoint": "h:1"})
+    assert agent.parse_line("APPORTION_PROGRESS not json") is None
+    assert agent.parse_line("APPORTION_PROGRESS [1]") is None
+    assert agent.parse_line("plain output") is None
+
+
+def test_gpu_options() -> None:
+    gpus = agent.detect_gpus("2", "sim", 16.0)
+    assert (gpus.count, gpus.gpu_type, gpus.simulated) == (2, "sim", True)
+    with pytest.raises(agent.AgentError, match="--gpu-type"):
+        agent.detect_gpus("2", None, None)
+    with pytest.raises(agent.AgentError, match="auto or a number"):
+        agent.detect_gpus("many", "sim", None)
+
+
+def test_auto_without_nvidia_smi_says_how_to_simulate(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(agent.shutil, "which", lambda name: None)
+    with pytest.raises(agent.AgentError, match="--gpus N --gpu-type T"):
+        agent.detect_gpus("auto", None, None)
+
+
+def test_leftover_process_groups_are_killed_and_recycled_pids_are_not(tmp_path: Path) -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+    try:
+        (tmp_path / "a.pid").write_text(f"{child.pid} {agent._start_time(child.pid)}\n")
+        (tmp_path / "b.pid").write_text(f"{os.getpid()} 1\n")  # our pid, another start time: not ours
+        (tmp_path / "c.pid").write_text("garbage")
+        assert agent.kill_leftovers(tmp_path) == [child.pid]
+        assert child.wait(10) == -9
+        assert not list(tmp_path.glob("*.pid"))
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+
+
+def test_memory_and_heartbeat_numbers_are_sane() -> None:
+    total, used = agent.memory_gib()
+    assert total >= used >= 0
+    started = time.monotonic()
+    assert agent.gpu_usage() == [] or agent.shutil.which("nvidia-smi")
+    assert time.monotonic() - started < 15

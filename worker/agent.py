@@ -1,0 +1,837 @@
+"""The node agent: ``apportion worker --server ADDR ...`` (also ``python -m worker ...``).
+
+It presents this machine's GPUs (found with ``nvidia-smi``, or ``--gpus N
+--gpu-type T`` simulated ones on a CPU-only machine) as one node, registers it
+with the server's ``Workers`` service, keeps one ``Connect`` stream
+(heartbeats with usage, shard statuses and log lines up; ``Launch`` and
+``Stop`` down) and runs the processes of the shards it is given. It never
+imports torch: the runtimes do (``worker.runtimes``).
+
+Processes. A shard runs one process per GPU (one if it has none), each in its
+own process group (``start_new_session``), with the torchrun environment:
+RANK (rank_offset + local rank), WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
+GROUP_RANK (node_rank), MASTER_ADDR, MASTER_PORT, CUDA_VISIBLE_DEVICES (the
+local GPU given to that rank; empty for simulated GPUs), and APPORTION_WORKLOAD_ID,
+APPORTION_SHARD_INDEX, APPORTION_CHECKPOINT_DIR (``<work-dir>/checkpoints/<id>``,
+shared by the workers of one machine that share ``--work-dir``),
+APPORTION_TOTAL_STEPS (``training.remaining_work``), then the runtime's own env.
+PYTHONPATH gets the directories this agent's packages come from, so the
+built-in runtimes import from a checkout too. The working directory is
+``<work-dir>/runs/<id>.<shard>``.
+
+The runtime's argv: ``builtin: train-lm`` -> ``python -m worker.runtimes.train_lm
+ARGS``, ``serve-lm`` -> ``worker.runtimes.serve_lm``; ``entrypoint:
+"mod:fn"`` -> ``python -c "import mod; mod.fn()" ARGS``; ``command: [...]`` ->
+that argv followed by ARGS.
+
+Output. stdout and stderr are read together, line by line. ``APPORTION_PROGRESS
+{json}`` (step, total_steps, loss, samples_per_s, requests_per_s) and
+``APPORTION_READY {"endpoint": "host:port"}`` lines become ShardStatus (from
+local rank 0; at most :data:`PROGRESS_EVERY_S` apart); every other line goes to
+the server as a LogChunk and to ``<work-dir>/logs/<id>/shard-<i>.log``. A shard
+ends when all its processes have; the first process to fail takes the rest of
+the shard down (a gang that lost a rank cannot go on). Its status: STOPPED if a
+Stop asked for it, SUCCEEDED if every process exited 0, else FAILED with the
+exit status (a signal as ``-N``) and the log tail in the message.
+
+Stop: SIGTERM to each process group, SIGKILL after ``grace_s``. A Launch of a
+shard that runs with the same parameters is answered with its status; with
+other parameters it is stopped and started again.
+
+Restarts and orphans. Each process has a pid file under ``<work-dir>/pids/``
+(pid and its start time, so a recycled pid is never killed). On start the agent
+kills every process group those files name that still exists and removes the
+files: nothing survives an agent, and the server launches again what the plan
+still wants (simplest, and no orphan can keep GPUs). On SIGTERM/SIGINT it stops
+its processes (their grace, bounded by ``--stop-grace``) and exits 0. If the
+stream breaks it reconnects with back-off; if the server no longer knows the
+session (a server restart) it registers again, telling the server which shards
+still run so the server can keep or stop them. ``Register`` retries while the
+server is unavailable.
+
+GPU type. The node's GPU type must exist on the server; if it does not, the
+agent adds it (``UpsertNodes``) with ``--gpu-memory-gib`` (or the memory
+``nvidia-smi`` reports). Registering needs the admin token when the server has
+tokens (``--token`` or ``$APPORTION_TOKEN``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import IO, Any
+
+import grpc
+
+from apportion.client import ApportionError, Client
+from apportion.v1 import types_pb2 as pb
+from apportion.v1 import workers_pb2 as wpb
+from apportion.v1 import workers_pb2_grpc
+
+log = logging.getLogger("apportion.worker")
+
+PROGRESS_PREFIX = "APPORTION_PROGRESS "
+READY_PREFIX = "APPORTION_READY "
+PROGRESS_EVERY_S = 0.5  # least time between two progress statuses of one shard
+TAIL_LINES = 20
+OUTBOX_LIMIT = 10_000  # queued messages; log lines beyond are dropped (statuses never are)
+GIB = 1024**3
+
+
+class AgentError(Exception):
+    """A configuration the agent cannot run with (reported on stderr, exit 2)."""
+
+
+# ----------------------------------------------------------------------------- the machine
+
+
+@dataclass(frozen=True)
+class Gpus:
+    count: int
+    gpu_type: str
+    memory_gib: float | None
+    simulated: bool
+
+
+def detect_gpus(spec: str, gpu_type: str | None, memory_gib: float | None) -> Gpus:
+    """``--gpus auto|N``: real GPUs through nvidia-smi, or N simulated ones of ``gpu_type``."""
+    if spec != "auto":
+        try:
+            count = int(spec)
+        except ValueError:
+            raise AgentError(f"--gpus must be auto or a number, not {spec!r}") from None
+        if count < 0:
+            raise AgentError("--gpus must be ≥ 0")
+        if not gpu_type:
+            raise AgentError("--gpus N needs --gpu-type T (the GPU type to present)")
+        return Gpus(count, gpu_type, memory_gib, simulated=True)
+    smi = shutil.which("nvidia-smi")
+    rows: list[list[str]] = []
+    if smi is not None:
+        try:
+            out = subprocess.run(
+                [smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=20,
+                check=True,
+            ).stdout
+            rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
+        except (OSError, subprocess.SubprocessError):
+            rows = []
+    if not rows:
+        raise AgentError(
+            "--gpus auto found no GPU (nvidia-smi is missing or lists none); "
+            "to present simulated GPUs pass --gpus N --gpu-type T"
+        )
+    name = rows[0][0]
+    memory = memory_gib if memory_gib is not None else round(float(rows[0][1]) / 1024, 1)
+    default_type = name.lower().replace("nvidia ", "").replace(" ", "-")
+    return Gpus(len(rows), gpu_type or default_type, memory, simulated=False)
+
+
+def memory_gib() -> tuple[float, float]:
+    """(total, used) host memory in GiB, from /proc/meminfo (zeros where it is missing)."""
+    info: dict[str, float] = {}
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            key, _, rest = line.partition(":")
+            info[key] = float(rest.split()[0]) * 1024 / GIB
+    except (OSError, ValueError, IndexError):
+        return 0.0, 0.0
+    total = info.get("MemTotal", 0.0)
+    return total, total - info.get("MemAvailable", total)
+
+
+def gpu_usage() -> list[wpb.GpuUsage]:
+    """Utilization and memory of the real GPUs (nvidia-smi); empty when it fails."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run(
+            [smi, "--query-gpu=index,utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        usage = []
+        for line in out.splitlines():
+            index, util, used = (c.strip() for c in line.split(","))
+            usage.append(
+                wpb.GpuUsage(
+                    index=int(index), utilization=float(util) / 100, memory_used_gib=float(used) / 1024
+                )
+            )
+        return usage
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return []
+
+
+# ----------------------------------------------------------------------------- what to run
+
+
+def package_roots() -> list[str]:
+    """Directories to put on a child's PYTHONPATH so ``worker`` and ``apportion`` import."""
+    import apportion
+    import worker
+
+    roots = [
+        str(Path(worker.__file__).resolve().parents[1]),
+        str(Path(apportion.__file__).resolve().parents[1]),
+    ]
+    return list(dict.fromkeys(roots))
+
+
+def runtime_argv(runtime: pb.Runtime, python: str = sys.executable) -> list[str]:
+    """The argv of a workload's runtime (see the module docstring)."""
+    args = list(runtime.args)
+    if runtime.builtin:
+        modules = {"train-lm": "worker.runtimes.train_lm", "serve-lm": "worker.runtimes.serve_lm"}
+        if runtime.builtin not in modules:
+            raise AgentError(f"unknown builtin runtime {runtime.builtin!r} (known: {', '.join(modules)})")
+        return [python, "-m", modules[runtime.builtin], *args]
+    if runtime.entrypoint:
+        module, sep, function = runtime.entrypoint.partition(":")
+        if not sep or not module or not function.isidentifier():
+            raise AgentError(f"entrypoint must be 'module:function', not {runtime.entrypoint!r}")
+        return [python, "-c", f"import {module}; {module}.{function}()", *args]
+    if runtime.command:
+        return [*runtime.command, *args]
+    raise AgentError("the workload's runtime names no builtin, entrypoint or command")
+
+
+def shard_env(
+    launch: wpb.Launch,
+    local_rank: int,
+    procs: int,
+    devices: str,
+    checkpoint_dir: Path,
+    base: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """The environment of one process of a shard."""
+    env = dict(os.environ if base is None else base)
+    paths = [*package_roots(), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
+    env["PYTHONUNBUFFERED"] = "1"
+    training = launch.workload.training
+    env.update(
+        RANK=str(launch.rank_offset + local_rank),
+        WORLD_SIZE=str(launch.world_size),
+        LOCAL_RANK=str(local_rank),
+        LOCAL_WORLD_SIZE=str(procs),
+        GROUP_RANK=str(launch.node_rank),
+        NODE_RANK=str(launch.node_rank),
+        NNODES=str(launch.nnodes),
+        MASTER_ADDR=launch.master_addr,
+        MASTER_PORT=str(launch.master_port),
+        CUDA_VISIBLE_DEVICES=devices,
+        APPORTION_WORKLOAD_ID=launch.workload_id,
+        APPORTION_SHARD_INDEX=str(launch.shard_index),
+        APPORTION_VERSION=str(launch.version),
+        APPORTION_CHECKPOINT_DIR=str(checkpoint_dir),
+        APPORTION_TOTAL_STEPS=str(int(training.remaining_work))
+        if training.HasField("remaining_work")
+        else "0",
+    )
+    env.update(launch.workload.runtime.env)
+    return env
+
+
+def parse_line(line: str) -> tuple[str, dict[str, Any]] | None:
+    """``("progress"|"ready", data)`` for an APPORTION_* line, else None (a log line)."""
+    for prefix, kind in ((PROGRESS_PREFIX, "progress"), (READY_PREFIX, "ready")):
+        if line.startswith(prefix):
+            try:
+                data = json.loads(line[len(prefix) :])
+            except ValueError:
+                return None
+            return (kind, data) if isinstance(data, dict) else None
+    return None
+
+
+def _start_time(pid: int) -> str:
+    """The start time of process ``pid`` (clock ticks since boot), "" if it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def kill_leftovers(pid_dir: Path) -> list[int]:
+    """Kill the process groups that pid files under ``pid_dir`` name (if still the same
+    processes) and remove the files; the pids killed."""
+    killed = []
+    for path in sorted(pid_dir.glob("*.pid")) if pid_dir.is_dir() else []:
+        try:
+            pid_text, started = path.read_text().split()
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            path.unlink(missing_ok=True)
+            continue
+        if started and _start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+                killed.append(pid)
+        path.unlink(missing_ok=True)
+    return killed
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+@dataclass
+class _Shard:
+    launch: wpb.Launch
+    signature: tuple[Any, ...]
+    devices: list[int]
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    pid_files: list[Path] = field(default_factory=list)
+    codes: dict[int, int] = field(default_factory=dict)  # local rank -> exit status
+    first_failure: tuple[int, int] | None = None  # (local rank, exit status) of the first to fail
+    stop_requested: bool = False
+    done: threading.Event = field(default_factory=threading.Event)
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=TAIL_LINES))
+    step: float = 0.0
+    loss: float = 0.0
+    samples_per_s: float = 0.0
+    requests_per_s: float = 0.0
+    endpoint: str = ""
+    reported_at: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def key(self) -> str:
+        return f"{self.launch.workload_id}/{self.launch.shard_index}"
+
+
+def _signature(x: wpb.Launch) -> tuple[Any, ...]:
+    return (
+        x.version,
+        x.gpus,
+        x.node_rank,
+        x.nnodes,
+        x.world_size,
+        x.rank_offset,
+        x.master_addr,
+        x.master_port,
+    )
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    server: str
+    token: str | None = None
+    node_id: str = ""
+    zone: str = ""
+    domain: str = ""
+    gpus: str = "auto"
+    gpu_type: str | None = None
+    gpu_memory_gib: float | None = None
+    advertise: str = ""
+    work_dir: Path = Path("apportion-worker")
+    heartbeat_s: float | None = None  # None: what the server says
+    stop_grace_s: float = 30.0  # at most this per Stop, whatever the server asks
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+
+
+class Agent:
+    def __init__(self, config: AgentConfig) -> None:
+        self.config = config
+        self.gpus = detect_gpus(config.gpus, config.gpu_type, config.gpu_memory_gib)
+        self.node_id = config.node_id or socket.gethostname()
+        self.advertise = config.advertise or "127.0.0.1"
+        self.work_dir = config.work_dir.resolve()
+        self.pid_dir = self.work_dir / "pids" / self.node_id
+        self.client = Client(
+            config.server, token=config.token, ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key
+        )
+        self.stub = workers_pb2_grpc.WorkersStub(self.client.channel)
+        self.metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
+        self._lock = threading.RLock()
+        self._shards: dict[str, _Shard] = {}
+        self._free = set(range(self.gpus.count))
+        self._outbox: queue.Queue[wpb.WorkerMessage | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._session = ""
+        self._interval = 2.0
+        self._call: Any = None
+
+    # -- the node --------------------------------------------------------------
+
+    def node(self) -> pb.Node:
+        total, _ = memory_gib()
+        return pb.Node(
+            id=self.node_id,
+            gpu_type=self.gpus.gpu_type,
+            gpus=self.gpus.count,
+            cpus=float(os.cpu_count() or 1),
+            memory_gib=round(total, 1),
+            zone=self.config.zone,
+            domain=self.config.domain,
+        )
+
+    def ensure_gpu_type(self) -> None:
+        _, types, _ = self.client.nodes()
+        if any(t.name == self.gpus.gpu_type for t in types):
+            return
+        if self.gpus.memory_gib is None:
+            raise AgentError(
+                f"the server has no GPU type {self.gpus.gpu_type!r}: pass --gpu-memory-gib G to add it"
+            )
+        self.client.upsert_nodes(
+            gpu_types=[pb.GpuType(name=self.gpus.gpu_type, memory_gib=self.gpus.memory_gib)]
+        )
+
+    def register(self) -> None:
+        """Register (again), retrying while the server is unavailable."""
+        delay = 0.2
+        while not self._stopping.is_set():
+            try:
+                self.ensure_gpu_type()
+                with self._lock:
+                    running = [k for k, s in self._shards.items() if not s.done.is_set()]
+                reply = self.stub.Register(
+                    wpb.RegisterRequest(node=self.node(), advertise_address=self.advertise, running=running),
+                    metadata=self.metadata,
+                    timeout=30,
+                )
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+                log.info("server unavailable; retrying", extra={"server": self.config.server})
+            except ApportionError as exc:
+                if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    raise
+            else:
+                self._session = reply.session_id
+                self._interval = self.config.heartbeat_s or reply.heartbeat_interval_s or 2.0
+                log.info("registered", extra={"node": self.node_id, "session": reply.session_id})
+                return
+            self._stopping.wait(delay)
+            delay = min(5.0, delay * 2)
+
+    # -- the stream --------------------------------------------------------------
+
+    def send(self, msg: wpb.WorkerMessage, *, droppable: bool = False) -> None:
+        if droppable and self._outbox.qsize() >= OUTBOX_LIMIT:
+            return
+        self._outbox.put(msg)
+
+    def _outgoing(self, first: wpb.WorkerMessage, generation: list[bool]) -> Iterator[wpb.WorkerMessage]:
+        yield first
+        while generation[0] and not self._stopping.is_set():
+            try:
+                msg = self._outbox.get(timeout=0.25)
+            except queue.Empty:
+                continue
+            if msg is None:
+                return
+            msg.session_id = self._session
+            yield msg
+
+    def _heartbeats(self) -> None:
+        while not self._stopping.wait(self._interval):
+            self.send(wpb.WorkerMessage(heartbeat=self.heartbeat()))
+
+    def heartbeat(self) -> wpb.Heartbeat:
+        cpus = os.cpu_count() or 1
+        try:
+            load = os.getloadavg()[0] / cpus
+        except OSError:
+            load = 0.0
+        _, used = memory_gib()
+        beat = wpb.Heartbeat(cpu_utilization=min(1.0, load), memory_used_gib=used)
+        if self.gpus.simulated:
+            with self._lock:
+                busy = {d for s in self._shards.values() if not s.done.is_set() for d in s.devices}
+            beat.gpus.extend(
+                wpb.GpuUsage(index=i, utilization=1.0 if i in busy else 0.0) for i in range(self.gpus.count)
+            )
+        else:
+            beat.gpus.extend(gpu_usage())
+        return beat
+
+    def run(self) -> int:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        killed = kill_leftovers(self.pid_dir)
+        if killed:
+            log.warning("killed processes left by a previous agent", extra={"pids": killed})
+        self.pid_dir.mkdir(parents=True, exist_ok=True)
+        self.register()
+        threading.Thread(target=self._heartbeats, name="heartbeats", daemon=True).start()
+        delay = 0.2
+        while not self._stopping.is_set():
+            generation = [True]
+            first = wpb.WorkerMessage(session_id=self._session, heartbeat=self.heartbeat())
+            try:
+                self._call = self.stub.Connect(self._outgoing(first, generation), metadata=self.metadata)
+                for command in self._call:
+                    delay = 0.2
+                    self.handle(command)
+                if self._stopping.is_set():
+                    break
+                log.info("stream ended; reconnecting")
+            except grpc.RpcError as exc:
+                if self._stopping.is_set():
+                    break
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND):
+                    log.info("the server does not know this session; registering again")
+                    self.register()
+                    for shard in self._live_shards():
+                        self.report(shard, "RUNNING")
+                    continue
+                if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+                    raise
+                log.info("stream broken; reconnecting", extra={"code": code.name if code else ""})
+            finally:
+                generation[0] = False
+            self._stopping.wait(delay)
+            delay = min(5.0, delay * 2)
+        self.shutdown()
+        return 0
+
+    def stop(self) -> None:
+        """Leave: stop the processes, close the stream (from a signal handler or another thread)."""
+        self._stopping.set()
+        call = self._call
+        if call is not None:
+            with contextlib.suppress(Exception):
+                call.cancel()
+
+    def shutdown(self) -> None:
+        shards = self._live_shards()
+        for shard in shards:
+            self._terminate(shard, self.config.stop_grace_s)
+        for shard in shards:
+            shard.done.wait(self.config.stop_grace_s + 5)
+        self.client.close()
+
+    def _live_shards(self) -> list[_Shard]:
+        with self._lock:
+            return [s for s in self._shards.values() if not s.done.is_set()]
+
+    # -- commands ----------------------------------------------------------------
+
+    def handle(self, command: wpb.ServerMessage) -> None:
+        body = command.WhichOneof("body")
+        if body == "launch":
+            launch = command.launch
+            threading.Thread(target=self.launch, args=(launch,), daemon=True).start()
+        elif body == "stop":
+            key = f"{command.stop.workload_id}/{command.stop.shard_index}"
+            with self._lock:
+                shard = self._shards.get(key)
+            if shard is not None and not shard.done.is_set():
+                grace = min(command.stop.grace_s or self.config.stop_grace_s, self.config.stop_grace_s)
+                threading.Thread(target=self._terminate, args=(shard, grace), daemon=True).start()
+
+    def launch(self, launch: wpb.Launch) -> None:
+        key = f"{launch.workload_id}/{launch.shard_index}"
+        signature = _signature(launch)
+        with self._lock:
+            old = self._shards.get(key)
+        if old is not None and not old.done.is_set():
+            if old.signature == signature:
+                self.report(old, "RUNNING")
+                return
+            self._terminate(old, self.config.stop_grace_s)
+            old.done.wait()
+        procs = max(1, launch.gpus)
+        with self._lock:
+            if len(self._free) < launch.gpus:
+                shard = _Shard(launch, signature, [])
+                shard.done.set()
+                self.report(shard, "FAILED", exit_code=-1, message=f"needs {launch.gpus} free GPUs; "
+                            f"{len(self._free)} of {self.gpus.count} are free on {self.node_id}")  # fmt: skip
+                return
+            devices = sorted(self._free)[: launch.gpus]
+            self._free -= set(devices)
+            shard = _Shard(launch, signature, devices)
+            self._shards[key] = shard
+        try:
+            argv = runtime_argv(launch.workload.runtime)
+        except AgentError as exc:
+            self._release(shard)
+            shard.done.set()
+            self.report(shard, "FAILED", exit_code=-1, message=str(exc))
+            return
+        run_dir = self.work_dir / "runs" / f"{launch.workload_id}.{launch.shard_index}"
+        log_dir = self.work_dir / "logs" / launch.workload_id
+        checkpoint_dir = self.work_dir / "checkpoints" / launch.workload_id
+        for d in (run_dir, log_dir, checkpoint_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        log_file = (log_dir / f"shard-{launch.shard_index}.log").open("a", encoding="utf-8")
+        self.report(shard, "STARTING")
+        try:
+            with shard.lock:
+                for local in range(procs):
+                    devices_text = "" if self.gpus.simulated or not devices else str(devices[local])
+                    env = shard_env(launch, local, procs, devices_text, checkpoint_dir)
+                    proc = subprocess.Popen(
+                        argv,
+                        cwd=run_dir,
+                        env=env,
+                        stdin=subprocess.DEVNULL,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                    pid_file = self.pid_dir / f"{launch.workload_id}.{launch.shard_index}.{local}.pid"
+                    pid_file.write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
+                    shard.procs.append(proc)
+                    shard.pid_files.append(pid_file)
+        except OSError as exc:
+            shard.tail.append(f"cannot start {argv[0]}: {exc}")
+            self._terminate(shard, 0)
+            with shard.lock:
+                codes = {i: 127 for i in range(len(shard.procs), procs)}
+                shard.codes.update(codes)
+        log.info("launched", extra={"shard": key, "pids": [p.pid for p in shard.procs]})
+        if shard.procs:
+            self.report(shard, "RUNNING")
+        readers = [
+            threading.Thread(target=self._read, args=(shard, local, proc, log_file), daemon=True)
+            for local, proc in enumerate(shard.procs)
+        ]
+        for t in readers:
+            t.start()
+        threading.Thread(target=self._watch, args=(shard, readers, procs, log_file), daemon=True).start()
+
+    def _read(self, shard: _Shard, local: int, proc: subprocess.Popen[bytes], log_file: IO[str]) -> None:
+        launch = shard.launch
+        stream = proc.stdout
+        assert stream is not None
+        for raw in iter(stream.readline, b""):
+            line = raw.decode("utf-8", "replace").rstrip("\n")
+            parsed = parse_line(line)
+            if parsed is None:
+                shard.tail.append(line)
+                with contextlib.suppress(ValueError):
+                    log_file.write(f"[rank {launch.rank_offset + local}] {line}\n")
+                    log_file.flush()
+                self.send(
+                    wpb.WorkerMessage(
+                        log=wpb.LogChunk(
+                            workload_id=launch.workload_id,
+                            shard_index=launch.shard_index,
+                            rank=launch.rank_offset + local,
+                            text=line,
+                        )
+                    ),
+                    droppable=True,
+                )
+                continue
+            if local != 0:
+                continue
+            kind, data = parsed
+            if kind == "ready":
+                shard.endpoint = str(data.get("endpoint", ""))
+                self.report(shard, "RUNNING")
+                continue
+            with contextlib.suppress(TypeError, ValueError):
+                shard.step = float(data.get("step", shard.step))
+                shard.loss = float(data.get("loss", shard.loss))
+                shard.samples_per_s = float(data.get("samples_per_s", shard.samples_per_s))
+                shard.requests_per_s = float(data.get("requests_per_s", shard.requests_per_s))
+            now = time.monotonic()
+            if now - shard.reported_at >= PROGRESS_EVERY_S:
+                self.report(shard, "RUNNING")
+        code = proc.wait()
+        with shard.lock:
+            shard.codes[local] = code
+            failed = code != 0 and not shard.stop_requested
+            if failed and shard.first_failure is None:
+                shard.first_failure = (local, code)
+        if failed:  # the rest of the shard cannot go on without this rank
+            self._terminate(shard, min(5.0, self.config.stop_grace_s), requested=False)
+
+    def _watch(self, shard: _Shard, readers: list[threading.Thread], procs: int, log_file: IO[str]) -> None:
+        for t in readers:
+            t.join()
+        for proc in shard.procs:
+            proc.wait()
+        log_file.close()
+        for path in shard.pid_files:
+            path.unlink(missing_ok=True)
+        self._release(shard)
+        codes = [shard.codes.get(i, -1) for i in range(procs)]
+        failed = [(i, c) for i, c in enumerate(codes) if c != 0]
+        if shard.stop_requested:
+            state, code = "STOPPED", failed[0][1] if failed else 0
+        elif not failed:
+            state, code = "SUCCEEDED", 0
+        else:
+            state, code = "FAILED", (shard.first_failure or failed[0])[1]
+        message = "\n".join(shard.tail) if state == "FAILED" else ""
+        log.info("shard ended", extra={"shard": shard.key, "state": state, "exit": code})
+        shard.done.set()
+        self.report(shard, state, exit_code=code, message=message)
+
+    def _release(self, shard: _Shard) -> None:
+        with self._lock:
+            self._free |= set(shard.devices)
+            shard.devices = []
+
+    def _terminate(self, shard: _Shard, grace: float, *, requested: bool = True) -> None:
+        """SIGTERM to the shard's process groups, SIGKILL to those left after ``grace``."""
+        with shard.lock:
+            if requested:
+                shard.stop_requested = True
+            procs = list(shard.procs)
+        for proc in procs:
+            if proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)  # the group: also what the process left behind
+
+    def report(self, shard: _Shard, state: str, *, exit_code: int = 0, message: str = "") -> None:
+        shard.reported_at = time.monotonic()
+        self.send(
+            wpb.WorkerMessage(
+                status=wpb.ShardStatus(
+                    workload_id=shard.launch.workload_id,
+                    version=shard.launch.version,
+                    shard_index=shard.launch.shard_index,
+                    state=state,
+                    exit_code=exit_code,
+                    step=shard.step,
+                    loss=shard.loss,
+                    samples_per_s=shard.samples_per_s,
+                    requests_per_s=shard.requests_per_s,
+                    message=message,
+                    endpoint=shard.endpoint,
+                )
+            )
+        )
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``apportion worker`` (server.cli adds the subcommand)."""
+    parser.add_argument("--server", metavar="ADDR", help="the server (default: $APPORTION_SERVER)")
+    parser.add_argument("--token", metavar="TOKEN", help="bearer token, admin (default: $APPORTION_TOKEN)")
+    parser.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA to trust")
+    parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (mutual TLS)")
+    parser.add_argument("--node-id", default="", metavar="ID", help="node id (default: the host name)")
+    parser.add_argument("--zone", default="", metavar="Z", help="failure zone")
+    parser.add_argument("--domain", default="", metavar="D", help="fast-interconnect group (rack)")
+    parser.add_argument(
+        "--gpus", default="auto", metavar="auto|N", help="auto: detect (nvidia-smi); N: simulate N GPUs"
+    )
+    parser.add_argument("--gpu-type", metavar="T", help="GPU type name (required with --gpus N)")
+    parser.add_argument(
+        "--gpu-memory-gib", type=float, metavar="G", help="memory of one GPU (to add an unknown GPU type)"
+    )
+    parser.add_argument(
+        "--advertise",
+        default="",
+        metavar="HOST",
+        help="address other workers reach this one at (MASTER_ADDR)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("apportion-worker"),
+        metavar="DIR",
+        help="logs, pid files, checkpoints",
+    )
+    parser.add_argument(
+        "--heartbeat",
+        type=float,
+        metavar="S",
+        help="seconds between heartbeats (default: what the server says)",
+    )
+    parser.add_argument(
+        "--stop-grace", type=float, default=30.0, metavar="S", help="most seconds a process gets to stop"
+    )
+    parser.add_argument("--log-level", default="INFO", help="log level")
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """``apportion worker``: run the agent until SIGTERM or SIGINT."""
+    logging.basicConfig(
+        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = AgentConfig(
+        server=args.server or os.environ.get("APPORTION_SERVER", "127.0.0.1:50051"),
+        token=args.token or os.environ.get("APPORTION_TOKEN") or None,
+        node_id=args.node_id,
+        zone=args.zone,
+        domain=args.domain,
+        gpus=args.gpus,
+        gpu_type=args.gpu_type,
+        gpu_memory_gib=args.gpu_memory_gib,
+        advertise=args.advertise,
+        work_dir=args.work_dir,
+        heartbeat_s=args.heartbeat,
+        stop_grace_s=args.stop_grace,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+    )
+    try:
+        agent = Agent(config)
+    except AgentError as exc:
+        sys.stderr.write(f"apportion worker: {exc}\n")
+        return 2
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        log.info("signal received; stopping", extra={"signal": signal.Signals(signum).name})
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return agent.run()
+    except AgentError as exc:
+        sys.stderr.write(f"apportion worker: {exc}\n")
+        agent.shutdown()
+        return 2
+    except grpc.RpcError as exc:
+        detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        sys.stderr.write(f"apportion worker: the server refused: {detail}\n")
+        agent.shutdown()
+        return 1
+    except ApportionError as exc:
+        sys.stderr.write(f"apportion worker: the server refused: {exc}\n")
+        agent.shutdown()
+        return 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="apportion worker", description="Run the Apportion node agent.")
+    add_arguments(parser)
+    return run_command(parser.parse_args(argv))
