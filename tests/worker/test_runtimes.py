@@ -304,3 +304,28 @@ def test_serve_lm_answers_concurrent_requests_in_batches(tmp_path: Path) -> None
         err = proc.stderr.read()
         proc.stderr.close()
     assert returncode == 0, err
+
+
+def test_sigterm_to_one_rank_stops_both_at_the_same_step(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    common = {
+        "WORLD_SIZE": 2,
+        "LOCAL_WORLD_SIZE": 2,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": free_port(),
+        "APPORTION_CHECKPOINT_DIR": ckpt,
+        "APPORTION_TOTAL_STEPS": 10**6,
+    }
+    procs = [start("train_lm", runtime_env(RANK=r, LOCAL_RANK=r, **common)) for r in (0, 1)]
+    assert procs[0].stdout is not None
+    assert procs[0].stdout.readline().startswith("APPORTION_PROGRESS")  # both ranks are training
+    procs[1].send_signal(signal.SIGTERM)
+    results = [p.communicate(timeout=TIMEOUT_S) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err
+    done = [DONE.search(err) for _, err in results]
+    assert done[0] and done[1]
+    assert done[0].groups()[1:] == done[1].groups()[1:]  # stopped, same step, same parameters
+    last = protocol_lines(results[0][0])[-1]
+    assert last["state"] == "stopped" and last["step"] == int(done[0][3])
+    assert checkpoint.load(ckpt / f"ckpt-{last['step']}.pt")["param_sha256"] == done[0][4]
