@@ -81,7 +81,7 @@ from server import convert
 from server.auth import Principal
 from server.errors import FailedPrecondition, NotFound, ServiceError
 from server.service import Shared, _stream, _unary
-from server.store import FAILED, PLACED, RUNNING, SUCCEEDED, TERMINAL, WorkloadRow
+from server.store import FAILED, PLACED, RUNNING, SUCCEEDED, TERMINAL, Store, WorkloadRow
 
 log = logging.getLogger("apportion.workers")
 
@@ -196,7 +196,7 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._run, name="apportion-workers", daemon=True)
 
     @property
-    def store(self) -> Any:
+    def store(self) -> Store:
         return self.shared.store
 
     # -- lifecycle -------------------------------------------------------------

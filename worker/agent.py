@@ -370,6 +370,7 @@ class Agent:
         self.metadata = (("authorization", f"Bearer {config.token}"),) if config.token else ()
         self._lock = threading.RLock()
         self._shards: dict[str, _Shard] = {}
+        self._launching: dict[str, threading.Lock] = {}  # one launch or restart of a shard at a time
         self._free = set(range(self.gpus.count))
         self._outbox: queue.Queue[wpb.WorkerMessage | None] = queue.Queue()
         self._stopping = threading.Event()
@@ -550,6 +551,12 @@ class Agent:
 
     def launch(self, launch: wpb.Launch) -> None:
         key = f"{launch.workload_id}/{launch.shard_index}"
+        with self._lock:
+            serial = self._launching.setdefault(key, threading.Lock())
+        with serial:
+            self._launch(key, launch)
+
+    def _launch(self, key: str, launch: wpb.Launch) -> None:
         signature = _signature(launch)
         with self._lock:
             old = self._shards.get(key)
@@ -687,8 +694,8 @@ class Agent:
             state, code = "FAILED", (shard.first_failure or failed[0])[1]
         message = "\n".join(shard.tail) if state == "FAILED" else ""
         log.info("shard ended", extra={"shard": shard.key, "state": state, "exit": code})
+        self.report(shard, state, exit_code=code, message=message)  # before a relaunch's STARTING
         shard.done.set()
-        self.report(shard, state, exit_code=code, message=message)
 
     def _release(self, shard: _Shard) -> None:
         with self._lock:

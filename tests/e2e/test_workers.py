@@ -173,3 +173,39 @@ def test_cancel_stops_the_shards(tmp_path: Path) -> None:
         pids = wait_for(lambda: pids_of(w.work_dir), 10, "pid files")
         c.stub.CancelWorkload(apb.CancelWorkloadRequest(id="job"))
         wait_for(lambda: not any(alive(p) for p in pids), 10, "the shard to stop")
+
+
+# A serving replica: says where it listens, reports its rate, serves until stopped.
+SERVE = textwrap.dedent(
+    """\
+    import json, os, sys, time
+    endpoint = "127.0.0.1:%s" % os.environ["MASTER_PORT"]
+    print("APPORTION_READY " + json.dumps({"endpoint": endpoint}), flush=True)
+    while True:
+        print("APPORTION_PROGRESS " + json.dumps({"requests_per_s": 12.5}), flush=True)
+        time.sleep(0.2)
+    """
+)
+
+
+def test_a_service_replica_runs_and_reports_its_endpoint(tmp_path: Path) -> None:
+    with cluster(tmp_path) as c:
+        c.worker("w1")
+        c.wait_nodes("w1")
+        command = script(tmp_path, "serve", SERVE)
+        c.submit(
+            {
+                "id": "svc",
+                "inference": {
+                    "gpus_per_replica": {GPU_TYPE: 1},
+                    "replica_rps": {GPU_TYPE: 10},
+                    "target_rps": 10,
+                },
+                "runtime": {"command": command},
+            }
+        )
+        c.wait_state("svc", "RUNNING")
+        dispatcher = c.server.server.dispatcher
+        endpoints = wait_for(lambda: dispatcher.endpoints("svc"), 10, "the endpoint")
+        assert list(endpoints) == [0] and endpoints[0].startswith("127.0.0.1:")
+        wait_for(lambda: c.get("svc").message == "1 replicas running, 12.5 requests/s", 10, "progress")
