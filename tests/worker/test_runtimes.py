@@ -148,7 +148,7 @@ def test_bad_environment_is_named() -> None:
         TrainConfig.from_env({"APPORTION_DEVICE": "cpu"})
     with pytest.raises(ConfigError, match="MASTER_ADDR"):
         TrainConfig.from_env({"APPORTION_TOTAL_STEPS": "5", "RANK": "1", "WORLD_SIZE": "2"})
-    with pytest.raises(ConfigError, match="RUNTIME_ARGS"):
+    with pytest.raises(ConfigError, match="unknown options"):
         TrainConfig.from_env({"APPORTION_TOTAL_STEPS": "5", "APPORTION_RUNTIME_ARGS": '["--nope", "1"]'})
     env = {
         "APPORTION_TOTAL_STEPS": "5",
@@ -157,6 +157,9 @@ def test_bad_environment_is_named() -> None:
     }
     cfg = TrainConfig.from_env(env)
     assert cfg.model.d_model == 32 and cfg.checkpoint_every == 50
+    # the agent passes runtime.args on the command line, after APPORTION_RUNTIME_ARGS
+    cfg = TrainConfig.from_env(env, ["--d-model", "48", "--heads", "3", "--batch-size", "4"])
+    assert (cfg.model.d_model, cfg.model.n_heads, cfg.batch_size) == (48, 3, 4)
 
 
 # -- train_lm -------------------------------------------------------------------------------

@@ -37,7 +37,8 @@ stdout, flushed: once serving, ``APPORTION_READY {"endpoint": "host:port",
 last 1,000 requests; ``requests`` and ``batches`` are totals). SIGTERM or
 SIGINT: stop taking requests, finish those in flight (up to STOP_GRACE_S), a
 last progress line, exit 0. Errors: a message on stderr, non-zero exit (2 for a
-bad environment).
+bad environment). Runtime args (APPORTION_RUNTIME_ARGS, the command line)
+are ignored.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,6 +69,7 @@ from worker.runtimes.common import (
     ConfigError,
     cpu_threads,
     emit,
+    env_args,
     env_device,
     env_float,
     env_int,
@@ -320,7 +322,7 @@ def serve(cfg: ServeConfig, stop: threading.Event) -> None:
     emit(PROGRESS_PREFIX, stats.report(batcher.queue.qsize()))
 
 
-def main(env: Mapping[str, str] | None = None) -> int:
+def main(env: Mapping[str, str] | None = None, argv: Sequence[str] | None = None) -> int:
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -331,9 +333,12 @@ def main(env: Mapping[str, str] | None = None) -> int:
     env = os.environ if env is None else env
     try:
         cfg = ServeConfig.from_env(env)
+        ignored = [*env_args(env), *(sys.argv[1:] if argv is None else argv)]
     except ConfigError as exc:
         log(RUNTIME, f"error: {exc}")
         return 2
+    if ignored:
+        log(RUNTIME, f"ignoring runtime args {ignored} (serve_lm is configured by its environment)")
     if cfg.device.type == "cpu":
         cpu_threads(env)
     try:

@@ -21,10 +21,11 @@ Apportion's:
 - ``APPORTION_TOTAL_STEPS`` (required): the step to reach in total; a job that
   resumes at step N trains TOTAL_STEPS - N more.
 - ``APPORTION_CHECKPOINT_EVERY`` (default 50): steps between checkpoints.
-- ``APPORTION_RUNTIME_ARGS`` (optional): a JSON list of options:
-  ``--d-model``, ``--layers``, ``--heads``, ``--seq-len``, ``--batch-size``
-  (per rank), ``--lr``, ``--seed``. A resumed job keeps the model shape of its
-  checkpoint.
+- ``APPORTION_RUNTIME_ARGS`` (optional): a JSON list of options, read before
+  the command line's own (the agent passes a workload's ``runtime.args`` as
+  arguments): ``--d-model``, ``--layers``, ``--heads``, ``--seq-len``,
+  ``--batch-size`` (per rank), ``--lr``, ``--seed``. A resumed job keeps the
+  model shape of its checkpoint.
 - ``APPORTION_DEVICE``: ``cpu`` or ``cuda`` (default cuda when torch sees a GPU):
   gloo on CPU, NCCL on CUDA.
 - ``APPORTION_PROGRESS_INTERVAL_S`` (default 2): the most seconds between progress lines.
@@ -67,7 +68,7 @@ import signal
 import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -114,7 +115,7 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str]) -> TrainConfig:
+    def from_env(cls, env: Mapping[str, str], argv: Sequence[str] = ()) -> TrainConfig:
         rank = env_int(env, "RANK", 0, minimum=0)
         world = env_int(env, "WORLD_SIZE", 1, minimum=1)
         if rank >= world:
@@ -125,7 +126,7 @@ class TrainConfig:
                     raise ConfigError(f"{name} must be set when WORLD_SIZE > 1")
         workload = env.get("APPORTION_WORKLOAD_ID", "") or "train-lm"
         ckpt_dir = env.get("APPORTION_CHECKPOINT_DIR", "") or os.path.join("apportion-checkpoints", workload)
-        parser = argparse.ArgumentParser(prog="APPORTION_RUNTIME_ARGS", exit_on_error=False, add_help=False)
+        parser = argparse.ArgumentParser(prog="train_lm", exit_on_error=False, add_help=False)
         parser.add_argument("--d-model", type=int, default=64)
         parser.add_argument("--layers", type=int, default=2)
         parser.add_argument("--heads", type=int, default=4)
@@ -134,15 +135,15 @@ class TrainConfig:
         parser.add_argument("--lr", type=float, default=3e-3)
         parser.add_argument("--seed", type=int, default=0)
         try:
-            args, unknown = parser.parse_known_args(env_args(env))
+            args, unknown = parser.parse_known_args([*env_args(env), *argv])
         except argparse.ArgumentError as exc:
-            raise ConfigError(f"APPORTION_RUNTIME_ARGS: {exc}") from None
+            raise ConfigError(f"runtime args: {exc}") from None
         if unknown:
-            raise ConfigError(f"APPORTION_RUNTIME_ARGS: unknown options {unknown}")
+            raise ConfigError(f"runtime args: unknown options {unknown}")
         if min(args.d_model, args.layers, args.heads, args.seq_len, args.batch_size) < 1 or args.lr <= 0:
-            raise ConfigError("APPORTION_RUNTIME_ARGS: sizes and --lr must be positive")
+            raise ConfigError("runtime args: sizes and --lr must be positive")
         if args.d_model % args.heads:
-            raise ConfigError("APPORTION_RUNTIME_ARGS: --d-model must be a multiple of --heads")
+            raise ConfigError("runtime args: --d-model must be a multiple of --heads")
         return cls(
             rank=rank,
             world_size=world,
@@ -343,12 +344,12 @@ def train(cfg: TrainConfig, stop: StopFlag) -> str:
     return final
 
 
-def main(env: Mapping[str, str] | None = None) -> int:
+def main(env: Mapping[str, str] | None = None, argv: Sequence[str] | None = None) -> int:
     stop = StopFlag()
     stop.install()
     env = os.environ if env is None else env
     try:
-        cfg = TrainConfig.from_env(env)
+        cfg = TrainConfig.from_env(env, sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:
         log(RUNTIME, f"error: {exc}")
         return 2
