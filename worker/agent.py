@@ -14,7 +14,8 @@ GROUP_RANK (node_rank), MASTER_ADDR, MASTER_PORT, CUDA_VISIBLE_DEVICES (the
 local GPU given to that rank; empty for simulated GPUs), and APPORTION_WORKLOAD_ID,
 APPORTION_SHARD_INDEX, APPORTION_CHECKPOINT_DIR (``<work-dir>/checkpoints/<id>``,
 shared by the workers of one machine that share ``--work-dir``),
-APPORTION_TOTAL_STEPS (``training.remaining_work``), then the runtime's own env.
+APPORTION_TOTAL_STEPS (``training.remaining_work``), APPORTION_REPLICA_ID (a
+service's shard index), then the runtime's own env (which may override any).
 PYTHONPATH gets the directories this agent's packages come from, so the
 built-in runtimes import from a checkout too. The working directory is
 ``<work-dir>/runs/<id>.<shard>``.
@@ -251,6 +252,8 @@ def shard_env(
         if training.HasField("remaining_work")
         else "0",
     )
+    if launch.workload.WhichOneof("spec") == "inference":
+        env["APPORTION_REPLICA_ID"] = str(launch.shard_index)
     env.update(launch.workload.runtime.env)
     return env
 
