@@ -36,7 +36,7 @@ lint: venv
 	$(BIN)/ruff format --check .
 
 typecheck: venv
-	$(BIN)/mypy solver server scripts
+	$(BIN)/mypy solver server worker scripts
 
 proto-check: venv
 	$(BIN)/python scripts/gen_protos.py --check
