@@ -254,6 +254,8 @@ def shard_env(
     )
     if launch.workload.WhichOneof("spec") == "inference":
         env["APPORTION_REPLICA_ID"] = str(launch.shard_index)
+        # a replica listens on this worker's advertised address, so the router reaches it from anywhere
+        env["APPORTION_SERVE_HOST"] = launch.master_addr or "127.0.0.1"
     env.update(launch.workload.runtime.env)
     return env
 

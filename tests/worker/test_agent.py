@@ -51,6 +51,18 @@ def test_the_environment_of_a_rank() -> None:
     assert paths[-1] == "/mine" and len(paths) >= 2
 
 
+def test_a_replica_listens_on_its_workers_advertised_address() -> None:
+    service = pb.Workload(id="chat", runtime=pb.Runtime(builtin="serve-lm"))
+    service.inference.target_rps = 10
+    launch = wpb.Launch(workload_id="chat", shard_index=2, gpus=1, master_addr="10.0.0.7", workload=service)
+    env = agent.shard_env(launch, 0, 1, "", Path("/ckpt/chat"), base={})
+    assert env["APPORTION_SERVE_HOST"] == "10.0.0.7" and env["APPORTION_REPLICA_ID"] == "2"
+    assert "APPORTION_SERVE_HOST" not in agent.shard_env(
+        wpb.Launch(workload_id="job", workload=pb.Workload(id="job", training=pb.TrainingSpec(gpus=1))),
+        0, 1, "", Path("/ckpt/job"), base={},
+    )  # fmt: skip
+
+
 def test_apportion_lines_are_parsed_and_the_rest_is_log() -> None:
     assert agent.parse_line('APPORTION_PROGRESS {"step": 3, "loss": 1.5}') == (
         "progress",
