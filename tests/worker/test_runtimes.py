@@ -187,8 +187,9 @@ def test_training_loss_falls_checkpoints_and_resumes(tmp_path: Path) -> None:
     assert lines2[0]["step"] > 20 and lines2[-1]["step"] == 40 and lines2[-1]["total_steps"] == 40
     state = checkpoint.load(ckpt / "ckpt-40.pt")
     assert state["step"] == 40 and state["workload_id"] == "t1"
-    assert lines[0]["loss"] > lines[-1]["loss"] > lines2[-1]["loss"], (lines, lines2)
-    assert lines[0]["loss"] - lines2[-1]["loss"] > 1.0  # from ~ln(256) = 5.5
+    # from about ln(256) = 5.5 at first to about 3 at step 20 and 2.7 at step 40
+    assert lines[0]["loss"] > 5.0 and lines[-1]["loss"] < lines[0]["loss"] - 1.0, lines
+    assert lines2[-1]["loss"] < lines[0]["loss"] - 1.5, (lines, lines2)
 
 
 def test_two_ranks_train_together_and_agree(tmp_path: Path) -> None:

@@ -95,6 +95,7 @@ from worker.runtimes.model import ModelConfig, TinyLM
 
 RUNTIME = "train_lm"
 WARMUP_STEPS = 10
+GRAD_CLIP = 1.0
 
 
 @dataclass
@@ -312,6 +313,7 @@ def train(cfg: TrainConfig, stop: StopFlag) -> str:
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
         optimizer.zero_grad(set_to_none=True)
         torch.autograd.backward(loss)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)  # early loss spikes without it
         optimizer.step()
         step += 1
         if distributed:
