@@ -645,3 +645,20 @@ def test_no_acknowledged_write_is_lost_to_sigkill(path: Path) -> None:
         assert store.revision() == len(stored)
         assert_gap_free(store)
         assert store.oldest_revision() == 1
+
+
+def test_gpu_types_and_tenants_are_cached_and_the_cache_follows_every_upsert(
+    store: Store, path: Path
+) -> None:
+    h100 = {"name": "h100-80g", "memory_gib": 80}
+    store.upsert_inventory(gpu_types=[h100])
+    assert store.gpu_types() == [h100] and store.tenants() == []
+    assert store.gpu_types() is store.gpu_types()  # served from the cache
+    research = {"name": "research", "max_gpus": 8}
+    store.upsert_inventory(tenants=[research], gpu_types=[{**h100, "memory_gib": 94}])
+    assert store.tenants() == [research]
+    assert store.gpu_types() == [{**h100, "memory_gib": 94}]
+    # and another store on the same file (a reopen) reads what was written
+    store.close()
+    with Store(path) as again:
+        assert again.gpu_types() == [{**h100, "memory_gib": 94}] and again.tenants() == [research]
