@@ -591,5 +591,10 @@ def explain(problem: Problem, plan_: Plan, workload_id: str) -> Explanation:
         for sf in plan_.shortfalls:
             if sf.workload_id == workload_id:
                 details += [f"short of target: [{r.code.value}] {r.message}" for r in sf.reasons]
-        summary = f"{workload_id} serves from {t}: {nodes}"
+        per_node: dict[str, int] = {}
+        for shard in p.shards:
+            per_node[shard.node_id] = per_node.get(shard.node_id, 0) + 1
+        gpus = p.shards[0].gpus
+        where = ", ".join(f"{n}×{k}" for n, k in per_node.items())
+        summary = f"{workload_id} serves from {t}: {len(p.shards)} replicas of {gpus} GPU(s) on {where}"
     return Explanation(workload_id, True, summary, tuple(details), p)
