@@ -1,7 +1,8 @@
 """``apportion serve``: assemble and run the gRPC server.
 
 One process holds: the SQLite store (``--db``), the control loop, a pool of
-solver processes, the gRPC server (``Allocator``; ``Workers``, whose dispatcher
+solver processes, the gRPC server (``Allocator``; ``Inference``, the router
+of ``server.inference``; ``Workers``, whose dispatcher
 thread turns the plan into launches and watches the workers' liveness, see
 ``server.workers``; standard health checking, server reflection) and, with
 ``--metrics-port``, the Prometheus endpoint.
@@ -29,9 +30,17 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from apportion.v1 import allocator_pb2, allocator_pb2_grpc, workers_pb2, workers_pb2_grpc
+from apportion.v1 import (
+    allocator_pb2,
+    allocator_pb2_grpc,
+    inference_pb2,
+    inference_pb2_grpc,
+    workers_pb2,
+    workers_pb2_grpc,
+)
 from server import auth
 from server.control import ControlLoop, LoopConfig, RoundResult
+from server.inference import InferenceServicer, Router
 from server.metrics import Metrics
 from server.service import AllocatorServicer, Shared
 from server.solving import SolverPool
@@ -42,6 +51,7 @@ log = logging.getLogger("apportion.server")
 
 SERVICE_NAME = "apportion.v1.Allocator"
 WORKERS_SERVICE_NAME = "apportion.v1.Workers"
+INFERENCE_SERVICE_NAME = "apportion.v1.Inference"
 PLAN_HISTORY = 20  # plans kept in the store (the plan of 100,000 workloads is ~25 MB)
 MAX_REPLY_BYTES = 256 * 1024 * 1024  # GetPlan of 100,000 workloads is tens of MiB
 
@@ -102,8 +112,14 @@ class ApportionServer:
                     ("grpc.so_reuseport", 0),
                 ],
             )
-            allocator_pb2_grpc.add_AllocatorServicer_to_server(AllocatorServicer(self.shared), self.grpc)
             self.dispatcher = Dispatcher(self.shared, config.workers)
+            allocator_pb2_grpc.add_AllocatorServicer_to_server(
+                AllocatorServicer(self.shared, logs=self.dispatcher.log_buffer), self.grpc
+            )
+            self.router = Router()
+            inference_pb2_grpc.add_InferenceServicer_to_server(
+                InferenceServicer(self.shared, self.dispatcher, self.router), self.grpc
+            )
             workers_pb2_grpc.add_WorkersServicer_to_server(
                 WorkersServicer(self.shared, self.dispatcher), self.grpc
             )
@@ -112,6 +128,7 @@ class ApportionServer:
             names = (
                 allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name,
                 workers_pb2.DESCRIPTOR.services_by_name["Workers"].full_name,
+                inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
                 health.SERVICE_NAME,
                 reflection.SERVICE_NAME,
             )
@@ -148,6 +165,7 @@ class ApportionServer:
         self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         self.health.set(WORKERS_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.health.set(INFERENCE_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving",
             extra={
@@ -169,6 +187,7 @@ class ApportionServer:
         self.shared.stopping = True
         self.grpc.stop(grace).wait()
         self.dispatcher.stop()
+        self.router.close()
         self.loop.stop()
         self.pool.close()
         self.metrics.stop()

@@ -23,6 +23,8 @@ A client of a server (``apportion serve``):
     apportion apply-inventory -f INVENTORY_FILE       # add or replace them (admin)
     apportion drain NODE_ID                           # (admin)
     apportion watch [--from-revision N] [--tenant T] [--limit N]
+    apportion logs WORKLOAD_ID [-f] [--tail N]        # its processes' output, kept by the server
+    apportion generate SERVICE --prompt TEXT [--max-tokens N] [--temperature T]
 
     common to them: [--server ADDR] [--token TOKEN] [--tls-ca PEM] [--tls-cert PEM --tls-key PEM]
                     [--timeout S] [-o table|json]
@@ -48,7 +50,9 @@ answer's JSON mapping (field names as in the files, the files' own format):
 ``{"workloads": [...]}``; ``nodes`` an inventory document (what
 ``apply-inventory`` reads); ``drain`` the node; ``get-plan`` the plan document
 (what ``plan --format json`` prints and ``--current`` reads; its revision is in
-the table); ``watch`` one event per line (JSON lines). ``plan`` and ``explain``
+the table); ``watch`` one event per line (JSON lines); ``logs`` one line per
+log line, ``[SHARD:RANK] TEXT`` (``-o json``: the LogLine's JSON per line);
+``generate`` the generated text (``-o json``: the whole response). ``plan`` and ``explain``
 keep ``--format``. As in every proto3 JSON mapping, 64-bit integers (revisions)
 are written as strings.
 
@@ -381,6 +385,24 @@ def _client_commands(sub: Any) -> None:
     watch.add_argument("--tenant", default="", help="only this tenant's workloads (admin)")
     watch.add_argument(
         "--limit", type=_positive_int, metavar="N", help="stop after N events (default: never)"
+    )
+
+    logs = command("logs", "show a workload's log lines the server keeps", _cmd_logs)
+    logs.add_argument("workload_id", metavar="WORKLOAD_ID")
+    logs.add_argument(
+        "-f", "--follow", action="store_true", help="keep printing new lines until the workload ends"
+    )
+    logs.add_argument(
+        "--tail", type=_non_negative_int, default=0, metavar="N", help="only the last N lines (0: all)"
+    )
+    generate = command("generate", "generate text with an inference service", _cmd_generate)
+    generate.add_argument("service", metavar="SERVICE", help="the inference workload's id")
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument(
+        "--max-tokens", type=_non_negative_int, default=0, metavar="N", help="tokens to generate (default 32)"
+    )
+    generate.add_argument(
+        "--temperature", type=float, metavar="T", help="sampling temperature (default: greedy)"
     )
 
 
@@ -859,6 +881,37 @@ def _cmd_watch(args: argparse.Namespace) -> int:
             pass  # Ctrl-C is how a watch ends
         finally:
             events.close()
+    return EXIT_OK
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        lines = client.logs(args.workload_id, follow=args.follow, tail=args.tail)
+        try:
+            for line in lines:
+                if args.output == "json":
+                    data = convert.message_to_dict(line)
+                    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+                else:
+                    text = f"[{line.shard_index}:{line.rank}] {line.text}"
+                sys.stdout.write(text + "\n")
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass  # Ctrl-C ends a follow
+        finally:
+            lines.close()
+    return EXIT_OK
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        reply = client.generate(
+            args.service, args.prompt, max_tokens=args.max_tokens, temperature=args.temperature
+        )
+    if args.output == "json":
+        print(_json(convert.message_to_dict(reply)))
+    else:
+        print(reply.text)
     return EXIT_OK
 
 

@@ -19,6 +19,9 @@ FailedPrecondition         FAILED_PRECONDITION   valid, but not in this state (c
 Unauthenticated            UNAUTHENTICATED       no token, or an unknown one
 PermissionDenied           PERMISSION_DENIED     not admin, or another tenant's data
 ResourceExhausted          RESOURCE_EXHAUSTED    too many requests (rate limit)
+Unavailable                UNAVAILABLE           a service with no live replica to
+                                                 answer (Inference.Generate)
+Upstream                   its ``code``          a replica's own error, passed on
 =========================  ====================  ===================================
 
 A request larger than the server's message limit is refused by gRPC itself,
@@ -60,6 +63,18 @@ class ResourceExhausted(ServiceError):
     pass
 
 
+class Unavailable(ServiceError):
+    pass
+
+
+class Upstream(ServiceError):
+    """An error a replica answered, passed on to the caller with its code."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
 STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     solver.ValidationError: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -68,11 +83,14 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
 
 def status_code(exc: BaseException) -> grpc.StatusCode | None:
     """The status code of a known error (by the table, most specific class first), else None."""
+    if isinstance(exc, Upstream):
+        return exc.code
     for cls in type(exc).__mro__:
         code = STATUS_CODES.get(cls)
         if code is not None:

@@ -24,6 +24,11 @@ Decisions (DESIGN.md is silent on them):
   stay cluster-wide. Watch sends a tenant its own workloads' changes and the
   changes of nodes, GPU types, tenants and plans (summaries).
 * Page tokens are opaque (base64 of the last id of the page).
+* ``Logs`` serves the lines the dispatcher keeps in memory (see
+  ``server.workers``): a workload with no lines kept (none printed yet, a
+  planning-only workload, or printed before a server restart) streams nothing.
+  ``follow`` ends when the workload is in a terminal state and no new lines
+  came for one poll, or when the caller goes away.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from grpc_status import rpc_status
@@ -49,8 +54,11 @@ from server.control import ControlLoop
 from server.errors import NotFound, status_code
 from server.metrics import Metrics
 from server.solving import SolverPool
-from server.store import STATES, Store
+from server.store import STATES, TERMINAL, Store
 from solver import ValidationError, Violation
+
+if TYPE_CHECKING:
+    from server.workers import LogBuffer
 
 log = logging.getLogger("apportion.rpc")
 
@@ -58,6 +66,7 @@ DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEADLINE_MARGIN_S = 0.1  # of a Plan call's deadline, left for conversion and the reply
 WATCH_POLL_S = 0.5
+LOGS_POLL_S = 0.5
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -205,8 +214,9 @@ def _request_key(principal: Principal, request_id: str) -> str | None:
 
 
 class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
-    def __init__(self, shared: Shared) -> None:
+    def __init__(self, shared: Shared, logs: LogBuffer | None = None) -> None:
         self.shared = shared
+        self.logs = logs  # the workers' log lines (server.workers.Dispatcher.log_buffer)
         # built from the GPU types and tenants it was made for; rebuilt when they change
         self._checker: convert.WorkloadChecker | None = None
 
@@ -479,3 +489,36 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
                 if event.kind == "workload" and tenant is not None and event.tenant != tenant:
                     continue
                 yield convert.event_message(event)
+
+    # -- logs ------------------------------------------------------------
+
+    @_stream
+    def Logs(
+        self, request: apb.LogsRequest, context: grpc.ServicerContext, who: Principal
+    ) -> Iterator[apb.LogLine]:
+        if request.tail < 0:
+            raise ValidationError([Violation("tail", "must be ≥ 0")])
+        row = self._visible(who, request.id)
+        if self.logs is None:
+            return
+        lines = self.logs.after(row.id, 0)
+        if request.tail:
+            lines = lines[-request.tail :]
+        seq = 0
+        while True:
+            for entry in lines:
+                seq = entry.seq
+                yield apb.LogLine(
+                    workload_id=entry.workload_id,
+                    shard_index=entry.shard_index,
+                    rank=entry.rank,
+                    text=entry.text,
+                    time=entry.time,
+                )
+            if not request.follow or not context.is_active() or self.shared.stopping:
+                return
+            lines = self.logs.wait(row.id, seq, LOGS_POLL_S)
+            if not lines and self.store.get_workload(row.id).state in TERMINAL:
+                lines = self.logs.after(row.id, seq)  # a last look: lines that raced the end
+                if not lines:
+                    return

@@ -55,7 +55,11 @@ Decisions (DESIGN.md is silent on them):
   replicas) is kept in memory and written to the workload's message at most
   every ``progress_interval_s``: "step 120/400 loss 2.3100 1500 samples/s".
   Log lines are kept in memory (the last :data:`LOG_LINES` per workload) for
-  failure messages and a later ``apportion logs``.
+  failure messages, and separately (:class:`LogBuffer`, the last
+  :data:`LOG_LINES` of each of the last :data:`LOG_WORKLOADS` workloads that
+  logged, kept after the workload ends) for ``Allocator.Logs``
+  (``apportion logs ID [-f]``). They are lost when the server restarts; the
+  workers keep each shard's full log on disk (``<work-dir>/logs/<id>/``).
 """
 
 from __future__ import annotations
@@ -67,7 +71,7 @@ import threading
 import time
 import uuid
 import zlib
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -87,6 +91,7 @@ log = logging.getLogger("apportion.workers")
 
 WORKER_LABEL = "apportion.io/worker"  # on nodes registered by a worker: its advertised address
 LOG_LINES = 200  # log lines kept per workload
+LOG_WORKLOADS = 1000  # workloads whose log lines are kept after they end
 TAIL_LINES = 20  # of them, in a failure message
 BASE_PORT = 29500
 STREAM_POLL_S = 0.25
@@ -177,6 +182,58 @@ class _Track:
     logs: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
 
 
+@dataclass(frozen=True)
+class LogEntry:
+    seq: int  # increasing per server, for followers
+    workload_id: str
+    shard_index: int
+    rank: int
+    text: str
+    time: float
+
+
+class LogBuffer:
+    """The last :data:`LOG_LINES` log lines of the last :data:`LOG_WORKLOADS` workloads, and a
+    condition that followers wait on."""
+
+    def __init__(self, lines: int = LOG_LINES, workloads: int = LOG_WORKLOADS) -> None:
+        self._lines = lines
+        self._workloads = workloads
+        self._cond = threading.Condition()
+        self._seq = 0
+        self._by_workload: OrderedDict[str, deque[LogEntry]] = OrderedDict()
+
+    def add(self, chunk: wpb.LogChunk) -> None:
+        now = time.time()
+        with self._cond:
+            kept = self._by_workload.get(chunk.workload_id)
+            if kept is None:
+                kept = self._by_workload[chunk.workload_id] = deque(maxlen=self._lines)
+                while len(self._by_workload) > self._workloads:
+                    self._by_workload.popitem(last=False)
+            else:
+                self._by_workload.move_to_end(chunk.workload_id)
+            for line in chunk.text.splitlines():
+                self._seq += 1
+                kept.append(LogEntry(self._seq, chunk.workload_id, chunk.shard_index, chunk.rank, line, now))
+            self._cond.notify_all()
+
+    def after(self, workload_id: str, seq: int) -> list[LogEntry]:
+        """The kept lines of a workload newer than ``seq`` (0: all kept), oldest first."""
+        with self._cond:
+            kept = self._by_workload.get(workload_id)
+            return [e for e in kept if e.seq > seq] if kept else []
+
+    def wait(self, workload_id: str, seq: int, timeout: float) -> list[LogEntry]:
+        """Like :meth:`after`, waiting up to ``timeout`` for a line when there is none."""
+        with self._cond:
+            lines = self.after(workload_id, seq)
+            if not lines:
+                self._cond.wait(timeout)
+                lines = self.after(workload_id, seq)
+            return lines
+
+
 class Dispatcher:
     """Sessions, and the plan turned into launches and stops (see the module docstring)."""
 
@@ -187,6 +244,7 @@ class Dispatcher:
         self._sessions: dict[str, Session] = {}  # node id -> its current session
         self._by_id: dict[str, Session] = {}
         self._tracks: dict[str, _Track] = {}
+        self.log_buffer = LogBuffer()
         self._dirty = threading.Event()
         self._seen_revision = -1
         self._rows: list[WorkloadRow] = []
@@ -322,6 +380,7 @@ class Dispatcher:
         elif body == "status":
             self._on_status(session, msg.status)
         elif body == "log":
+            self.log_buffer.add(msg.log)
             with self._lock:
                 track = self._tracks.get(msg.log.workload_id)
                 if track is not None:

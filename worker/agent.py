@@ -16,6 +16,10 @@ APPORTION_SHARD_INDEX, APPORTION_CHECKPOINT_DIR (``<work-dir>/checkpoints/<id>``
 shared by the workers of one machine that share ``--work-dir``),
 APPORTION_TOTAL_STEPS (``training.remaining_work``), APPORTION_REPLICA_ID (a
 service's shard index), then the runtime's own env (which may override any).
+An APPORTION_SERVE_FROM in the runtime's env (``serve-lm``: what to load) that
+is a bare name, not a path, is a training workload's id and becomes that
+workload's checkpoint directory, ``<work-dir>/checkpoints/<name>``; a path is
+left as it is.
 PYTHONPATH gets the directories this agent's packages come from, so the
 built-in runtimes import from a checkout too. The working directory is
 ``<work-dir>/runs/<id>.<shard>``.
@@ -257,6 +261,10 @@ def shard_env(
         # a replica listens on this worker's advertised address, so the router reaches it from anywhere
         env["APPORTION_SERVE_HOST"] = launch.master_addr or "127.0.0.1"
     env.update(launch.workload.runtime.env)
+    serve_from = env.get("APPORTION_SERVE_FROM", "")
+    if serve_from and "/" not in serve_from and os.sep not in serve_from and serve_from not in (".", ".."):
+        # a training workload's id: its checkpoint directory on this machine
+        env["APPORTION_SERVE_FROM"] = str(checkpoint_dir.parent / serve_from)
     return env
 
 

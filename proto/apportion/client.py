@@ -58,7 +58,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from apportion.v1 import allocator_pb2 as apb
-from apportion.v1 import allocator_pb2_grpc
+from apportion.v1 import allocator_pb2_grpc, inference_pb2, inference_pb2_grpc
 from apportion.v1 import types_pb2 as pb
 
 __all__ = ["DEFAULT_ADDRESS", "ApportionError", "Client", "ConfigError", "is_loopback"]
@@ -220,6 +220,7 @@ class Client:
             channel = grpc.intercept_channel(channel, *interceptors)
         self._channel = channel
         self._stub = allocator_pb2_grpc.AllocatorStub(channel)
+        self._inference = inference_pb2_grpc.InferenceStub(channel)
 
     # -- plumbing ----------------------------------------------------------
 
@@ -405,6 +406,40 @@ class Client:
                 call.cancel()
 
         return events()
+
+    def logs(self, id: str, *, follow: bool = False, tail: int = 0) -> Generator[apb.LogLine, None, None]:
+        """A workload's log lines the server keeps (the last ``tail``; 0: all), then with
+        ``follow`` new ones until the workload ends or the iterator is closed."""
+        call = self._stub.Logs(apb.LogsRequest(id=id, follow=follow, tail=tail), metadata=self._metadata)
+
+        def lines() -> Generator[apb.LogLine, None, None]:
+            try:
+                yield from call
+            except grpc.RpcError as exc:
+                raise ApportionError.from_rpc_error(exc) from None
+            finally:
+                call.cancel()
+
+        return lines()
+
+    # -- inference ---------------------------------------------------------
+
+    def generate(
+        self,
+        service: str,
+        prompt: str,
+        *,
+        max_tokens: int = 0,
+        temperature: float | None = None,
+        timeout: float | None = None,
+    ) -> inference_pb2.GenerateResponse:
+        """``Inference.Generate`` through the server's router: text from a replica of
+        ``service`` (``max_tokens`` 0: the replica's default; ``temperature`` None: greedy).
+        UNAVAILABLE (no replica serving yet) is retried like any call."""
+        request = inference_pb2.GenerateRequest(service=service, prompt=prompt, max_tokens=max_tokens)
+        if temperature is not None:
+            request.temperature = temperature
+        return self._call(self._inference.Generate, request, inference_pb2.GenerateResponse, timeout=timeout)
 
     def health(self, service: str = "apportion.v1.Allocator") -> str:
         """The standard health check's answer: ``SERVING``, ``NOT_SERVING``, ``SERVICE_UNKNOWN``…"""

@@ -63,6 +63,20 @@ def test_a_replica_listens_on_its_workers_advertised_address() -> None:
     )  # fmt: skip
 
 
+def test_serve_from_a_training_workloads_id_is_its_checkpoint_directory() -> None:
+    def serve_from(value: str) -> str:
+        service = pb.Workload(
+            id="chat", runtime=pb.Runtime(builtin="serve-lm", env={"APPORTION_SERVE_FROM": value})
+        )
+        service.inference.target_rps = 10
+        launch = wpb.Launch(workload_id="chat", gpus=1, workload=service)
+        return agent.shard_env(launch, 0, 1, "", Path("/w/checkpoints/chat"), base={})["APPORTION_SERVE_FROM"]
+
+    assert serve_from("trainer") == str(Path("/w/checkpoints/trainer"))
+    assert serve_from("/data/ckpt") == "/data/ckpt"
+    assert serve_from("./ckpt/step-1.pt") == "./ckpt/step-1.pt"
+
+
 def test_apportion_lines_are_parsed_and_the_rest_is_log() -> None:
     assert agent.parse_line('APPORTION_PROGRESS {"step": 3, "loss": 1.5}') == (
         "progress",

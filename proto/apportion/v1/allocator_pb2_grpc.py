@@ -95,6 +95,11 @@ class AllocatorStub:
                 request_serializer=apportion_dot_v1_dot_allocator__pb2.WatchRequest.SerializeToString,
                 response_deserializer=apportion_dot_v1_dot_allocator__pb2.Event.FromString,
                 _registered_method=True)
+        self.Logs = channel.unary_stream(
+                '/apportion.v1.Allocator/Logs',
+                request_serializer=apportion_dot_v1_dot_allocator__pb2.LogsRequest.SerializeToString,
+                response_deserializer=apportion_dot_v1_dot_allocator__pb2.LogLine.FromString,
+                _registered_method=True)
 
 
 class AllocatorServicer:
@@ -190,6 +195,17 @@ class AllocatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Logs(self, request, context):
+        """The output of a workload's processes (stdout and stderr, the lines that
+        are not APPORTION_* reports), as the server keeps it in memory (the last
+        lines of each workload, since the server started): the last `tail` lines,
+        then, with `follow`, new lines as they come until the workload ends or the
+        caller goes away. Another tenant's workload is NOT_FOUND.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AllocatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -252,6 +268,11 @@ def add_AllocatorServicer_to_server(servicer, server):
                     servicer.Watch,
                     request_deserializer=apportion_dot_v1_dot_allocator__pb2.WatchRequest.FromString,
                     response_serializer=apportion_dot_v1_dot_allocator__pb2.Event.SerializeToString,
+            ),
+            'Logs': grpc.unary_stream_rpc_method_handler(
+                    servicer.Logs,
+                    request_deserializer=apportion_dot_v1_dot_allocator__pb2.LogsRequest.FromString,
+                    response_serializer=apportion_dot_v1_dot_allocator__pb2.LogLine.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -578,6 +599,33 @@ class Allocator:
             '/apportion.v1.Allocator/Watch',
             apportion_dot_v1_dot_allocator__pb2.WatchRequest.SerializeToString,
             apportion_dot_v1_dot_allocator__pb2.Event.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Logs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/apportion.v1.Allocator/Logs',
+            apportion_dot_v1_dot_allocator__pb2.LogsRequest.SerializeToString,
+            apportion_dot_v1_dot_allocator__pb2.LogLine.FromString,
             options,
             channel_credentials,
             insecure,

@@ -86,6 +86,13 @@ class AllocatorStub:
     `from_revision` (0: everything still kept), then new ones as they happen.
     A revision older than the server keeps is FAILED_PRECONDITION.
     """
+    Logs: _grpc.UnaryStreamMultiCallable[_allocator_pb2.LogsRequest, _allocator_pb2.LogLine]
+    """The output of a workload's processes (stdout and stderr, the lines that
+    are not APPORTION_* reports), as the server keeps it in memory (the last
+    lines of each workload, since the server started): the last `tail` lines,
+    then, with `follow`, new lines as they come until the workload ends or the
+    caller goes away. Another tenant's workload is NOT_FOUND.
+    """
 
 @_typing.type_check_only
 class AllocatorAsyncStub(AllocatorStub):
@@ -125,6 +132,13 @@ class AllocatorAsyncStub(AllocatorStub):
     """Changes, each with its revision, oldest first: first those after
     `from_revision` (0: everything still kept), then new ones as they happen.
     A revision older than the server keeps is FAILED_PRECONDITION.
+    """
+    Logs: _aio.UnaryStreamMultiCallable[_allocator_pb2.LogsRequest, _allocator_pb2.LogLine]  # type: ignore[assignment]
+    """The output of a workload's processes (stdout and stderr, the lines that
+    are not APPORTION_* reports), as the server keeps it in memory (the last
+    lines of each workload, since the server started): the last `tail` lines,
+    then, with `follow`, new lines as they come until the workload ends or the
+    caller goes away. Another tenant's workload is NOT_FOUND.
     """
 
 class AllocatorServicer(metaclass=_abc_1.ABCMeta):
@@ -234,6 +248,19 @@ class AllocatorServicer(metaclass=_abc_1.ABCMeta):
         """Changes, each with its revision, oldest first: first those after
         `from_revision` (0: everything still kept), then new ones as they happen.
         A revision older than the server keeps is FAILED_PRECONDITION.
+        """
+
+    @_abc_1.abstractmethod
+    def Logs(
+        self,
+        request: _allocator_pb2.LogsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_allocator_pb2.LogLine], _abc.AsyncIterator[_allocator_pb2.LogLine]]:
+        """The output of a workload's processes (stdout and stderr, the lines that
+        are not APPORTION_* reports), as the server keeps it in memory (the last
+        lines of each workload, since the server started): the last `tail` lines,
+        then, with `follow`, new lines as they come until the workload ends or the
+        caller goes away. Another tenant's workload is NOT_FOUND.
         """
 
 def add_AllocatorServicer_to_server(servicer: AllocatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
