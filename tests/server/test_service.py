@@ -516,3 +516,21 @@ def test_metrics_count_requests_and_plans(srv: Running) -> None:
     assert 'code="UNAUTHENTICATED"' in text
     assert "apportion_plan_solve_seconds_count" in text
     assert 'apportion_workloads{state="PLACED"}' in text
+
+
+def test_generate_and_logs_follow_the_tenants(srv: Running) -> None:
+    from apportion.v1 import inference_pb2 as ipb
+    from apportion.v1 import inference_pb2_grpc
+
+    inference = inference_pb2_grpc.InferenceStub(srv.channel())
+    request = ipb.GenerateRequest(service="chat", prompt="hi")
+    assert code_of(lambda: inference.Generate(request, metadata=RESEARCH)) is grpc.StatusCode.NOT_FOUND
+    for who in (PRODUCT, ADMIN):  # its tenant and the admin get past auth: no replica runs it
+        assert code_of(lambda w=who: inference.Generate(request, metadata=w)) is grpc.StatusCode.UNAVAILABLE
+    assert code_of(lambda: inference.Generate(request)) is grpc.StatusCode.UNAUTHENTICATED
+    stub = srv.stub()
+    logs = apb.LogsRequest(id="chat")
+    assert code_of(lambda: list(stub.Logs(logs, metadata=RESEARCH))) is grpc.StatusCode.NOT_FOUND
+    assert list(stub.Logs(logs, metadata=PRODUCT)) == []  # nothing ran: no lines
+    bad = apb.LogsRequest(id="chat", tail=-1)
+    assert code_of(lambda: list(stub.Logs(bad, metadata=PRODUCT))) is grpc.StatusCode.INVALID_ARGUMENT
