@@ -1,7 +1,8 @@
 # The README's commands. `make demo` and `make test` set everything up themselves.
 #
 #   make venv    create .venv and install the package with its test tools (reruns when pyproject.toml changes)
-#   make demo    plan the example workloads on the example inventory
+#   make demo    the whole service: a server, two workers, training across both, a service answering
+#   make plan-demo  plan the example workloads on the example inventory
 #   make test    lint, format check, type check, generated-code freshness, then the tests
 #   make bench   the planning benchmark (bench/plan_scale.py)
 #   make proto   regenerate proto/apportion/**/*_pb2*.py{,i} from the .proto files
@@ -15,7 +16,7 @@ STAMP  := $(VENV)/.installed
 DEMO_INVENTORY := $(firstword $(wildcard examples/inventory.yaml) examples/small/inventory.yaml)
 DEMO_WORKLOADS := $(firstword $(wildcard examples/workloads.yaml) examples/small/workloads.yaml)
 
-.PHONY: venv demo test lint typecheck proto-check pytest bench proto
+.PHONY: venv demo plan-demo test lint typecheck proto-check pytest bench proto
 
 venv: $(STAMP)
 
@@ -27,6 +28,9 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: venv
+	$(BIN)/python -m server.demo
+
+plan-demo: venv
 	$(BIN)/apportion plan --inventory $(DEMO_INVENTORY) --workloads $(DEMO_WORKLOADS)
 
 test: lint typecheck proto-check pytest
