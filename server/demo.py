@@ -209,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         say(f"== submit: {TRAIN_ID} (train-lm, 4 GPUs, {args.steps} steps) and {SERVE_ID} (serve-lm)")
         for w in workloads(args.steps, args.gpu_type):
             client.submit(w)
-        wait_for(lambda: client.get(TRAIN_ID).state in ("PLACED", "RUNNING"), 30, "the plan")
+        wait_for(lambda: client.get(TRAIN_ID).state in ("PLACED", "RUNNING", "SUCCEEDED"), 30, "the plan")
         say("== the plan (apportion get-plan)")
         show_plan(address)
         shards = client.get(TRAIN_ID).placement.shards
