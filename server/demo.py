@@ -224,7 +224,19 @@ def run(args: argparse.Namespace) -> int:
         say(f"   checkpoints: {', '.join(checkpoints)}")
 
         say(f"== {SERVE_ID} gets the GPUs and serves the trained model")
-        wait_for(lambda: client.get(SERVE_ID).state == "RUNNING", 60, f"{SERVE_ID} to run")
+
+        def service_running() -> apb.WorkloadStatus | None:
+            status = client.get(SERVE_ID) if client is not None else None
+            return status if status is not None and status.state == "RUNNING" else None
+
+        serving_status = wait_for(service_running, 60, f"{SERVE_ID} to run")
+        replicas = len(serving_status.placement.shards)
+        wait_for(
+            lambda: client.get(SERVE_ID).message.startswith(f"{replicas} replicas"),
+            60,
+            f"{replicas} replicas",
+        )
+        say(f"   {replicas} replicas, on {', '.join(s.node_id for s in serving_status.placement.shards)}")
         for prompt in PROMPTS:
             answer = wait_for(
                 lambda p=prompt: client.generate(SERVE_ID, p, max_tokens=args.max_tokens, timeout=30),  # type: ignore[misc]
