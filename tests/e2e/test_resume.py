@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.e2e.cluster import GPU_TYPE, Cluster, WorkerProcess, alive, cluster, wait_for
 
-STEPS = 80
+STEPS = 100
 EVERY = 10
 
 
@@ -36,7 +36,11 @@ def test_a_killed_workers_training_job_resumes_from_its_checkpoint_on_the_other(
             {
                 "id": "job",
                 "training": {"gpus": 1, "throughput": {GPU_TYPE: 1.0}, "remaining_work": STEPS},
-                "runtime": {"builtin": "train-lm", "env": env, "args": ["--batch-size", "4"]},
+                "runtime": {
+                    "builtin": "train-lm",
+                    "env": env,
+                    "args": ["--d-model", "32", "--layers", "1", "--seq-len", "32", "--batch-size", "4"],
+                },
             }
         )
         first = c.wait_state("job", "RUNNING", timeout=30).placement.shards[0].node_id
