@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tests.e2e.cluster import GPU_TYPE, Cluster, WorkerProcess, alive, cluster, wait_for
 
-STEPS = 100
+STEPS = 200
 EVERY = 10
 
 
