@@ -331,7 +331,7 @@ def train(cfg: TrainConfig, stop: StopFlag) -> str:
             if step % cfg.checkpoint_every == 0 and step < cfg.total_steps:
                 progress.report(step, ckpt=save(step))
                 saved = step
-            elif progress.due() and not stopping:
+            elif progress.due() and not stopping and step < cfg.total_steps:  # the last step: the final line
                 progress.report(step)
         if stopping and step < cfg.total_steps:
             final = "stopped"
