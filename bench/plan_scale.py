@@ -41,7 +41,6 @@ import multiprocessing as mp
 import os
 import platform
 import resource
-import subprocess
 import sys
 import time
 import traceback
@@ -54,6 +53,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script: `python bench/plan_scale.py`
     sys.path.insert(0, str(REPO))
 
+from bench import provenance  # noqa: E402
 from solver.policies import HeuristicPolicy, get_policy, policy_names  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "plan_scale.json"
@@ -221,34 +221,13 @@ def _machine() -> dict[str, Any]:
         ortools_version = version("ortools")
     except PackageNotFoundError:
         ortools_version = None
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "machine": platform.machine(),
-        "processor": platform.processor() or None,
-        "python": platform.python_version(),
-        "ortools": ortools_version,
-        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-    }
-    try:
-        with open("/proc/meminfo") as f:
-            total_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-        info["memory_gib"] = round(total_kib / 1024**2, 1)
-    except (OSError, StopIteration, ValueError):
-        info["memory_gib"] = None
-    return info
+    return provenance.machine(
+        machine=platform.machine(), processor=platform.processor() or None, ortools=ortools_version
+    )
 
 
 def _git() -> dict[str, Any]:
-    def git(*args: str) -> str | None:
-        try:
-            res = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    dirty = git("status", "--porcelain", "--", "solver")
-    return {"commit": git("rev-parse", "HEAD"), "solver_dirty": None if dirty is None else bool(dirty)}
+    return provenance.git("solver_dirty", ("solver",))
 
 
 def _is_optimizer(policy: str) -> bool:

@@ -53,7 +53,6 @@ import json
 import multiprocessing as mp
 import os
 import pickle
-import platform
 import shutil
 import signal
 import socket
@@ -78,6 +77,8 @@ import grpc  # noqa: E402
 from apportion.v1 import allocator_pb2 as apb  # noqa: E402
 from apportion.v1 import allocator_pb2_grpc  # noqa: E402
 from apportion.v1 import types_pb2 as pb  # noqa: E402
+from bench import provenance  # noqa: E402
+from server import convert  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "server_load.json"
 PARTS = ("submit", "plan", "memory")
@@ -136,83 +137,13 @@ def log(msg: str) -> None:
 # --------------------------------------------------------------------------- domain -> messages
 
 
-def gpu_type_message(t: Any) -> pb.GpuType:
-    msg = pb.GpuType(name=t.name, memory_gib=t.memory_gib)
-    if t.cost_per_hour is not None:
-        msg.cost_per_hour = t.cost_per_hour
-    return msg
-
-
-def node_message(n: Any) -> pb.Node:
-    return pb.Node(
-        id=n.id,
-        gpu_type=n.gpu_type,
-        gpus=n.gpus,
-        cpus=n.cpus,
-        memory_gib=n.memory_gib,
-        zone=n.zone,
-        domain=n.domain,
-        labels=dict(n.labels),
-        state=n.state.value,
-    )
-
-
-def tenant_message(t: Any) -> pb.Tenant:
-    msg = pb.Tenant(name=t.name, max_gpus_per_type=dict(t.max_gpus_per_type), weight=t.weight)
-    if t.max_gpus is not None:
-        msg.max_gpus = t.max_gpus
-    return msg
-
-
-def workload_message(w: Any, id: str | None = None) -> pb.Workload:
-    msg = pb.Workload(
-        id=id or w.id,
-        tenant=w.tenant,
-        priority=w.priority,
-        weight=w.weight,
-        allowed_gpu_types=list(w.allowed_gpu_types),
-        node_selector=dict(w.node_selector),
-        submit_time_s=w.submit_time_s,
-    )
-    if w.training is not None:
-        t = w.training
-        spec = msg.training
-        if len(t.shapes) == 1:
-            spec.gpus = t.shapes[0].gpus
-            spec.throughput.update(t.shapes[0].throughput)
-        else:
-            for s in t.shapes:
-                spec.elastic.add(gpus=s.gpus, throughput=dict(s.throughput))
-        spec.gpu_memory_gib = t.gpu_memory_gib
-        spec.cpus_per_gpu = t.cpus_per_gpu
-        spec.memory_gib_per_gpu = t.memory_gib_per_gpu
-        spec.locality = t.locality.value
-        if t.remaining_work is not None:
-            spec.remaining_work = t.remaining_work
-        if t.deadline_s is not None:
-            spec.deadline_s = t.deadline_s
-        spec.preemptible = t.preemptible
-    if w.inference is not None:
-        i = w.inference
-        spec_i = msg.inference
-        spec_i.gpus_per_replica.update(i.gpus_per_replica)
-        spec_i.replica_rps.update(i.replica_rps)
-        spec_i.target_rps = i.target_rps
-        spec_i.min_replicas = i.min_replicas
-        if i.max_replicas is not None:
-            spec_i.max_replicas = i.max_replicas
-        spec_i.cpus_per_replica = i.cpus_per_replica
-        spec_i.memory_gib_per_replica = i.memory_gib_per_replica
-        spec_i.spread = i.spread.value
-    return msg
-
-
 def inventory_messages(problem: Any) -> tuple[list[pb.GpuType], list[pb.Node], list[pb.Tenant]]:
-    return (
-        [gpu_type_message(t) for t in problem.gpu_types],
-        [node_message(n) for n in problem.nodes],
-        [tenant_message(t) for t in problem.tenants],
-    )
+    inventory, _ = convert.problem_to_messages(problem)
+    return list(inventory.gpu_types), list(inventory.nodes), list(inventory.tenants)
+
+
+def workload_messages(problem: Any) -> list[pb.Workload]:
+    return list(convert.problem_to_messages(problem)[1].workloads)
 
 
 def build_instance(n_workloads: int, n_nodes: int, seed: int) -> Any:
@@ -540,7 +471,7 @@ def percentiles(latencies: Sequence[float]) -> dict[str, float | None]:
 
 def part_submit(cfg: Config) -> dict[str, Any]:
     problem = build_instance(cfg.submit_pool, cfg.submit_nodes, cfg.seed)
-    workloads = [workload_message(w) for w in problem.workloads]
+    workloads = workload_messages(problem)
     with server(cfg.submit_server_args) as srv:
         upsert(srv.address, problem)
         log(f"submit: {len(workloads)} distinct workloads, {cfg.submit_nodes} nodes, {srv.command}")
@@ -605,7 +536,7 @@ def part_plan(cfg: Config) -> dict[str, Any]:
     gpu_types, nodes, tenants = inventory_messages(problem)
     request = apb.PlanRequest(
         inventory=pb.Inventory(gpu_types=gpu_types, nodes=nodes, tenants=tenants),
-        workloads=[workload_message(w) for w in problem.workloads],
+        workloads=workload_messages(problem),
         policy="throughput",
         options=apb.PlanOptions(time_limit_s=cfg.plan_time_limit_s, seed=cfg.seed),
     )
@@ -676,7 +607,7 @@ def part_plan(cfg: Config) -> dict[str, Any]:
 def part_memory(cfg: Config) -> dict[str, Any]:
     n = cfg.memory_workloads
     problem = build_instance(n, cfg.memory_nodes, cfg.seed)
-    workloads = [workload_message(w) for w in problem.workloads]
+    workloads = workload_messages(problem)
     with server(cfg.memory_server_args) as srv:
         upsert(srv.address, problem)
         base = srv.memory()
@@ -770,34 +701,15 @@ def db_tables(db: Path) -> dict[str, Any]:
 
 
 def _machine() -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "cpu_count": os.cpu_count(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "grpcio": grpc.__version__,
-        "gpu": None,
-        "load_average_at_start": list(os.getloadavg()),
-        "note": "shared VM: other jobs (other test runs) may use the same 2 cores while this runs",
-    }
-    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
-        total_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-        info["memory_gib"] = round(total_kib / 1024**2, 1)
-    return info
+    return provenance.machine(
+        grpcio=grpc.__version__,
+        gpu=None,
+        note="shared VM: other jobs (other test runs) may use the same 2 cores while this runs",
+    )
 
 
 def _git() -> dict[str, Any]:
-    def git(*args: str) -> str | None:
-        try:
-            res = subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return res.stdout.strip() if res.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    if commit is None:  # run from an export of a commit (`git archive`): say which
-        return {"commit": os.environ.get("APPORTION_GIT_COMMIT"), "exported_tree": True}
-    dirty = git("status", "--porcelain", "--", "server", "solver")
-    return {"commit": commit, "server_or_solver_dirty": None if dirty is None else bool(dirty)}
+    return provenance.git("server_or_solver_dirty", ("server", "solver"))
 
 
 def targets(results: Mapping[str, Any]) -> dict[str, Any]:

@@ -89,9 +89,9 @@ class PlanInfo:
 
     def __init__(self, revision: int, result: RoundResult) -> None:
         self.revision = revision
-        self.based_on = result.based_on
-        self.result = result
         self.included = result.included  # workload id -> the version the plan saw
+        self.pinned_old = frozenset(result.pinned_old)
+        # (not the result itself: its plan JSON, tens of MB at 100k workloads, is in the store)
         self._lock = threading.Lock()
         self._solved: tuple[Problem, Plan] | None = None
 
@@ -105,7 +105,7 @@ class PlanInfo:
                 specs: dict[str, dict[str, Any]] = {}
                 for row in rows:
                     old = (row.placement or {}).get("spec")
-                    pinned = row.id in self.result.pinned_old and isinstance(old, dict)
+                    pinned = row.id in self.pinned_old and isinstance(old, dict)
                     specs[row.id] = old if pinned and isinstance(old, dict) else row.spec
                 nodes = [n.spec for n in store.all_nodes()]
                 node_ids = {n.get("id") for n in nodes}

@@ -888,21 +888,6 @@ class WorkloadChecker:
         _raise_if(_rebase(_in_file_order(out), "workloads[0]", path))
 
 
-def check_workload(
-    msg: pb.Workload,
-    *,
-    gpu_types: Iterable[Mapping[str, Any]],
-    tenants: Iterable[Mapping[str, Any]],
-    path: str = "workload",
-) -> None:
-    """Check one workload of a request against the server's inventory (see :class:`WorkloadChecker`).
-
-    Raises:
-        ValidationError: every broken rule.
-    """
-    WorkloadChecker(gpu_types, tenants).check(msg, path)
-
-
 def check_inventory_update(
     request_gpu_types: Sequence[pb.GpuType],
     request_nodes: Sequence[pb.Node],
@@ -1044,9 +1029,7 @@ def reasons_to_dicts(reasons: Iterable[Reason]) -> list[dict[str, Any]]:
     return [{"code": r.code.value, "message": r.message} for r in reasons]
 
 
-def workload_status(
-    row: WorkloadRowLike, *, serving_version: int | None = None, workload: pb.Workload | None = None
-) -> apb.WorkloadStatus:
+def workload_status(row: WorkloadRowLike, *, workload: pb.Workload | None = None) -> apb.WorkloadStatus:
     """A stored workload as the API's status (``workload``: its spec as a message
     already at hand, instead of parsing ``row.spec`` again)."""
     msg = apb.WorkloadStatus(
@@ -1065,8 +1048,6 @@ def workload_status(
         version = row.placement.get("version")
         if isinstance(version, int) and version != row.version:
             msg.serving_version = version
-    if serving_version is not None:
-        msg.serving_version = serving_version
     return msg
 
 

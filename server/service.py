@@ -200,6 +200,18 @@ def _after_id(token: str) -> str:
     return text[len(_TOKEN_PREFIX) :]
 
 
+Row = TypeVar("Row", bound=Any)
+
+
+def _page(rows: list[Row], size: int) -> tuple[list[Row], str]:
+    """The page of ``rows`` (read with ``limit=size + 1``) and the token of the next one
+    (empty on the last page)."""
+    if len(rows) <= size:
+        return rows, ""
+    rows = rows[:size]
+    return rows, _page_token(rows[-1].id)
+
+
 def _page_size(size: int) -> int:
     if size < 0:
         raise ValidationError([Violation("page_size", "must be ≥ 0")])
@@ -326,11 +338,9 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             after_id=after,
             limit=size + 1,
         )
-        more = len(rows) > size
-        rows = rows[:size]
+        rows, token = _page(rows, size)
         return apb.ListWorkloadsResponse(
-            workloads=[convert.workload_status(r) for r in rows],
-            next_page_token=_page_token(rows[-1].id) if more and rows else "",
+            workloads=[convert.workload_status(r) for r in rows], next_page_token=token
         )
 
     @_unary
@@ -415,11 +425,9 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         size = _page_size(request.page_size)
         after = _after_id(request.page_token)
         rows = self.store.list_nodes(after_id=after, limit=size + 1)
-        more = len(rows) > size
-        rows = rows[:size]
+        rows, token = _page(rows, size)
         response = apb.ListNodesResponse(
-            nodes=[convert.node_from_dict(r.spec) for r in rows],
-            next_page_token=_page_token(rows[-1].id) if more and rows else "",
+            nodes=[convert.node_from_dict(r.spec) for r in rows], next_page_token=token
         )
         if not after:
             response.gpu_types.extend(convert.gpu_type_from_dict(t) for t in self.store.gpu_types())

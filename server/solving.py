@@ -16,12 +16,13 @@ fails with :class:`SolverCrashed`; the caller decides whether to retry.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -87,44 +88,15 @@ class SolverPool:
             pool.submit(_warm)
         return pool
 
-    def warm(self, timeout: float = 60.0) -> None:
-        """Wait until every process has imported the solver."""
-        with self._lock:
-            pool = self._pool
-        futures = [pool.submit(_warm) for _ in range(self._processes)]
-        for f in futures:
-            f.result(timeout=timeout)
-
-    def submit(self, problem: Problem, policy: str, options: PlanOptions) -> Future[Solved]:
-        with self._lock:
-            pool = self._pool
-        options = PlanOptions(
-            time_limit_s=options.time_limit_s,
-            seed=options.seed,
-            relative_gap=options.relative_gap,
-            backend=options.backend,
-            max_migrations=options.max_migrations,
-            migration_penalty=options.migration_penalty,
-            num_workers=options.num_workers,
-        )  # no progress callback: it cannot cross the process boundary
-        return pool.submit(_solve, problem, policy, options)
-
     def solve(self, problem: Problem, policy: str, options: PlanOptions) -> Solved:
-        """Solve in a worker process.
+        """Solve in a worker process (without ``options.progress``: a callback cannot
+        cross the process boundary).
 
         Raises:
             ValidationError, UnknownPolicyError, SolverError: as ``solver.plan``.
             SolverCrashed: the process died; the pool is replaced.
         """
-        with self._lock:
-            pool = self._pool
-        try:
-            return self.submit(problem, policy, options).result()
-        except BrokenProcessPool as exc:
-            with self._lock:
-                if self._pool is pool:
-                    self._pool = self._new_pool()
-            raise SolverCrashed("the solver process died; the plan was not computed") from exc
+        return self.call(_solve, problem, policy, dataclasses.replace(options, progress=None))
 
     def call(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` (a module-level function; arguments and result pickled)

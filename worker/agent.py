@@ -126,20 +126,7 @@ def detect_gpus(spec: str, gpu_type: str | None, memory_gib: float | None) -> Gp
         if not gpu_type:
             raise AgentError("--gpus N needs --gpu-type T (the GPU type to present)")
         return Gpus(count, gpu_type, memory_gib, simulated=True)
-    smi = shutil.which("nvidia-smi")
-    rows: list[list[str]] = []
-    if smi is not None:
-        try:
-            out = subprocess.run(
-                [smi, "--query-gpu=name,memory.total", "--format=csv,noheader,nounits"],
-                capture_output=True,
-                text=True,
-                timeout=20,
-                check=True,
-            ).stdout
-            rows = [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
-        except (OSError, subprocess.SubprocessError):
-            rows = []
+    rows = _nvidia_smi("name,memory.total", timeout=20)
     if not rows:
         raise AgentError(
             "--gpus auto found no GPU (nvidia-smi is missing or lists none); "
@@ -166,28 +153,32 @@ def memory_gib() -> tuple[float, float]:
 
 def gpu_usage() -> list[wpb.GpuUsage]:
     """Utilization and memory of the real GPUs (nvidia-smi); empty when it fails."""
+    try:
+        return [
+            wpb.GpuUsage(index=int(index), utilization=float(util) / 100, memory_used_gib=float(used) / 1024)
+            for index, util, used in _nvidia_smi("index,utilization.gpu,memory.used", timeout=10)
+        ]
+    except ValueError:
+        return []
+
+
+def _nvidia_smi(query: str, timeout: float) -> list[list[str]]:
+    """The rows of ``nvidia-smi --query-gpu=QUERY`` (CSV, no units); empty when it is
+    missing or fails."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return []
     try:
         out = subprocess.run(
-            [smi, "--query-gpu=index,utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
+            [smi, f"--query-gpu={query}", "--format=csv,noheader,nounits"],
             capture_output=True,
             text=True,
-            timeout=10,
+            timeout=timeout,
             check=True,
         ).stdout
-        usage = []
-        for line in out.splitlines():
-            index, util, used = (c.strip() for c in line.split(","))
-            usage.append(
-                wpb.GpuUsage(
-                    index=int(index), utilization=float(util) / 100, memory_used_gib=float(used) / 1024
-                )
-            )
-        return usage
-    except (OSError, subprocess.SubprocessError, ValueError):
+    except (OSError, subprocess.SubprocessError):
         return []
+    return [[c.strip() for c in line.split(",")] for line in out.splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------- what to run

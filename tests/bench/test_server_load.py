@@ -19,7 +19,7 @@ def test_messages_are_the_instance() -> None:
     gpu_types, nodes, tenants = server_load.inventory_messages(problem)
     back = convert.problem_from_messages(
         pb.Inventory(gpu_types=gpu_types, nodes=nodes, tenants=tenants),
-        pb.WorkloadList(workloads=[server_load.workload_message(w) for w in problem.workloads]),
+        pb.WorkloadList(workloads=server_load.workload_messages(problem)),
     )
     assert back == problem
 
