@@ -363,3 +363,91 @@ class ServerMessage(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
 Global___ServerMessage: _TypeAlias = ServerMessage  # noqa: Y015
+
+@_typing.final
+class CheckpointChunk(_message.Message):
+    """One message of a checkpoint transfer. The first message of a transfer carries
+    the header (workload_id, step, name, size, sha256); every message may carry
+    data, in order, at most 1 MiB each.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    SHA256_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    step: _builtins.int
+    """the training step the checkpoint was taken at"""
+    name: _builtins.str
+    """file name on the worker, e.g. ckpt-120.pt"""
+    size: _builtins.int
+    """bytes of the whole file"""
+    sha256: _builtins.str
+    """hex digest of the whole file"""
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        name: _builtins.str = ...,
+        size: _builtins.int = ...,
+        sha256: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "name", b"name", "sha256", b"sha256", "size", b"size", "step", b"step", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckpointChunk: _TypeAlias = CheckpointChunk  # noqa: Y015
+
+@_typing.final
+class PutCheckpointResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STEP_FIELD_NUMBER: _builtins.int
+    step: _builtins.int
+    """the step now stored"""
+    def __init__(
+        self,
+        *,
+        step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PutCheckpointResponse: _TypeAlias = PutCheckpointResponse  # noqa: Y015
+
+@_typing.final
+class GetCheckpointRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    WORKLOAD_ID_FIELD_NUMBER: _builtins.int
+    NEWER_THAN_FIELD_NUMBER: _builtins.int
+    workload_id: _builtins.str
+    newer_than: _builtins.int
+    """given: send the data only if the stored step is above it"""
+    def __init__(
+        self,
+        *,
+        workload_id: _builtins.str = ...,
+        newer_than: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_newer_than", b"_newer_than", "newer_than", b"newer_than"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_newer_than", b"_newer_than", "newer_than", b"newer_than", "workload_id", b"workload_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__newer_than: _TypeAlias = _typing.Literal["newer_than"]  # noqa: Y015
+    _WhichOneofArgType__newer_than: _TypeAlias = _typing.Literal["_newer_than", b"_newer_than"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__newer_than) -> _WhichOneofReturnType__newer_than | None: ...
+
+Global___GetCheckpointRequest: _TypeAlias = GetCheckpointRequest  # noqa: Y015

@@ -44,6 +44,16 @@ class WorkersStub:
                 request_serializer=apportion_dot_v1_dot_workers__pb2.WorkerMessage.SerializeToString,
                 response_deserializer=apportion_dot_v1_dot_workers__pb2.ServerMessage.FromString,
                 _registered_method=True)
+        self.PutCheckpoint = channel.stream_unary(
+                '/apportion.v1.Workers/PutCheckpoint',
+                request_serializer=apportion_dot_v1_dot_workers__pb2.CheckpointChunk.SerializeToString,
+                response_deserializer=apportion_dot_v1_dot_workers__pb2.PutCheckpointResponse.FromString,
+                _registered_method=True)
+        self.GetCheckpoint = channel.unary_stream(
+                '/apportion.v1.Workers/GetCheckpoint',
+                request_serializer=apportion_dot_v1_dot_workers__pb2.GetCheckpointRequest.SerializeToString,
+                response_deserializer=apportion_dot_v1_dot_workers__pb2.CheckpointChunk.FromString,
+                _registered_method=True)
 
 
 class WorkersServicer:
@@ -65,6 +75,26 @@ class WorkersServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PutCheckpoint(self, request_iterator, context):
+        """Store a training workload's checkpoint on the server (one file, in chunks
+        of at most 1 MiB; the first message carries the header). It replaces the
+        stored one unless that has a higher step (then FAILED_PRECONDITION); a
+        sha256 or size that does not match the data is DATA_LOSS and nothing is
+        stored. See server/checkpoints.py.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCheckpoint(self, request, context):
+        """The stored checkpoint of a workload: a header, then its data in chunks
+        (only the header when its step is not above `newer_than`); NOT_FOUND when
+        there is none.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkersServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +107,16 @@ def add_WorkersServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=apportion_dot_v1_dot_workers__pb2.WorkerMessage.FromString,
                     response_serializer=apportion_dot_v1_dot_workers__pb2.ServerMessage.SerializeToString,
+            ),
+            'PutCheckpoint': grpc.stream_unary_rpc_method_handler(
+                    servicer.PutCheckpoint,
+                    request_deserializer=apportion_dot_v1_dot_workers__pb2.CheckpointChunk.FromString,
+                    response_serializer=apportion_dot_v1_dot_workers__pb2.PutCheckpointResponse.SerializeToString,
+            ),
+            'GetCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetCheckpoint,
+                    request_deserializer=apportion_dot_v1_dot_workers__pb2.GetCheckpointRequest.FromString,
+                    response_serializer=apportion_dot_v1_dot_workers__pb2.CheckpointChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +173,60 @@ class Workers:
             '/apportion.v1.Workers/Connect',
             apportion_dot_v1_dot_workers__pb2.WorkerMessage.SerializeToString,
             apportion_dot_v1_dot_workers__pb2.ServerMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PutCheckpoint(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/apportion.v1.Workers/PutCheckpoint',
+            apportion_dot_v1_dot_workers__pb2.CheckpointChunk.SerializeToString,
+            apportion_dot_v1_dot_workers__pb2.PutCheckpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/apportion.v1.Workers/GetCheckpoint',
+            apportion_dot_v1_dot_workers__pb2.GetCheckpointRequest.SerializeToString,
+            apportion_dot_v1_dot_workers__pb2.CheckpointChunk.FromString,
             options,
             channel_credentials,
             insecure,

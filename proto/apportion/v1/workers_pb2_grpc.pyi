@@ -44,6 +44,18 @@ class WorkersStub:
     """The session stream. The first message must carry the session id from
     Register.
     """
+    PutCheckpoint: _grpc.StreamUnaryMultiCallable[_workers_pb2.CheckpointChunk, _workers_pb2.PutCheckpointResponse]
+    """Store a training workload's checkpoint on the server (one file, in chunks
+    of at most 1 MiB; the first message carries the header). It replaces the
+    stored one unless that has a higher step (then FAILED_PRECONDITION); a
+    sha256 or size that does not match the data is DATA_LOSS and nothing is
+    stored. See server/checkpoints.py.
+    """
+    GetCheckpoint: _grpc.UnaryStreamMultiCallable[_workers_pb2.GetCheckpointRequest, _workers_pb2.CheckpointChunk]
+    """The stored checkpoint of a workload: a header, then its data in chunks
+    (only the header when its step is not above `newer_than`); NOT_FOUND when
+    there is none.
+    """
 
 @_typing.type_check_only
 class WorkersAsyncStub(WorkersStub):
@@ -55,6 +67,18 @@ class WorkersAsyncStub(WorkersStub):
     Connect: _aio.StreamStreamMultiCallable[_workers_pb2.WorkerMessage, _workers_pb2.ServerMessage]  # type: ignore[assignment]
     """The session stream. The first message must carry the session id from
     Register.
+    """
+    PutCheckpoint: _aio.StreamUnaryMultiCallable[_workers_pb2.CheckpointChunk, _workers_pb2.PutCheckpointResponse]  # type: ignore[assignment]
+    """Store a training workload's checkpoint on the server (one file, in chunks
+    of at most 1 MiB; the first message carries the header). It replaces the
+    stored one unless that has a higher step (then FAILED_PRECONDITION); a
+    sha256 or size that does not match the data is DATA_LOSS and nothing is
+    stored. See server/checkpoints.py.
+    """
+    GetCheckpoint: _aio.UnaryStreamMultiCallable[_workers_pb2.GetCheckpointRequest, _workers_pb2.CheckpointChunk]  # type: ignore[assignment]
+    """The stored checkpoint of a workload: a header, then its data in chunks
+    (only the header when its step is not above `newer_than`); NOT_FOUND when
+    there is none.
     """
 
 class WorkersServicer(metaclass=_abc_1.ABCMeta):
@@ -76,6 +100,30 @@ class WorkersServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_workers_pb2.ServerMessage], _abc.AsyncIterator[_workers_pb2.ServerMessage]]:
         """The session stream. The first message must carry the session id from
         Register.
+        """
+
+    @_abc_1.abstractmethod
+    def PutCheckpoint(
+        self,
+        request_iterator: _MaybeAsyncIterator[_workers_pb2.CheckpointChunk],
+        context: _ServicerContext,
+    ) -> _typing.Union[_workers_pb2.PutCheckpointResponse, _abc.Awaitable[_workers_pb2.PutCheckpointResponse]]:
+        """Store a training workload's checkpoint on the server (one file, in chunks
+        of at most 1 MiB; the first message carries the header). It replaces the
+        stored one unless that has a higher step (then FAILED_PRECONDITION); a
+        sha256 or size that does not match the data is DATA_LOSS and nothing is
+        stored. See server/checkpoints.py.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCheckpoint(
+        self,
+        request: _workers_pb2.GetCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_workers_pb2.CheckpointChunk], _abc.AsyncIterator[_workers_pb2.CheckpointChunk]]:
+        """The stored checkpoint of a workload: a header, then its data in chunks
+        (only the header when its step is not above `newer_than`); NOT_FOUND when
+        there is none.
         """
 
 def add_WorkersServicer_to_server(servicer: WorkersServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
