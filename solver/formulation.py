@@ -36,10 +36,14 @@ Constraints
          m_i >= (running replicas of i on o - r_{i,o}) / running replicas on o
 Objectives are supplied by the policies (``solver.policies``) as stages solved
 one after another; each stage's optimum becomes a floor for the next (11).
+    (12) (``cost`` only) valid inequalities: each service's $/hour is at least the
+         convex envelope of what whole replicas cost for the fraction it serves
+         (``Formulation.service_cost_cuts``, which proves them).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping
@@ -134,6 +138,76 @@ class Formulation:
                 if price:
                     terms.append((self.n[c.index, o], -price * opt.gpus))
         return terms
+
+    def service_cost_cuts(self) -> int:
+        """Valid inequalities (12) that tie each service's $/hour to its served fraction.
+
+        The LP relaxation serves a fraction f_i of a service with fractional
+        replicas at (per unit of f) the price of its cheapest type, while an
+        integer plan pays for whole replicas, at least ``min_replicas`` of them:
+        serving 8.8 req/s with 4.3 req/s replicas takes 3 of them, not 2.05. With
+        only (1)-(10) the cost bound is therefore weak wherever a demand floor
+        makes services run.
+
+        For service i let T be its target, lo = max(1, min_replicas) and R its
+        replica cap (``max_replicas``). An integer plan either does not run it
+        (y_i = 0: no replicas, f_i = 0, cost 0) or runs k in [lo, R] replicas of
+        one type t (constraints (8)), costing C = p_t g_t k (price per GPU-hour,
+        GPUs per replica) and serving f_i <= min(1, k rps_t / T). So every integer
+        point has (f_i, C) >= (in f: <=, in C: >=) one of the points
+        P = {(0, 0)} + {(min(1, k rps_t / T), p_t g_t k)}. Let phi be the lower
+        convex envelope of P: convex, phi(0) = 0, and non-decreasing (its first
+        piece starts at (0, 0), the cheapest point, so every slope is >= 0).
+        Then C >= phi(f_point) >= phi(f_i), since f_i <= f_point. phi is the
+        maximum of the lines through its pieces, so each piece (C >= a + b f)
+        is a valid inequality; together they say C_i >= phi(f_i).
+
+        Only a few k per type are needed: for k <= T / rps_t the points lie on
+        the ray from (0, 0) through the largest such k (kept: floor(T / rps_t),
+        or R if smaller), so they are on or above the segment to it; for
+        k >= T / rps_t the point is (1, p_t g_t k), above the one with the least
+        such k (kept: ceil(T / rps_t), or lo if larger). So k in
+        {lo, floor, ceil, R} inside [lo, R] give the same envelope.
+
+        Each right-hand side is lowered by 1e-3 $/hour so that CP-SAT's integer
+        scaling of the rows (``f`` is counted in thousandths) cannot cut off the
+        integer points on the envelope. Returns the number of rows added.
+        """
+        added = 0
+        for c in self.classes():
+            if c.is_training or c.index not in self.f:
+                continue
+            spec = c.members[0].inference
+            assert spec is not None
+            lo, cap, target = max(1, spec.min_replicas), self.max_replicas[c.index], spec.target_rps
+            cost_terms: Terms = []
+            points: set[tuple[float, float]] = {(0.0, 0.0)}
+            seen: set[str] = set()
+            for o, opt in enumerate(c.options):
+                price = self.index.types[opt.gpu_type].cost_per_hour or 0.0
+                if price:
+                    cost_terms.append((self.n[c.index, o], price * opt.gpus))
+                if opt.gpu_type in seen:
+                    continue
+                seen.add(opt.gpu_type)
+                ratio = target / opt.value
+                for k in {lo, math.floor(ratio), math.ceil(ratio), cap}:
+                    if lo <= k <= cap:
+                        points.add((min(1.0, k / ratio), price * opt.gpus * k))
+            hull = _lower_hull(sorted(points))
+            for (x1, c1), (x2, c2) in itertools.pairwise(hull):
+                slope = (c2 - c1) / (x2 - x1)
+                if slope <= 0:
+                    continue
+                icpt = c1 - slope * x1
+                self.model.add(
+                    [*cost_terms, (self.f[c.index], -slope)],
+                    Sense.GE,
+                    icpt - 1e-3,
+                    f"svccost[{c.members[0].id},{added}]",
+                )
+                added += 1
+        return added
 
     def moves(self, penalty: float) -> tuple[Terms, float]:
         """``-penalty * migrations`` as terms and a constant."""
@@ -584,3 +658,21 @@ def round_down(
 def option_values(form: Formulation, values: tuple[float, ...]) -> Mapping[tuple[int, int], int]:
     """Integer counts per (class, option) from a solution."""
     return {key: round(values[v.index]) for key, v in form.n.items() if values[v.index] > 0.5}
+
+
+def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """The lower convex hull of points sorted by x (then y), left to right (Andrew's
+    monotone chain); of points with equal x only the lowest can be on it."""
+    hull: list[tuple[float, float]] = []
+    for p in points:
+        if hull and abs(hull[-1][0] - p[0]) <= 1e-12:
+            continue  # same x, higher (sorted): above the hull
+        while len(hull) >= 2:
+            (x1, y1), (x2, y2) = hull[-2], hull[-1]
+            # Drop the middle point unless it lies strictly below the line from hull[-2] to p.
+            if (x2 - x1) * (p[1] - y1) - (y2 - y1) * (p[0] - x1) <= 0:
+                hull.pop()
+            else:
+                break
+        hull.append(p)
+    return hull

@@ -463,7 +463,9 @@ def _finish(
     gap: float | None = None
     if bound is not None:
         bound = max(bound, objective)
-        gap = max(0.0, bound - objective) / max(abs(bound), abs(objective), 1e-9)
+        # As documented on Plan.gap: relative to the bound (for cost, whose objective
+        # is negative, the stricter of the two usual choices).
+        gap = max(0.0, bound - objective) / max(abs(bound), 1e-9)
         if bound - objective <= 1e-6:  # below the solvers' own tolerances
             gap = 0.0
     if status is None:

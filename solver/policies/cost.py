@@ -21,6 +21,9 @@ class CostPolicy(OptimizingPolicy):
     prefer = "cost"
 
     def stages(self, form: Formulation, options: PlanOptions) -> list[Stage]:
+        # Cuts (12): a service's $/hour is at least the convex envelope of what whole
+        # replicas cost for the fraction it serves (else the LP bound is weak).
+        form.service_cost_cuts()
         stages = tier_stages(form, include_lowest=True) + demand_stage(form)
         moves, constant = form.moves(options.migration_penalty)
         stages.append(Stage("cost", form.cost() + moves, constant, primary=True))

@@ -1,0 +1,174 @@
+"""Strengthened bounds: valid (never below the best integer plan) and tighter.
+
+The cost cuts (12) of ``Formulation.service_cost_cuts`` must hold at every
+integer point of a service (run it on one type with k in [lo, R] replicas, or
+not at all), and must lift the LP bound to what whole replicas cost. Both are
+checked against an enumeration that uses none of the formulation's code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterator
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from solver import PlanOptions, Workload, plan
+from solver.aggregate import build_index
+from solver.backends import get_backend
+from solver.formulation import build_formulation
+from solver.linear import Sense
+from tests.builders import TYPES, node, problem, serve
+
+PRICE = {t.name: t.cost_per_hour or 0.0 for t in TYPES}
+# Room for every service at its cheapest, whatever the draw (at most 3 x 40 GPUs per type).
+ROOMY = [node(f"a{i}", "a100", 8) for i in range(16)] + [node(f"h{i}", "h100", 8) for i in range(16)]
+
+
+def _service_points(
+    spec_gpus: dict[str, int], rps: dict[str, float], target: float, lo: int, cap: int
+) -> Iterator[tuple[str | None, int, float, float]]:
+    """Every (type, replicas, served fraction, $/hour) a plan can run a service as."""
+    for t in spec_gpus:
+        for k in range(lo, cap + 1):
+            yield t, k, min(1.0, k * rps[t] / target), PRICE[t] * spec_gpus[t] * k
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    gpus=st.fixed_dictionaries({"a100": st.sampled_from([1, 2, 4]), "h100": st.sampled_from([1, 2, 4])}),
+    rps=st.fixed_dictionaries(
+        {"a100": st.floats(0.5, 20.0), "h100": st.floats(0.5, 40.0)},
+    ),
+    target=st.floats(1.0, 60.0),
+    min_replicas=st.integers(1, 3),
+    max_replicas=st.one_of(st.none(), st.integers(1, 12)),
+)
+def test_service_cost_cuts_hold_at_every_integer_point(
+    gpus: dict[str, int], rps: dict[str, float], target: float, min_replicas: int, max_replicas: int | None
+) -> None:
+    svc = serve(
+        "svc", gpus, rps, target, types=("a100", "h100"), min_replicas=min_replicas, max_replicas=max_replicas
+    )
+    p = problem(nodes=[node(f"a{i}", "a100", 8) for i in range(8)] + [node("h1", "h100", 8)], workloads=[svc])
+    index = build_index(p)
+    form = build_formulation(index)
+    form.service_cost_cuts()
+    c = index.classes[0]
+    if c.index not in form.f:
+        return  # the service cannot run at all: no cuts, nothing to check
+    cuts = [k for k in form.model.constraints if k.name.startswith("svccost[")]
+    lo, cap = max(1, min_replicas), form.max_replicas[c.index]
+    first = {t: next(o for o, opt in enumerate(c.options) if opt.gpu_type == t) for t in gpus}
+    points: list[tuple[str | None, int, float, float]] = [
+        (None, 0, 0.0, 0.0),
+        *_service_points(gpus, rps, target, lo, cap),
+    ]
+    for t, k, f, cost in points:
+        values = [0.0] * len(form.model.vars)
+        if t is not None:
+            values[form.n[c.index, first[t]].index] = k
+        # The largest served fraction the model allows (in its thousandths): the worst case.
+        values[form.f[c.index].index] = math.floor(f * 1000 + 1e-9) / 1000
+        for cut in cuts:
+            lhs = form.model.evaluate(cut.terms, tuple(values))
+            assert cut.sense is Sense.GE
+            assert lhs >= cut.rhs - 1e-9, (t, k, f, cost, cut)
+    # And with f at its exact value (continuous, as the LP sees it).
+    for t, k, f, _cost in points:
+        values = [0.0] * len(form.model.vars)
+        if t is not None:
+            values[form.n[c.index, first[t]].index] = k
+        values[form.f[c.index].index] = f
+        for cut in cuts:
+            assert form.model.evaluate(cut.terms, tuple(values)) >= cut.rhs - 1e-9
+
+
+def _cost_lp_bound(services: list[Workload], cuts: bool) -> float:
+    """The LP bound of the cost stage with every service fully served (demand floor)."""
+    p = problem(nodes=ROOMY, workloads=services)
+    index = build_index(p)
+    form = build_formulation(index)
+    if cuts:
+        form.service_cost_cuts()
+    form.model.add(form.served(), Sense.GE, sum(c.weight for c in index.classes), "full")
+    form.model.maximize(form.cost())
+    lp = get_backend("ortools").solve_lp(form.model, time_limit_s=10)
+    return float(lp.objective)
+
+
+def _brute_force_cost(services: list[Workload]) -> float:
+    """Cheapest way to serve every service fully, each on one type (room is ample)."""
+    best = []
+    for s in services:
+        spec = s.inference
+        assert spec is not None
+        lo = max(1, spec.min_replicas)
+        best.append(
+            min(
+                PRICE[t] * spec.gpus_per_replica[t] * k
+                for t in spec.gpus_per_replica
+                for k in range(lo, 40)
+                if k * spec.replica_rps[t] >= spec.target_rps - 1e-9
+            )
+        )
+    return -sum(best)
+
+
+def test_service_cost_cuts_lift_the_lp_bound_to_whole_replicas() -> None:
+    # s1: 8.8 req/s with 4.3 req/s a100 replicas ($2/h) -> 3 replicas, $6/h; h100 ($4/h,
+    #     9 req/s) -> 1 replica, but min_replicas 2 -> $8/h. The LP without cuts serves it
+    #     with about 2.05 replicas (1.957 a100 + 0.043 h100), $4.09/h.
+    # s2: 3 req/s, min 2 replicas: 2 x a100, $4/h (the LP too: min_replicas binds it).
+    # Optimum -10; the LP without cuts -8.09; with them -10 (less 1e-3 per cut).
+    services = [
+        serve("s1", 1, {"a100": 4.3, "h100": 9.0}, 8.8, types=("a100", "h100"), min_replicas=2),
+        serve("s2", 1, {"a100": 10.0, "h100": 20.0}, 3.0, types=("a100", "h100"), min_replicas=2),
+    ]
+    optimum = _brute_force_cost(services)
+    assert optimum == pytest.approx(-10.0)
+    weak, strong = _cost_lp_bound(services, cuts=False), _cost_lp_bound(services, cuts=True)
+    assert strong >= optimum - 1e-2  # valid (the 1e-3 $/h slack per cut aside)
+    assert weak > optimum + 1.8  # the plain LP: fractional replicas, -8.09
+    assert strong == pytest.approx(optimum, abs=1e-2)  # the cuts close the gap here
+    r = plan(problem(nodes=ROOMY, workloads=services), "cost", PlanOptions(time_limit_s=5))
+    assert r.objective == pytest.approx(optimum)
+    assert r.best_bound is not None and r.best_bound >= optimum - 1e-2
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([1, 2]),
+            st.floats(1.0, 12.0),
+            st.floats(2.0, 25.0),
+            st.floats(1.0, 40.0),
+            st.integers(1, 3),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
+def test_cost_bound_with_cuts_is_never_below_the_brute_force_optimum(
+    specs: list[tuple[int, float, float, float, int]],
+) -> None:
+    services = [
+        serve(f"s{i}", g, {"a100": ra, "h100": rh}, target, types=("a100", "h100"), min_replicas=lo)
+        for i, (g, ra, rh, target, lo) in enumerate(specs)
+    ]
+    optimum = _brute_force_cost(services)
+    strong = _cost_lp_bound(services, cuts=True)
+    assert strong >= optimum - 1e-2 * len(services)  # valid (1e-3 $/h slack per cut)
+    assert strong <= _cost_lp_bound(services, cuts=False) + 1e-6  # and never weaker
+
+
+def test_lower_hull_of_points() -> None:
+    from solver.formulation import _lower_hull
+
+    pts = sorted({(0.0, 0.0), (0.5, 3.0), (0.5, 1.0), (1.0, 4.0), (0.8, 3.5), (1.0, 2.5)})
+    assert _lower_hull(pts) == [(0.0, 0.0), (0.5, 1.0), (1.0, 2.5)]
+    assert list(itertools.pairwise(_lower_hull(pts)))
