@@ -39,13 +39,14 @@ from apportion.v1 import (
     workers_pb2_grpc,
 )
 from server import auth
+from server.checkpoints import CheckpointsServicer
 from server.control import ControlLoop, LoopConfig, RoundResult
 from server.inference import InferenceServicer, Router
 from server.metrics import Metrics
 from server.service import AllocatorServicer, Shared
 from server.solving import SolverPool
 from server.store import Store
-from server.workers import Dispatcher, WorkersConfig, WorkersServicer
+from server.workers import Dispatcher, WorkersConfig
 
 log = logging.getLogger("apportion.server")
 
@@ -120,8 +121,8 @@ class ApportionServer:
             inference_pb2_grpc.add_InferenceServicer_to_server(
                 InferenceServicer(self.shared, self.dispatcher, self.router), self.grpc
             )
-            workers_pb2_grpc.add_WorkersServicer_to_server(
-                WorkersServicer(self.shared, self.dispatcher), self.grpc
+            workers_pb2_grpc.add_WorkersServicer_to_server(  # WorkersServicer + checkpoints (next to the db)
+                CheckpointsServicer.for_db(self.shared, self.dispatcher, config.db), self.grpc
             )
             self.health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

@@ -39,6 +39,15 @@ the shard down (a gang that lost a rank cannot go on). Its status: STOPPED if a
 Stop asked for it, SUCCEEDED if every process exited 0, else FAILED with the
 exit status (a signal as ``-N``) and the log tail in the message.
 
+Checkpoints (``worker.checkpoint_sync``). Before a shard of a ``train-lm`` job
+starts (or a ``serve-lm`` whose APPORTION_SERVE_FROM names a training
+workload), the agent downloads the server's checkpoint of that workload into
+``<work-dir>/checkpoints/<id>`` when it is newer than the newest one there, so
+a job resumes on any node without a shared file system. For the shard with
+global rank 0 of a ``train-lm`` job a background thread uploads each new
+checkpoint the runtime writes; when the shard ends, its last checkpoint is
+uploaded (at most ``upload_finish_s``) before its end is reported.
+
 Stop: SIGTERM to each process group, SIGKILL after ``grace_s``. A Launch of a
 shard that runs with the same parameters is answered with its status; with
 other parameters it is stopped and started again.
@@ -88,6 +97,7 @@ from apportion.client import ApportionError, Client
 from apportion.v1 import types_pb2 as pb
 from apportion.v1 import workers_pb2 as wpb
 from apportion.v1 import workers_pb2_grpc
+from worker import checkpoint_sync
 
 log = logging.getLogger("apportion.worker")
 
@@ -252,9 +262,8 @@ def shard_env(
         # a replica listens on this worker's advertised address, so the router reaches it from anywhere
         env["APPORTION_SERVE_HOST"] = launch.master_addr or "127.0.0.1"
     env.update(launch.workload.runtime.env)
-    serve_from = env.get("APPORTION_SERVE_FROM", "")
-    if serve_from and "/" not in serve_from and os.sep not in serve_from and serve_from not in (".", ".."):
-        # a training workload's id: its checkpoint directory on this machine
+    serve_from = checkpoint_sync.serve_from_workload(env.get("APPORTION_SERVE_FROM", ""))
+    if serve_from is not None:  # a training workload's id: its checkpoint directory on this machine
         env["APPORTION_SERVE_FROM"] = str(checkpoint_dir.parent / serve_from)
     return env
 
@@ -321,6 +330,7 @@ class _Shard:
     endpoint: str = ""
     reported_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    uploader: checkpoint_sync.Uploader | None = None  # rank 0 of a train-lm job: its checkpoints go up
 
     @property
     def key(self) -> str:
@@ -354,6 +364,7 @@ class AgentConfig:
     work_dir: Path = Path("apportion-worker")
     heartbeat_s: float | None = None  # None: what the server says
     stop_grace_s: float = 30.0  # at most this per Stop, whatever the server asks
+    upload_finish_s: float = 60.0  # at most this for a shard's last checkpoint upload
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -596,6 +607,7 @@ class Agent:
             d.mkdir(parents=True, exist_ok=True)
         log_file = (log_dir / f"shard-{launch.shard_index}.log").open("a", encoding="utf-8")
         self.report(shard, "STARTING")
+        shard.uploader = self._sync_checkpoints(launch, checkpoint_dir)
         try:
             with shard.lock:
                 for local in range(procs):
@@ -630,6 +642,34 @@ class Agent:
         for t in readers:
             t.start()
         threading.Thread(target=self._watch, args=(shard, readers, procs, log_file), daemon=True).start()
+
+    def _sync_checkpoints(self, launch: wpb.Launch, checkpoint_dir: Path) -> checkpoint_sync.Uploader | None:
+        """Before a launch: download the server's checkpoint of a train-lm job (or of the
+        training workload a serve-lm loads) when it is newer than the local one; for the
+        shard with global rank 0 of a train-lm job, the uploader of its new checkpoints."""
+        runtime = launch.workload.runtime
+        if runtime.builtin == "train-lm":
+            source = launch.workload_id
+        elif runtime.builtin == "serve-lm":
+            named = checkpoint_sync.serve_from_workload(runtime.env.get("APPORTION_SERVE_FROM", ""))
+            if named is None:
+                return None
+            source = named
+        else:
+            return None
+        directory = checkpoint_dir.parent / source
+        server_step = -1
+        try:
+            server_step, _ = checkpoint_sync.fetch(self.stub, self.metadata, source, directory)
+        except (grpc.RpcError, checkpoint_sync.SyncError, OSError) as exc:
+            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+            log.warning("cannot fetch the server's checkpoint", extra={"workload": source, "error": detail})
+        if runtime.builtin != "train-lm" or launch.rank_offset != 0:
+            return None
+        uploader = checkpoint_sync.Uploader(
+            self.stub, self.metadata, launch.workload_id, checkpoint_dir, server_step=server_step
+        )
+        return uploader.start()
 
     def _read(self, shard: _Shard, local: int, proc: subprocess.Popen[bytes], log_file: IO[str]) -> None:
         launch = shard.launch
@@ -688,6 +728,8 @@ class Agent:
         for path in shard.pid_files:
             path.unlink(missing_ok=True)
         self._release(shard)
+        if shard.uploader is not None:  # its last checkpoint is on the server before its end is reported
+            shard.uploader.finish(self.config.upload_finish_s)
         codes = [shard.codes.get(i, -1) for i in range(procs)]
         failed = [(i, c) for i, c in enumerate(codes) if c != 0]
         if shard.stop_requested:
