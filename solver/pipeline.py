@@ -42,6 +42,7 @@ from solver.aggregate import Index, build_index, usable_training_types
 from solver.backends import get_backend
 from solver.disaggregate import disaggregate
 from solver.errors import SolverError, ValidationError, Violation
+from solver.exchange import exchange_services
 from solver.explain import Explainer
 from solver.formulation import Formulation, build_formulation, option_values, round_down
 from solver.greedy import complete, greedy_place, improve, repair_priority
@@ -408,6 +409,11 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     with timer.stage("repair"):
         repaired = repair_priority(index, complete(index, placed, pol.prefer), options.max_migrations)
         placed = improve(index, complete(index, repaired, pol.prefer), pol.prefer)
+    if pol.prefer == "cost" and form.f:
+        with timer.stage("exchange"):
+            placed = _exchange(
+                form, stages, floors, placed, timer.start + options.time_limit_s * (1 - reserve / 2)
+            )
     # Never worse than the greedy seed.
     final_values = _stage_values(form, stages, form.hint(placed.values()))
     if _lex_better(greedy_stage_values, final_values):
@@ -425,6 +431,37 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     ]
     status = PlanStatus.FEASIBLE if unproven or below else None
     return _finish(index, pol.name, pol.name, placed, bound, shadow, timer, options, status)
+
+
+def _exchange(
+    form: Formulation,
+    stages: list[Stage],
+    floors: list[float],
+    placed: dict[str, Placement],
+    deadline: float,
+) -> dict[str, Placement]:
+    """``solver.exchange`` on the plan, with what each floored stage gains per unit
+    of each service's served fraction and the plan's slack above each floor. A
+    service whose other variables appear in a floored stage is left alone."""
+    index = form.index
+    early = [j for j in range(len(floors)) if not stages[j].primary]
+    coefs = [{v.index: a for v, a in stages[j].terms} for j in early]
+    gains: list[dict[str, float]] = [{} for _ in early]
+    resolution = 1000
+    for ci, f in form.f.items():
+        c = index.classes[ci]
+        others = [v.index for v in form.class_vars(ci) if v.index != f.index]
+        if any(i in co for co in coefs for i in others):
+            continue
+        resolution = f.resolution
+        for g, co in zip(gains, coefs, strict=True):
+            if co.get(f.index, 0.0) > 0:
+                g[c.members[0].id] = co[f.index]
+    values = _stage_values(form, [stages[j] for j in early], form.hint(placed.values()))
+    slack = [v - floors[j] for v, j in zip(values, early, strict=True)]
+    if any(s < 0 for s in slack):
+        return placed
+    return exchange_services(index, placed, gains, slack, resolution, deadline)
 
 
 def _finish(

@@ -172,3 +172,30 @@ def test_lower_hull_of_points() -> None:
     pts = sorted({(0.0, 0.0), (0.5, 3.0), (0.5, 1.0), (1.0, 4.0), (0.8, 3.5), (1.0, 2.5)})
     assert _lower_hull(pts) == [(0.0, 0.0), (0.5, 1.0), (1.0, 2.5)]
     assert list(itertools.pairwise(_lower_hull(pts)))
+
+
+def test_exchange_drops_the_dearest_service_for_cheaper_served_demand() -> None:
+    # x: h100 only, one 4-GPU replica ($4/GPU-h: $16/h) serves its target, weight 0.5.
+    # y: a100 only, 1-GPU replicas of 10 req/s for 40 req/s ($2/h each), weight 1, runs
+    #    2 of its 4 replicas (f = 0.5). Served demand 0.5·1 + 1·0.5 = 1.0, floor 1.0.
+    # Taking x out loses 0.5; two more y replicas gain 0.5 for $4/h instead of $16/h.
+    from solver.exchange import exchange_services
+    from solver.model import Placement, Shard
+
+    x = serve("x", 4, 10.0, 10.0, types=("h100",), weight=0.5)
+    y = serve("y", 1, 10.0, 40.0, types=("a100",))
+    p = problem(nodes=[node("h1", "h100", 8), node("a1", "a100", 8)], workloads=[x, y])
+    index = build_index(p)
+    placed = {
+        "x": Placement("x", (Shard("h1", 4),), "h100"),
+        "y": Placement("y", (Shard("a1", 1), Shard("a1", 1)), "a100"),
+    }
+    gains = [{"x": 0.5, "y": 1.0}]
+    out = exchange_services(index, placed, gains, [0.0], 1000, math.inf)
+    assert "x" not in out
+    assert len(out["y"].shards) == 4
+    # No saving without the room: with y's node holding only 2 GPUs, nothing changes.
+    p2 = problem(nodes=[node("h1", "h100", 8), node("a1", "a100", 2)], workloads=[x, y])
+    assert exchange_services(build_index(p2), placed, gains, [0.0], 1000, math.inf) == placed
+    # Nor when the floor has no slack for what x alone serves and nothing can replace it.
+    assert exchange_services(index, placed, [{"x": 0.5}], [0.0], 1000, math.inf) == placed
