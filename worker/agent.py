@@ -663,7 +663,10 @@ class Agent:
             server_step, _ = checkpoint_sync.fetch(self.stub, self.metadata, source, directory)
         except (grpc.RpcError, checkpoint_sync.SyncError, OSError) as exc:
             detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
-            log.warning("cannot fetch the server's checkpoint", extra={"workload": source, "error": detail})
+            log.warning(
+                f"cannot fetch the server's checkpoint of {source}: {detail}",
+                extra={"workload": source, "error": detail},
+            )
         if runtime.builtin != "train-lm" or launch.rank_offset != 0:
             return None
         uploader = checkpoint_sync.Uploader(

@@ -120,7 +120,8 @@ def fetch(
     if local_step(directory) < header.step:  # a runtime here may have written a newer one meanwhile
         ckpt_files.point_latest(directory, header.step)
     log.info(
-        "checkpoint downloaded",
+        f"checkpoint of {workload_id} step {header.step} downloaded ({header.size} bytes; "
+        f"the newest here was step {have})",
         extra={"workload": workload_id, "step": header.step, "bytes": header.size, "local_step": have},
     )
     return int(header.step), True
@@ -200,11 +201,15 @@ class Uploader:
             except grpc.RpcError as exc:
                 delay = min(MAX_BACKOFF_S, max(self.poll_s, delay * 2))
                 code = exc.code().name if isinstance(exc, grpc.Call) else ""
-                log.warning("checkpoint upload failed", extra={"workload": self.workload_id, "code": code})
+                log.warning(
+                    f"checkpoint upload of {self.workload_id} failed ({code}); retrying in {delay:.1f} s",
+                    extra={"workload": self.workload_id, "code": code},
+                )
             except (OSError, ValueError) as exc:
                 delay = min(MAX_BACKOFF_S, max(self.poll_s, delay * 2))
                 log.warning(
-                    "checkpoint upload failed", extra={"workload": self.workload_id, "error": str(exc)}
+                    f"checkpoint upload of {self.workload_id} failed ({exc}); retrying in {delay:.1f} s",
+                    extra={"workload": self.workload_id, "error": str(exc)},
                 )
 
     def upload_latest(self, timeout: float = UPLOAD_TIMEOUT_S) -> bool:
@@ -224,12 +229,15 @@ class Uploader:
                 self.server_step = max(self.server_step, step)
                 reason = exc.details() if isinstance(exc, grpc.Call) else ""
                 log.info(
-                    "checkpoint not stored",
+                    f"checkpoint of {self.workload_id} step {step} not stored: {reason}",
                     extra={"workload": self.workload_id, "step": step, "reason": reason},
                 )
                 return False
             self.uploads += 1
-            log.info("checkpoint uploaded", extra={"workload": self.workload_id, "step": step})
+            log.info(
+                f"checkpoint of {self.workload_id} step {step} uploaded",
+                extra={"workload": self.workload_id, "step": step},
+            )
             return True
 
     def finish(self, timeout: float = 60.0) -> None:
@@ -245,7 +253,8 @@ class Uploader:
             self.upload_latest(timeout=remaining)
         except (grpc.RpcError, OSError, ValueError) as exc:
             log.warning(
-                "last checkpoint upload failed", extra={"workload": self.workload_id, "error": str(exc)}
+                f"the last checkpoint upload of {self.workload_id} failed: {exc}",
+                extra={"workload": self.workload_id, "error": str(exc)},
             )
 
 

@@ -130,7 +130,7 @@ def load_model(source: Path | None, device: torch.device) -> tuple[TinyLM, int |
     state = checkpoint.load(path)
     model = TinyLM(ModelConfig.from_dict(state["model_config"]))
     model.load_state_dict(state["model"])
-    log(RUNTIME, f"loaded {path} (step {state['step']})")
+    log(RUNTIME, f"loaded {path} (step {state['step']}), param_sha256 {checkpoint.param_digest(model)}")
     return model.to(device).eval(), int(state["step"])
 
 
