@@ -218,6 +218,35 @@ def test_two_ranks_train_together_and_agree(tmp_path: Path) -> None:
     assert state["world_size"] == 2 and state["param_sha256"] == done[0][4]
 
 
+def test_ranks_without_a_shared_directory_resume_from_rank_0s_checkpoint(tmp_path: Path) -> None:
+    node_a, node_b = tmp_path / "a", tmp_path / "b"  # one checkpoint directory per node
+    train(node_a, total=10)
+    common = {
+        "WORLD_SIZE": 2,
+        "LOCAL_WORLD_SIZE": 1,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": free_port(),
+        "APPORTION_TOTAL_STEPS": 20,
+        "APPORTION_CHECKPOINT_EVERY": 10,
+        "APPORTION_DIST_TIMEOUT_S": 60,
+    }
+    procs = [
+        start("train_lm", runtime_env(RANK=r, LOCAL_RANK=0, APPORTION_CHECKPOINT_DIR=d, **common))
+        for r, d in ((0, node_a), (1, node_b))
+    ]
+    results = [p.communicate(timeout=TIMEOUT_S * 2) for p in procs]
+    for p, (_, err) in zip(procs, results, strict=True):
+        assert p.returncode == 0, err
+    assert "took rank 0's checkpoint (step 10; this node had -1)" in results[1][1]
+    assert "took rank 0's checkpoint" not in results[0][1]
+    lines = protocol_lines(results[0][0])
+    assert lines[0]["step"] > 10 and lines[-1]["step"] == 20
+    done = [DONE.search(err) for _, err in results]
+    assert done[0] and done[1] and done[0][3] == done[1][3] == "20"
+    assert done[0][4] == done[1][4]  # identical parameters on both ranks
+    assert checkpoint.latest_path(node_b) is None  # only rank 0 writes
+
+
 def test_sigterm_checkpoints_and_exits_0(tmp_path: Path) -> None:
     ckpt = tmp_path / "ckpt"
     env = runtime_env(

@@ -37,7 +37,10 @@ Behaviour:
 - Every rank draws its own batches (``data.batch`` of (step, rank)): the data
   is sharded across ranks, and a resumed job sees the batches it would have.
 - On start, every rank resumes from the directory's latest checkpoint if there
-  is one (model, optimizer, step, RNG state).
+  is one (model, optimizer, step, RNG state). The ranks of a gang resume from
+  rank 0's: when their directories (one per node, without a shared file
+  system) hold different steps, rank 0 sends its checkpoint (or the news that
+  it has none) to the others, which log ``took rank 0's checkpoint``.
 - Rank 0 writes ``ckpt-STEP.pt`` every CHECKPOINT_EVERY steps and at the end,
   atomically, and prints to stdout, flushed::
 
@@ -230,6 +233,27 @@ def _rng_state(device: torch.device) -> dict[str, torch.Tensor]:
     return state
 
 
+def _rank0_checkpoint(cfg: TrainConfig, state: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The checkpoint every rank resumes from: rank 0's. Ranks compare steps (-1: none);
+    only when they differ does rank 0 send its state to the others."""
+    device = cfg.device if cfg.device.type == "cuda" else torch.device("cpu")
+    mine = torch.tensor([int(state["step"]) if state is not None else -1], dtype=torch.int64, device=device)
+    steps = [torch.zeros_like(mine) for _ in range(cfg.world_size)]
+    dist.all_gather(steps, mine)
+    values = [int(t.item()) for t in steps]
+    if len(set(values)) == 1:
+        return state
+    box: list[Any] = [state if cfg.rank == 0 else None]
+    dist.broadcast_object_list(box, src=0, device=device)
+    if cfg.rank != 0:
+        log(
+            RUNTIME,
+            f"rank {cfg.rank}: took rank 0's checkpoint (step {values[0]}; this node had {values[cfg.rank]})",
+        )
+    received: dict[str, Any] | None = box[0]
+    return received
+
+
 def train(cfg: TrainConfig, stop: StopFlag) -> str:
     """Train to cfg.total_steps (or until stopped); returns the final state, ``done`` or ``stopped``."""
     distributed = cfg.world_size > 1
@@ -252,6 +276,9 @@ def train(cfg: TrainConfig, stop: StopFlag) -> str:
     latest = checkpoint.latest_path(cfg.checkpoint_dir)
     if latest is not None:
         state = checkpoint.load(latest)
+    if distributed:
+        state = _rank0_checkpoint(cfg, state)
+    if state is not None:
         start = int(state["step"])
         loss = state.get("loss")
         last_loss = float(loss) if isinstance(loss, float) and math.isfinite(loss) else None
