@@ -607,7 +607,7 @@ class Agent:
             d.mkdir(parents=True, exist_ok=True)
         log_file = (log_dir / f"shard-{launch.shard_index}.log").open("a", encoding="utf-8")
         self.report(shard, "STARTING")
-        shard.uploader = self._sync_checkpoints(launch, checkpoint_dir)
+        shard.uploader = self._sync_checkpoints(launch, checkpoint_dir, run_dir)
         try:
             with shard.lock:
                 for local in range(procs):
@@ -643,21 +643,24 @@ class Agent:
             t.start()
         threading.Thread(target=self._watch, args=(shard, readers, procs, log_file), daemon=True).start()
 
-    def _sync_checkpoints(self, launch: wpb.Launch, checkpoint_dir: Path) -> checkpoint_sync.Uploader | None:
+    def _sync_checkpoints(
+        self, launch: wpb.Launch, checkpoint_dir: Path, run_dir: Path
+    ) -> checkpoint_sync.Uploader | None:
         """Before a launch: download the server's checkpoint of a train-lm job (or of the
         training workload a serve-lm loads) when it is newer than the local one; for the
         shard with global rank 0 of a train-lm job, the uploader of its new checkpoints."""
         runtime = launch.workload.runtime
         if runtime.builtin == "train-lm":
             source = launch.workload_id
+            own = runtime.env.get("APPORTION_CHECKPOINT_DIR")  # the runtime's env may name its own
+            directory = run_dir / own if own else checkpoint_dir
         elif runtime.builtin == "serve-lm":
             named = checkpoint_sync.serve_from_workload(runtime.env.get("APPORTION_SERVE_FROM", ""))
             if named is None:
                 return None
-            source = named
+            source, directory = named, checkpoint_dir.parent / named  # as shard_env points it
         else:
             return None
-        directory = checkpoint_dir.parent / source
         server_step = -1
         try:
             server_step, _ = checkpoint_sync.fetch(self.stub, self.metadata, source, directory)
@@ -670,7 +673,7 @@ class Agent:
         if runtime.builtin != "train-lm" or launch.rank_offset != 0:
             return None
         uploader = checkpoint_sync.Uploader(
-            self.stub, self.metadata, launch.workload_id, checkpoint_dir, server_step=server_step
+            self.stub, self.metadata, launch.workload_id, directory, server_step=server_step
         )
         return uploader.start()
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import grpc
 import pytest
 
 from apportion.v1 import allocator_pb2 as apb
+from apportion.v1 import types_pb2 as pb
 from apportion.v1 import workers_pb2 as wpb
 from apportion.v1 import workers_pb2_grpc
 from server import checkpoints, convert
@@ -27,7 +29,7 @@ from tests.server.serving import (
     metadata,
     running_server,
 )
-from worker import checkpoint_sync
+from worker import agent, checkpoint_sync
 from worker.runtimes import ckpt_files
 
 
@@ -317,3 +319,50 @@ def test_the_uploader_sends_each_new_checkpoint_and_the_last_one_on_finish(tmp_p
         write_ckpt(tmp_path / "c", 25, b"stale")
         assert not stale.upload_latest()  # the server has 30: refused, and not tried again
         assert stale.server_step == 25 and get(stub, "job")[0].step == 30
+
+
+def test_which_launches_download_and_which_upload(tmp_path: Path) -> None:
+    with running_server(tmp_path) as srv:
+        submit(srv, training("job"))
+        stub = workers_pb2_grpc.WorkersStub(srv.channel())
+        stub.PutCheckpoint(iter(chunks("job", 40, b"forty")))
+        node = agent.Agent(
+            agent.AgentConfig(server=srv.address, gpus="2", gpu_type="h100-80g", work_dir=tmp_path)
+        )
+        try:
+            ckpts = tmp_path / "checkpoints"
+
+            def launch(workload_id: str, runtime: pb.Runtime, rank_offset: int = 0) -> wpb.Launch:
+                spec = pb.Workload(id=workload_id, runtime=runtime)
+                return wpb.Launch(workload_id=workload_id, rank_offset=rank_offset, workload=spec)
+
+            def sync(x: wpb.Launch) -> checkpoint_sync.Uploader | None:
+                return node._sync_checkpoints(x, ckpts / x.workload_id, tmp_path / "run")
+
+            # a command runtime: nothing fetched, nothing uploaded
+            assert sync(launch("job", pb.Runtime(command=["true"]))) is None
+            assert not (ckpts / "job").exists()
+            # a train-lm shard without rank 0: the checkpoint comes down, nothing goes up
+            assert sync(launch("job", pb.Runtime(builtin="train-lm"), rank_offset=2)) is None
+            assert (ckpts / "job" / "ckpt-40.pt").read_bytes() == b"forty"
+            # a serve-lm of the training workload: into that workload's directory
+            serve = pb.Runtime(builtin="serve-lm", env={"APPORTION_SERVE_FROM": "job"})
+            shutil.rmtree(ckpts / "job")
+            assert sync(launch("chat", serve)) is None
+            assert (ckpts / "job" / "ckpt-40.pt").read_bytes() == b"forty" and not (ckpts / "chat").exists()
+            assert (
+                sync(launch("chat", pb.Runtime(builtin="serve-lm", env={"APPORTION_SERVE_FROM": "/a/path"})))
+                is None
+            )
+            # rank 0 of a train-lm job, with its own directory: fetched there, and an uploader watching it
+            own = tmp_path / "own"
+            uploader = sync(
+                launch("job", pb.Runtime(builtin="train-lm", env={"APPORTION_CHECKPOINT_DIR": str(own)}))
+            )
+            assert uploader is not None and uploader.directory == own and uploader.server_step == 40
+            assert (own / "ckpt-40.pt").read_bytes() == b"forty"
+            write_ckpt(own, 50, b"fifty")
+            uploader.finish(30)
+            assert get(stub, "job")[1] == b"fifty"
+        finally:
+            node.client.close()
