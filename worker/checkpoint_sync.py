@@ -28,6 +28,12 @@ agent (``worker.agent``) uses this module:
   when it is moved) is on the server when the server learns of it. A worker
   that dies loses at most what it had not uploaded yet: the checkpoints
   written in its last poll interval and upload.
+
+A job the plan moves (not a crash) is launched on its new node while the old
+one stops, so the new node starts from the last checkpoint uploaded before the
+launch, not from the one the old runtime writes as it stops (that one still
+goes up and is kept while it is the newest). Either way the loss is at most
+about one checkpoint interval.
 """
 
 from __future__ import annotations
