@@ -91,7 +91,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TextIO, TypeVar
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 from grpc import StatusCode
 
@@ -101,6 +101,9 @@ from apportion.v1 import allocator_pb2 as apb
 from apportion.v1 import types_pb2 as pb
 from server import convert, render
 from solver import PlanOptions, PlanStatus, Problem, ValidationError, Violation
+
+if TYPE_CHECKING:
+    from server import app
 
 __all__ = ["main"]
 
@@ -441,6 +444,49 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
     )
     serve.add_argument(
         "--debounce", type=_positive_float, default=0.2, metavar="S", help="quiet time before a re-plan"
+    )
+    serve.add_argument(
+        "--throughput-feedback",
+        choices=("observed", "scaled", "off"),
+        default="observed",
+        help="plan training with the throughput the workers measured: on the GPU types measured "
+        "(observed, default), also scaling the declared numbers of the other types (scaled), or not (off)",
+    )
+    workers = serve.add_argument_group("workers")
+    workers.add_argument(
+        "--heartbeat-interval",
+        type=_positive_float,
+        default=2.0,
+        metavar="S",
+        help="how often workers send heartbeats (default 2)",
+    )
+    workers.add_argument(
+        "--heartbeat-timeout",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="silence after which a worker's node is marked down and its work re-planned (default 10)",
+    )
+    workers.add_argument(
+        "--max-restarts",
+        type=_non_negative_int,
+        default=3,
+        metavar="N",
+        help="restarts of a crashed workload before it is FAILED (default 3)",
+    )
+    workers.add_argument(
+        "--restart-backoff",
+        type=_positive_float,
+        default=1.0,
+        metavar="S",
+        help="wait before the first restart, doubled for each next one (default 1)",
+    )
+    workers.add_argument(
+        "--stop-grace",
+        type=_positive_float,
+        default=10.0,
+        metavar="S",
+        help="time a stopped process has between SIGTERM and SIGKILL (default 10)",
     )
     serve.add_argument(
         "--solver-processes", type=_positive_int, default=2, metavar="N", help="solver processes"
@@ -945,15 +991,22 @@ def _server_error(exc: ApportionError, address: str) -> int:
     return EXIT_FAILED
 
 
-def _cmd_serve(args: argparse.Namespace) -> int:
-    from server import app, auth, logs  # grpc and the server only when serving
-    from server.control import LoopConfig
+def serve_config(args: argparse.Namespace) -> app.ServerConfig:
+    """The server's configuration from ``apportion serve``'s options.
 
-    logs.configure(args.log_level, args.log_format)
+    Raises:
+        ValidationError: an unknown policy, or a heartbeat timeout not longer than the interval.
+    """
+    from server import app  # grpc and the server only when serving
+    from server.control import LoopConfig
+    from server.workers import WorkersConfig
+
     if args.policy not in solver.policy_names():
         known = ", ".join(solver.policy_names())
         raise ValidationError([Violation("--policy", f'unknown policy "{args.policy}" (known: {known})')])
-    config = app.ServerConfig(
+    if args.heartbeat_timeout <= args.heartbeat_interval:
+        raise ValidationError([Violation("--heartbeat-timeout", "must be longer than --heartbeat-interval")])
+    return app.ServerConfig(
         listen=args.listen,
         db=args.db,
         tls_cert=args.tls_cert,
@@ -968,11 +1021,26 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             migration_penalty=args.migration_penalty,
             max_migrations=args.max_migrations,
             debounce_s=args.debounce,
+            throughput_feedback=args.throughput_feedback,
         ),
         solver_processes=args.solver_processes,
         threads=args.threads,
         rate_limit=args.rate_limit,
+        workers=WorkersConfig(
+            heartbeat_interval_s=args.heartbeat_interval,
+            heartbeat_timeout_s=args.heartbeat_timeout,
+            max_restarts=args.max_restarts,
+            restart_backoff_s=args.restart_backoff,
+            stop_grace_s=args.stop_grace,
+        ),
     )
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from server import app, auth, logs  # grpc and the server only when serving
+
+    logs.configure(args.log_level, args.log_format)
+    config = serve_config(args)
     try:
         return app.run(config)
     except (auth.ConfigError, auth.TokenFileError) as exc:

@@ -30,6 +30,30 @@ placement) in its place, so the recorded plan is always feasible, and the
 workload reports the version that serves (``serving_version``) and why the
 new one waits; every later round tries the new version again.
 
+Throughput feedback. A training workload is planned with :func:`planned_spec`
+of its stored spec and what the workers measured of it (``WorkloadRow.observed``,
+kept by :mod:`server.workers`): its ``remaining_work`` counted down by the work
+done (never below :data:`MIN_REMAINING`; always, whatever the mode: it is
+progress, not an estimate), and, by ``throughput_feedback``:
+
+* ``observed`` (the default): on each GPU type it was measured on (for at least
+  :data:`FEEDBACK_MIN_S` seconds, on the gang size the spec declares), the
+  measured work units/s replace the declared ones (an elastic job: that shape's
+  number, and the other shapes of that type scaled by the same measured/declared
+  ratio). Types never measured keep their declared numbers, so a job that runs
+  slower than declared moves to another type that declares more (if the gain
+  beats the migration penalty); measured there too, it goes where it is faster
+  and stays (both numbers are measured then: no ping-pong).
+* ``scaled``: as ``observed``, and the declared numbers of the types never
+  measured are scaled by the mean measured/declared ratio, for users whose
+  numbers are uniformly optimistic (the job then stays where it is measured
+  unless its declared ranking says otherwise).
+* ``off``: declared numbers only.
+
+The stored spec is never changed; Explain explains with the numbers the plan
+used. The dispatcher re-plans (``notify``) when a type's rate is first
+planned with and when it moves by more than 10%.
+
 A state the solver rejects (a workload that no longer validates against a
 changed inventory) does not stop the loop: that workload is left PENDING with
 the violation as its reason and the rest is planned.
@@ -67,6 +91,9 @@ from solver import Plan, PlanOptions, Problem, ValidationError
 log = logging.getLogger("apportion.control")
 
 REST_FACTOR = 2.0
+FEEDBACK_MODES = ("observed", "scaled", "off")
+FEEDBACK_MIN_S = 10.0  # seconds of measurement before a measured throughput is planned with
+MIN_REMAINING = 1e-3  # work units: what is left of a job past its declared work (the solver wants > 0)
 _WORKLOAD_PATH = re.compile(r"^workloads\[(\d+)\]")
 _CURRENT_PATH = re.compile(r"^current\[(\d+)\]")
 
@@ -80,6 +107,7 @@ class LoopConfig:
     max_migrations: int | None = None
     debounce_s: float = 0.2
     max_delay_s: float = 2.0
+    throughput_feedback: str = "observed"  # one of FEEDBACK_MODES
 
 
 class PlanInfo:
@@ -87,8 +115,9 @@ class PlanInfo:
     (once) only when an explanation needs them: from the stored plan and the
     specs of the workloads it was solved for, at the versions it saw."""
 
-    def __init__(self, revision: int, result: RoundResult) -> None:
+    def __init__(self, revision: int, result: RoundResult, feedback: str = "observed") -> None:
         self.revision = revision
+        self.feedback = feedback
         self.included = result.included  # workload id -> the version the plan saw
         self.pinned_old = frozenset(result.pinned_old)
         # (not the result itself: its plan JSON, tens of MB at 100k workloads, is in the store)
@@ -106,7 +135,11 @@ class PlanInfo:
                 for row in rows:
                     old = (row.placement or {}).get("spec")
                     pinned = row.id in self.pinned_old and isinstance(old, dict)
-                    specs[row.id] = old if pinned and isinstance(old, dict) else row.spec
+                    specs[row.id] = (
+                        old
+                        if pinned and isinstance(old, dict)
+                        else planned_spec(row.spec, row.observed, self.feedback)
+                    )
                 nodes = [n.spec for n in store.all_nodes()]
                 node_ids = {n.get("id") for n in nodes}
                 current = [p for row in rows if (p := _current_placement(row, node_ids, any_state=True))]
@@ -256,7 +289,7 @@ class ControlLoop:
             assignments=result.assignments,
             summary={"objective": result.objective, "placed": result.placed, "unplaced": result.unplaced},
         )
-        self._latest = PlanInfo(revision, result)
+        self._latest = PlanInfo(revision, result, self.config.throughput_feedback)
         self._last_round_s = time.perf_counter() - start
         # the next round waits REST_FACTOR times as long as this one took: under a
         # stream of changes planning takes at most a third of the machine
@@ -307,7 +340,7 @@ def plan_round(db_path: str, config: LoopConfig) -> RoundResult:
     rows = list(snapshot.rows)
     nodes = list(snapshot.nodes)
     node_ids = {n.get("id") for n in nodes}
-    specs: dict[str, dict[str, Any]] = {r.id: r.spec for r in rows}
+    specs = {r.id: planned_spec(r.spec, r.observed, config.throughput_feedback) for r in rows}
     pinned_old: set[str] = set()
     options = PlanOptions(
         time_limit_s=config.time_limit_s,
@@ -347,6 +380,58 @@ def plan_round(db_path: str, config: LoopConfig) -> RoundResult:
         included={w.id: versions[w.id] for w in problem.workloads},
         pinned_old=tuple(sorted(pinned_old)),
     )
+
+
+def planned_spec(spec: dict[str, Any], observed: dict[str, Any], feedback: str) -> dict[str, Any]:
+    """The spec a training workload is planned with: ``spec`` with its ``remaining_work``
+    counted down by the work done, and, unless ``feedback`` is ``off``, its throughput
+    on each GPU type it was measured on replaced by the measurement (see the module
+    docstring). ``spec`` itself when nothing changes; never modified."""
+    training = spec.get("training")
+    if not isinstance(training, dict) or not observed:
+        return spec
+    out = dict(training)
+    done = float(observed.get("work_done") or 0.0)
+    remaining = training.get("remaining_work")
+    if done > 0 and isinstance(remaining, (int, float)):
+        out["remaining_work"] = max(float(remaining) - done, MIN_REMAINING)
+    rates = {
+        t: r
+        for t, r in (observed.get("throughput") or {}).items()
+        if float(r.get("seconds", 0.0)) >= FEEDBACK_MIN_S and float(r.get("work_per_s", 0.0)) > 0
+    }
+    if feedback != "off" and rates:
+        if training.get("elastic"):
+            shapes = [dict(s) for s in training["elastic"]]
+            tables = [dict(s.get("throughput") or {}) for s in shapes]
+            sizes = [int(s.get("gpus", 0)) for s in shapes]
+        else:
+            tables = [dict(training.get("throughput") or {})]
+            sizes = [int(training.get("gpus") or 0)]
+        ratios: dict[str, float] = {}  # GPU type -> measured / declared, on the gang size measured
+        for gpu_type, rate in rates.items():
+            for table, size in zip(tables, sizes, strict=True):
+                declared = table.get(gpu_type)
+                if size == int(rate.get("gpus", -1)) and isinstance(declared, (int, float)) and declared > 0:
+                    ratios[gpu_type] = float(rate["work_per_s"]) / float(declared)
+        if ratios:
+            overall = sum(ratios.values()) / len(ratios)
+            for table, size in zip(tables, sizes, strict=True):
+                for gpu_type, declared in list(table.items()):
+                    rate = rates.get(gpu_type)
+                    if gpu_type in ratios and rate is not None and size == int(rate.get("gpus", -1)):
+                        table[gpu_type] = float(rate["work_per_s"])  # what was measured
+                    elif gpu_type in ratios:
+                        table[gpu_type] = declared * ratios[gpu_type]  # another gang size, same type
+                    elif feedback == "scaled":
+                        table[gpu_type] = declared * overall
+            if training.get("elastic"):
+                out["elastic"] = [{**s, "throughput": t} for s, t in zip(shapes, tables, strict=True)]
+            else:
+                out["throughput"] = tables[0]
+    if out == training:
+        return spec
+    return {**spec, "training": out}
 
 
 def _problem(

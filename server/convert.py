@@ -828,6 +828,8 @@ class WorkloadRowLike(Protocol):
     def updated_at(self) -> float: ...
     @property
     def revision(self) -> int: ...
+    @property
+    def observed(self) -> dict[str, Any]: ...
 
 
 def workload_from_dict(data: Mapping[str, Any]) -> pb.Workload:
@@ -1048,6 +1050,18 @@ def workload_status(row: WorkloadRowLike, *, workload: pb.Workload | None = None
         version = row.placement.get("version")
         if isinstance(version, int) and version != row.version:
             msg.serving_version = version
+    observed = row.observed
+    if "work_done" in observed:
+        msg.work_done = float(observed["work_done"])
+    for gpu_type, rate in sorted((observed.get("throughput") or {}).items()):
+        msg.observed_throughput.add(
+            gpu_type=gpu_type,
+            gpus=int(rate.get("gpus", 0)),
+            work_per_s=float(rate.get("work_per_s", 0.0)),
+            samples_per_s=float(rate.get("samples_per_s", 0.0)),
+            measured_s=float(rate.get("seconds", 0.0)),
+            updated_at=float(rate.get("at", 0.0)),
+        )
     return msg
 
 
@@ -1137,6 +1151,7 @@ class _Row:
         self.created_at: float = data.get("created_at", 0.0)
         self.updated_at: float = data.get("updated_at", 0.0)
         self.revision: int = data.get("revision", 0)
+        self.observed: dict[str, Any] = data.get("observed") or {}  # absent in events of schema 1
 
 
 def event_message(event: EventLike) -> apb.Event:

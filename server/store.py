@@ -77,6 +77,18 @@ and placement: the control loop decides what the new version needs.
 one the plan was solved for and it is not terminal; others changed while the
 plan was solved and are skipped silently (the next plan sees them).
 
+Observations. A workload's ``observed`` (a JSON column, ``{}`` until the
+workers report) is what was measured of it while it ran:
+``{"work_done": 120.0, "throughput": {GPU_TYPE: {"gpus", "work_per_s",
+"samples_per_s", "seconds", "at"}}}`` — the work units done (the runtime's
+step) and, per GPU type it ran on, the smoothed work units/s of the whole gang
+(the dispatcher measures them, :mod:`server.workers`; the control loop plans
+with them, :mod:`server.control`). :meth:`Store.set_workload_state` merges an
+:class:`Observation` in, in the same write as the progress message. An update
+keeps them, except the rates when the runtime or the gang sizes change (they
+measured another job). Schema 2 added the column; opening a schema 1 database
+adds it (``{}`` for every workload).
+
 Schema. ``meta.schema_version`` records the schema; a database written by a
 newer schema, a file that is not SQLite, or an SQLite file that is not an
 Apportion store, is refused with :class:`StoreError`. One process at a time:
@@ -121,6 +133,7 @@ __all__ = [
     "Assignment",
     "Event",
     "NodeRow",
+    "Observation",
     "PlanRow",
     "Snapshot",
     "Store",
@@ -145,7 +158,7 @@ TERMINAL: Final = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE: Final = frozenset({PENDING, PLACED, RUNNING})
 KINDS: Final = ("training", "inference")
 
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 MAX_BATCH: Final = 1024  # operations per writer transaction
 MAX_COMPACT: Final = 10_000  # events deleted per writer transaction
 
@@ -174,9 +187,22 @@ class WorkloadRow:
     created_at: float
     updated_at: float
     revision: int
+    observed: JSONDict = dataclasses.field(default_factory=dict)  # what the workers measured
 
     def as_dict(self) -> JSONDict:
         return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the workers measured of a running training workload (see "Observations")."""
+
+    work_done: float  # work units done (the runtime's step)
+    gpu_type: str = ""  # with a rate: the GPU type it was measured on
+    gpus: int = 0  # GPUs of the gang it was measured on
+    work_per_s: float | None = None  # smoothed work units/s of the whole gang; None: no rate yet
+    samples_per_s: float = 0.0
+    seconds: float = 0.0  # how long the rate has been measured in total
 
 
 @dataclass(frozen=True)
@@ -275,7 +301,8 @@ CREATE TABLE events (
 CREATE TABLE workloads (
     id TEXT PRIMARY KEY, tenant TEXT NOT NULL, kind TEXT NOT NULL, state TEXT NOT NULL,
     version INTEGER NOT NULL, spec TEXT NOT NULL, placement TEXT, reasons TEXT NOT NULL,
-    message TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL, revision INTEGER NOT NULL
+    message TEXT NOT NULL, created_at REAL NOT NULL, updated_at REAL NOT NULL, revision INTEGER NOT NULL,
+    observed TEXT NOT NULL DEFAULT '{}'
 );
 CREATE INDEX workloads_tenant ON workloads (tenant, id);
 CREATE INDEX workloads_state ON workloads (state, id);
@@ -299,11 +326,14 @@ CREATE TABLE requests (
 """
 
 # Migrations from schema N to N + 1, run in the opening transaction.
-_MIGRATIONS: dict[int, str] = {}
+_MIGRATIONS: dict[int, str] = {
+    1: "ALTER TABLE workloads ADD COLUMN observed TEXT NOT NULL DEFAULT '{}'",  # measured throughput
+}
 
 _WORKLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(WorkloadRow))
 _WORKLOAD_COLS = (
-    "id, tenant, kind, state, version, spec, placement, reasons, message, created_at, updated_at, revision"
+    "id, tenant, kind, state, version, spec, placement, reasons, message, created_at, updated_at, revision, "
+    "observed"
 )
 _EVENT_COLS = "revision, time, kind, action, id, tenant, data"
 _PLAN_COLS = "revision, created_at, plan, status, gap, solve_s, based_on"
@@ -331,6 +361,7 @@ def _workload(row: Sequence[Any]) -> WorkloadRow:
         created_at=row[9],
         updated_at=row[10],
         revision=row[11],
+        observed=json.loads(row[12]),
     )
 
 
@@ -360,6 +391,31 @@ def _plan(row: Sequence[Any]) -> PlanRow:
         solve_s=row[5],
         based_on=row[6],
     )
+
+
+def _measured_shape(spec: Mapping[str, Any]) -> Any:
+    """What a measured throughput depends on besides the GPU type: the runtime and the gang sizes."""
+    training = spec.get("training") or {}
+    shapes = sorted(int(s.get("gpus", 0)) for s in training.get("elastic") or [])
+    return (spec.get("runtime"), training.get("gpus"), shapes)
+
+
+def _observe(observed: JSONDict, obs: Observation) -> JSONDict:
+    """``observed`` with ``obs`` merged in (a new dict)."""
+    out = dict(observed)
+    out["work_done"] = obs.work_done
+    if obs.work_per_s is not None and obs.gpu_type:
+        rates = dict(out.get("throughput") or {})
+        rates[obs.gpu_type] = {
+            "gpus": obs.gpus,
+            "work_per_s": obs.work_per_s,
+            "samples_per_s": obs.samples_per_s,
+            "seconds": obs.seconds,
+            "at": time.time(),
+        }
+        out["throughput"] = rates
+    merged: JSONDict = json.loads(_dumps(out))  # as it reads back: equal rows compare equal
+    return merged
 
 
 def _slack(event_history: int) -> int:
@@ -417,7 +473,7 @@ class _Tx:
         if spec_json is None:
             spec_json = _dumps(row.spec)
         self.conn.execute(
-            f"INSERT OR REPLACE INTO workloads ({_WORKLOAD_COLS}) VALUES ({_marks(12)})",
+            f"INSERT OR REPLACE INTO workloads ({_WORKLOAD_COLS}) VALUES ({_marks(13)})",
             (
                 row.id,
                 row.tenant,
@@ -431,6 +487,7 @@ class _Tx:
                 row.created_at,
                 row.updated_at,
                 row.revision,
+                _dumps(row.observed),
             ),
         )
         # the event's data is the row as a dict; encoded without copying it first (asdict would)
@@ -565,7 +622,7 @@ class Store:
                 )
             if version < 1:
                 raise StoreError(f"{self.path}: not an Apportion store (schema version {version})")
-            while version < SCHEMA_VERSION:  # pragma: no cover - no migration exists yet
+            while version < SCHEMA_VERSION:
                 for statement in _MIGRATIONS[version].split(";"):
                     if statement.strip():
                         conn.execute(statement)
@@ -908,10 +965,15 @@ class Store:
             if old.state in TERMINAL:
                 raise FailedPrecondition(f"workload {id!r} is {old.state}: it cannot be updated")
             t = time.time()
+            new_spec = json.loads(spec_json)
+            observed = old.observed
+            if observed.get("throughput") and _measured_shape(old.spec) != _measured_shape(new_spec):
+                observed = {k: v for k, v in observed.items() if k != "throughput"}  # measured another job
             row = dataclasses.replace(
                 old,
                 version=old.version + 1,
-                spec=json.loads(spec_json),
+                spec=new_spec,
+                observed=observed,
                 updated_at=t,
                 revision=tx.next_revision,
             )
@@ -938,8 +1000,11 @@ class Store:
 
         return self._write(op)
 
-    def set_workload_state(self, id: str, state: str, message: str = "") -> WorkloadRow:
-        """Set the state (and message) of workload ``id``, as the workers report it.
+    def set_workload_state(
+        self, id: str, state: str, message: str = "", *, observation: Observation | None = None
+    ) -> WorkloadRow:
+        """Set the state (and message) of workload ``id``, as the workers report it, and
+        merge ``observation`` into what was measured of it (see "Observations").
 
         A terminal state clears placement and reasons. NotFound; FailedPrecondition if the
         workload is terminal already (setting the same state and message is a no-op).
@@ -949,21 +1014,25 @@ class Store:
 
         def op(tx: _Tx) -> WorkloadRow:
             old = tx.workload(id)
-            if (old.state, old.message) == (state, message):
+            observed = old.observed if observation is None else _observe(old.observed, observation)
+            if (old.state, old.message, old.observed) == (state, message, observed):
                 return old
             if old.state in TERMINAL:
                 raise FailedPrecondition(f"workload {id!r} is {old.state}: its state cannot change")
-            return self._set_state(tx, old, state, message)
+            return self._set_state(tx, old, state, message, observed)
 
         return self._write(op)
 
     @staticmethod
-    def _set_state(tx: _Tx, old: WorkloadRow, state: str, message: str) -> WorkloadRow:
+    def _set_state(
+        tx: _Tx, old: WorkloadRow, state: str, message: str, observed: JSONDict | None = None
+    ) -> WorkloadRow:
         terminal = state in TERMINAL
         row = dataclasses.replace(
             old,
             state=state,
             message=message,
+            observed=old.observed if observed is None else observed,
             placement=None if terminal else old.placement,
             reasons=[] if terminal else old.reasons,
             updated_at=time.time(),

@@ -54,7 +54,19 @@ Decisions (DESIGN.md is silent on them):
 * Progress (step, loss, samples/s of shard 0; a service's requests/s and ready
   replicas) is kept in memory and written to the workload's message at most
   every ``progress_interval_s``: "step 120/400 loss 2.3100 1500 samples/s".
-  Log lines are kept in memory (the last :data:`LOG_LINES` per workload) for
+* Measured throughput. For a training workload, the step (work units done)
+  in shard 0's RUNNING statuses is timed on arrival: each interval of at least
+  :data:`RATE_WINDOW_S` between two reports gives work units/s of the whole
+  gang, folded into a moving average (time constant :data:`SMOOTHING_S`; the
+  runtime's samples/s likewise). The first progress report after a launch
+  starts the first interval, so start-up and checkpoint loading are not
+  counted; a relaunch or a crash starts again (the averages go on from what is
+  stored for that GPU type and gang size). Written with the progress message
+  (the store's ``observed``: work done, and per GPU type work units/s,
+  samples/s, seconds measured) and on success; the control loop is notified
+  when a type's rate has :data:`server.control.FEEDBACK_MIN_S` seconds behind
+  it and again when it moves by more than :data:`FEEDBACK_CHANGE`.
+* Logs. Log lines are kept in memory (the last :data:`LOG_LINES` per workload) for
   failure messages, and separately (:class:`LogBuffer`, the last
   :data:`LOG_LINES` of each of the last :data:`LOG_WORKLOADS` workloads that
   logged, kept after the workload ends) for ``Allocator.Logs``
@@ -66,6 +78,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import threading
 import time
@@ -83,9 +96,10 @@ from apportion.v1 import workers_pb2 as wpb
 from apportion.v1 import workers_pb2_grpc
 from server import convert
 from server.auth import Principal
+from server.control import FEEDBACK_MIN_S
 from server.errors import FailedPrecondition, NotFound, ServiceError
 from server.service import Shared, _stream, _unary
-from server.store import FAILED, PLACED, RUNNING, SUCCEEDED, TERMINAL, Store, WorkloadRow
+from server.store import FAILED, PLACED, RUNNING, SUCCEEDED, TERMINAL, Observation, Store, WorkloadRow
 
 log = logging.getLogger("apportion.workers")
 
@@ -95,6 +109,9 @@ LOG_WORKLOADS = 1000  # workloads whose log lines are kept after they end
 TAIL_LINES = 20  # of them, in a failure message
 BASE_PORT = 29500
 STREAM_POLL_S = 0.25
+RATE_WINDOW_S = 1.0  # the shortest interval a work rate is measured over
+SMOOTHING_S = 30.0  # time constant of the moving average of measured rates
+FEEDBACK_CHANGE = 0.1  # relative change of a measured rate that makes the control loop re-plan
 
 
 @dataclass(frozen=True)
@@ -180,6 +197,58 @@ class _Track:
     message: str = ""
     written_at: float = 0.0
     logs: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
+    # measured throughput (training): where it runs, the start of the current interval, the averages
+    gpu_type: str = ""
+    gpus: int = 0
+    base: tuple[float, float] | None = None  # (step, monotonic time)
+    work_per_s: float = 0.0
+    rate_samples_per_s: float = 0.0
+    measured_s: float = 0.0
+    told: dict[str, float] = field(default_factory=dict)  # GPU type -> the rate the control loop last heard
+
+    def restart_rate(self, observed: dict[str, Any]) -> None:
+        """Measure afresh from the next report, the averages continuing what is stored for
+        the GPU type it runs on now."""
+        self.base = None
+        stored = (observed.get("throughput") or {}).get(self.gpu_type) or {}
+        same_gang = int(stored.get("gpus", -1)) == self.gpus
+        self.work_per_s = float(stored.get("work_per_s", 0.0)) if same_gang else 0.0
+        self.rate_samples_per_s = float(stored.get("samples_per_s", 0.0)) if same_gang else 0.0
+        self.measured_s = float(stored.get("seconds", 0.0)) if same_gang else 0.0
+
+    def measure(self, step: float, samples_per_s: float, now: float) -> None:
+        """Shard 0 reports ``step`` at ``now``: the work rate of the interval since the
+        last report that started one, folded into the moving averages."""
+        if step <= 0:
+            return  # nothing done yet (a fresh launch reports 0 before its first progress line)
+        if self.base is None or step < self.base[0]:
+            self.base = (step, now)  # the first progress of a (re)launch: startup and resume not counted
+            return
+        steps, seconds = step - self.base[0], now - self.base[1]
+        if seconds < RATE_WINDOW_S or steps <= 0:
+            return
+        rate = steps / seconds
+        if self.measured_s <= 0:
+            self.work_per_s, self.rate_samples_per_s = rate, samples_per_s
+        else:
+            alpha = 1.0 - math.exp(-seconds / SMOOTHING_S)
+            self.work_per_s += alpha * (rate - self.work_per_s)
+            self.rate_samples_per_s += alpha * (samples_per_s - self.rate_samples_per_s)
+        self.measured_s += seconds
+        self.base = (step, now)
+
+    def observation(self) -> Observation | None:
+        if self.kind != "training" or self.step <= 0:
+            return None
+        rated = self.measured_s > 0 and self.work_per_s > 0 and bool(self.gpu_type)
+        return Observation(
+            work_done=self.step,
+            gpu_type=self.gpu_type,
+            gpus=self.gpus,
+            work_per_s=round(self.work_per_s, 6) if rated else None,
+            samples_per_s=round(self.rate_samples_per_s, 3),
+            seconds=round(self.measured_s, 3),
+        )
 
 
 @dataclass(frozen=True)
@@ -407,6 +476,7 @@ class Dispatcher:
                     track.step = status.step
                     track.loss = status.loss
                     track.samples_per_s = status.samples_per_s
+                    track.measure(status.step, status.samples_per_s, time.monotonic())
                 if track.kind == "inference":
                     track.requests_per_s[i] = status.requests_per_s
             elif status.state == "SUCCEEDED" and track.kind == "training":
@@ -443,6 +513,7 @@ class Dispatcher:
         else:
             track.running.pop(status.shard_index, None)
         track.succeeded.clear()
+        track.base = None
         log.info(
             "shard crashed; restarting",
             extra={"workload": status.workload_id, "exit": status.exit_code, "restart": track.restarts},
@@ -456,9 +527,11 @@ class Dispatcher:
                     if key in s.alive:
                         self._send_stop(s, key, "restarting after a crash")
 
-    def _finish(self, workload_id: str, state: str, message: str) -> None:
+    def _finish(
+        self, workload_id: str, state: str, message: str, observation: Observation | None = None
+    ) -> None:
         with contextlib.suppress(NotFound, FailedPrecondition):  # cancelled or finished meanwhile
-            self.store.set_workload_state(workload_id, state, message)
+            self.store.set_workload_state(workload_id, state, message, observation=observation)
         self.shared.loop.notify()
         self._dirty.set()
 
@@ -555,6 +628,9 @@ class Dispatcher:
                         continue
                     if key in session.sent:
                         self._send_stop(session, key, "the gang changed")
+                    track = self._tracks.get(w.launch.workload_id)
+                    if track is not None:
+                        track.base = None  # a (re)launch: its startup is not measured
                     session.sent[key] = sig
                     session.outbox.put(wpb.ServerMessage(launch=w.launch))
                     log.info(
@@ -587,11 +663,19 @@ class Dispatcher:
                 if row.id not in live:
                     continue
                 track = self._tracks.get(row.id)
+                fresh = track is None
                 if track is None:
                     track = self._tracks[row.id] = _Track(kind=row.kind)
-                track.shards = len((row.placement or {}).get("shards") or [])
+                placement = row.placement or {}
+                shards = placement.get("shards") or []
+                track.shards = len(shards)
                 remaining = (row.spec.get("training") or {}).get("remaining_work")
                 track.total_steps = float(remaining or 0)
+                gpu_type = str(placement.get("gpu_type", ""))
+                gpus = sum(int(s.get("gpus", 0)) for s in shards)
+                if fresh or (gpu_type, gpus) != (track.gpu_type, track.gpus):
+                    track.gpu_type, track.gpus = gpu_type, gpus
+                    track.restart_rate(row.observed)
 
     def _update_states(self, rows: list[WorkloadRow], wants: list[_Want], now: float) -> None:
         wanted: dict[str, list[_Want]] = {}
@@ -603,7 +687,8 @@ class Dispatcher:
                 continue
             n = track.shards
             if track.kind == "training" and n and len(track.succeeded) >= n:
-                self._finish(row.id, SUCCEEDED, f"done: {self._progress(track)}".rstrip(": "))
+                message = f"done: {self._progress(track)}".rstrip(": ")
+                self._finish(row.id, SUCCEEDED, message, track.observation())
                 del self._tracks[row.id]
                 continue
             mine = wanted.get(row.id, [])
@@ -622,8 +707,24 @@ class Dispatcher:
     def _write(self, workload_id: str, state: str, message: str, track: _Track, now: float) -> None:
         track.written_at = now
         track.message = message
+        observation = track.observation()
         with contextlib.suppress(NotFound, FailedPrecondition):
-            self.store.set_workload_state(workload_id, state, message)
+            self.store.set_workload_state(workload_id, state, message, observation=observation)
+        if observation is None or observation.work_per_s is None or observation.seconds < FEEDBACK_MIN_S:
+            return
+        told = track.told.get(observation.gpu_type)
+        if told is None or abs(observation.work_per_s - told) > FEEDBACK_CHANGE * told:
+            track.told[observation.gpu_type] = observation.work_per_s
+            log.info(
+                "measured throughput",
+                extra={
+                    "workload": workload_id,
+                    "gpu_type": observation.gpu_type,
+                    "work_per_s": observation.work_per_s,
+                    "measured_s": observation.seconds,
+                },
+            )
+            self.shared.loop.notify()  # plans may change with it (control: throughput feedback)
 
     @staticmethod
     def _progress(track: _Track) -> str:

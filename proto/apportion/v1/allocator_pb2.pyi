@@ -184,6 +184,8 @@ class WorkloadStatus(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     SERVING_VERSION_FIELD_NUMBER: _builtins.int
+    WORK_DONE_FIELD_NUMBER: _builtins.int
+    OBSERVED_THROUGHPUT_FIELD_NUMBER: _builtins.int
     state: _builtins.str
     """PENDING | PLACED | RUNNING | SUCCEEDED | FAILED | CANCELLED"""
     version: _builtins.int
@@ -199,6 +201,13 @@ class WorkloadStatus(_message.Message):
     """A service whose update waits for the new version's plan: the version
     whose replicas still serve.
     """
+    work_done: _builtins.float
+    """What the workers measured while it ran (training with a runtime), kept
+    across restarts: the work units done (the runtime's step; the planner
+    counts `remaining_work` down by it) and, per GPU type it ran on, the
+    throughput it achieved (the planner may use it instead of the declared one:
+    `apportion serve --throughput-feedback`).
+    """
     @_builtins.property
     def workload(self) -> _types_pb2.Workload: ...
     @_builtins.property
@@ -212,6 +221,8 @@ class WorkloadStatus(_message.Message):
         longer validates against the inventory).
         """
 
+    @_builtins.property
+    def observed_throughput(self) -> _containers.RepeatedCompositeFieldContainer[Global___ObservedThroughput]: ...
     def __init__(
         self,
         *,
@@ -225,16 +236,64 @@ class WorkloadStatus(_message.Message):
         updated_at: _builtins.float = ...,
         revision: _builtins.int = ...,
         serving_version: _builtins.int | None = ...,
+        work_done: _builtins.float | None = ...,
+        observed_throughput: _abc.Iterable[Global___ObservedThroughput] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_serving_version", b"_serving_version", "placement", b"placement", "serving_version", b"serving_version", "workload", b"workload"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_serving_version", b"_serving_version", "_work_done", b"_work_done", "placement", b"placement", "serving_version", b"serving_version", "work_done", b"work_done", "workload", b"workload"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_serving_version", b"_serving_version", "created_at", b"created_at", "message", b"message", "placement", b"placement", "reasons", b"reasons", "revision", b"revision", "serving_version", b"serving_version", "state", b"state", "updated_at", b"updated_at", "version", b"version", "workload", b"workload"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_serving_version", b"_serving_version", "_work_done", b"_work_done", "created_at", b"created_at", "message", b"message", "observed_throughput", b"observed_throughput", "placement", b"placement", "reasons", b"reasons", "revision", b"revision", "serving_version", b"serving_version", "state", b"state", "updated_at", b"updated_at", "version", b"version", "work_done", b"work_done", "workload", b"workload"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__serving_version: _TypeAlias = _typing.Literal["serving_version"]  # noqa: Y015
     _WhichOneofArgType__serving_version: _TypeAlias = _typing.Literal["_serving_version", b"_serving_version"]  # noqa: Y015
+    _WhichOneofReturnType__work_done: _TypeAlias = _typing.Literal["work_done"]  # noqa: Y015
+    _WhichOneofArgType__work_done: _TypeAlias = _typing.Literal["_work_done", b"_work_done"]  # noqa: Y015
+    @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__serving_version) -> _WhichOneofReturnType__serving_version | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__work_done) -> _WhichOneofReturnType__work_done | None: ...
 
 Global___WorkloadStatus: _TypeAlias = WorkloadStatus  # noqa: Y015
+
+@_typing.final
+class ObservedThroughput(_message.Message):
+    """The measured throughput of a training workload on one GPU type."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GPU_TYPE_FIELD_NUMBER: _builtins.int
+    GPUS_FIELD_NUMBER: _builtins.int
+    WORK_PER_S_FIELD_NUMBER: _builtins.int
+    SAMPLES_PER_S_FIELD_NUMBER: _builtins.int
+    MEASURED_S_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
+    gpu_type: _builtins.str
+    gpus: _builtins.int
+    """the gang it was measured on"""
+    work_per_s: _builtins.float
+    """work units/s of the whole gang, smoothed"""
+    samples_per_s: _builtins.float
+    """as the runtime reports it (all ranks), smoothed"""
+    measured_s: _builtins.float
+    """seconds of running it is based on"""
+    updated_at: _builtins.float
+    """Unix seconds"""
+    def __init__(
+        self,
+        *,
+        gpu_type: _builtins.str = ...,
+        gpus: _builtins.int = ...,
+        work_per_s: _builtins.float = ...,
+        samples_per_s: _builtins.float = ...,
+        measured_s: _builtins.float = ...,
+        updated_at: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["gpu_type", b"gpu_type", "gpus", b"gpus", "measured_s", b"measured_s", "samples_per_s", b"samples_per_s", "updated_at", b"updated_at", "work_per_s", b"work_per_s"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ObservedThroughput: _TypeAlias = ObservedThroughput  # noqa: Y015
 
 @_typing.final
 class SubmitWorkloadRequest(_message.Message):
