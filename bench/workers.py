@@ -1,6 +1,6 @@
 """Benchmark of the workers: a real server, real worker agents with simulated GPUs, the real runtimes.
 
-    python bench/workers.py [--quick] [--out FILE] [--only train,generate,failover]
+    python bench/workers.py [--quick] [--out FILE] [--only train,generate,router,failover]
 
 Everything runs on this machine over loopback, on CPU (``APPORTION_DEVICE=cpu``).
 The server is ``python -m server serve --insecure --listen 127.0.0.1:PORT --db
@@ -15,7 +15,8 @@ train
     agent would give it: RANK 0, WORLD_SIZE 1, the same APPORTION_* variables),
     with no Apportion process running, REPS times each. *Submit-to-first-step*:
     from ``SubmitWorkload`` returning to the first ``GetWorkload`` (polled every
-    50 ms) whose message reports a step ("step N/STEPS loss ..."); the times it
+    50 ms; every 1 s after that, so that the benchmark's own calls take no CPU from
+    the run being measured) whose message reports a step ("step N/STEPS loss ..."); the times it
     became PLACED and RUNNING are recorded too. The server writes progress into
     the message at most every ``progress_interval_s`` (2 s, the default of
     ``WorkersConfig``), after the RUNNING write: that is part of what is measured.
@@ -33,6 +34,17 @@ generate
     Measured: straight to one replica, through the server's router with 1 replica,
     then (a new service) through the router with 2 replicas, and straight to one of
     those two. The clients, the server and the replicas share the machine's cores.
+router
+    Does the router scale with replicas? Real ``serve-lm`` replicas cannot show it
+    here: they compute on the same 2 cores as the router and the clients. So this
+    part serves replicas of fixed capacity (``bench/fixed_replica.py``: SLOTS
+    requests at a time, each held SERVICE_MS, sleeping — what a GPU-bound replica
+    looks like to the router), launched by the agents as a ``command`` runtime,
+    one per worker (4 workers). ROUTER_CLIENTS threads call ``Generate`` through
+    the router for services of 1, 2 and 4 replicas (and straight to the lone
+    replica); also recorded: the server process's CPU seconds per routed request,
+    which bounds what one server can route. Target: requests/s with k replicas
+    >= 0.9 k x with 1.
 failover
     A ``train-lm`` job with a checkpoint directory shared by both workers (its
     ``APPORTION_CHECKPOINT_DIR``; the workers are on one machine) on two workers;
@@ -83,7 +95,7 @@ from apportion.v1 import inference_pb2 as ipb  # noqa: E402
 from bench.server_load import _git, _machine, free_port  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "workers.json"
-PARTS = ("train", "generate", "failover")
+PARTS = ("train", "generate", "router", "failover")
 GPU_TYPE = "sim-gpu"
 BATCH_SIZE = 8  # train-lm's default --batch-size (per rank)
 SERVER_ARGS = ("--solver-processes", "1")
@@ -102,6 +114,11 @@ class Config:
     max_tokens: int = 8
     warmup_s: float = 3.0
     measure_s: float = 15.0
+    # router (fixed-capacity replicas: bench/fixed_replica.py)
+    router_clients: int = 24
+    router_replicas: tuple[int, ...] = (1, 2, 4)
+    replica_slots: int = 4
+    replica_service_ms: float = 40.0
     # failover
     heartbeat_interval_s: float = 2.0  # WorkersConfig defaults = `apportion serve`
     heartbeat_timeout_s: float = 10.0
@@ -117,6 +134,8 @@ QUICK = replace(
     max_tokens=4,
     warmup_s=0.3,
     measure_s=1.0,
+    router_clients=8,
+    router_replicas=(1, 2),
     heartbeat_interval_s=0.3,
     heartbeat_timeout_s=1.5,
 )
@@ -391,7 +410,10 @@ def train_dispatched(cfg: Config, tmp: Path) -> dict[str, Any]:
                 break
             if now > 300:
                 raise TimeoutError(f"job: {status}")
-            time.sleep(0.05)
+            # 50 ms polls until the first step (the latency measured); then once a second, so the
+            # benchmark's own GetWorkload calls do not take CPU from the run whose samples/s is measured
+            # (the direct run has no poller)
+            time.sleep(1.0 if "first_step_s" in marks else 0.05)
         return {
             "state": status.state,
             "final_message": status.message,
@@ -421,7 +443,8 @@ def part_train(cfg: Config) -> dict[str, Any]:
     return {
         "steps": cfg.train_steps,
         "batch_size": BATCH_SIZE,
-        "latency_measured_by": "GetWorkload polled every 50 ms: first 'step N/...' message after submit",
+        "latency_measured_by": "GetWorkload polled every 50 ms (every 1 s after the first step): "
+        "first 'step N/...' message after submit",
         "server_progress_interval_s": 2.0,
         "median_submit_to_first_step_s": statistics.median(first),
         "median_submit_to_running_s": statistics.median(r["submit_to_running_s"] for r in dispatched),
@@ -437,12 +460,33 @@ def part_train(cfg: Config) -> dict[str, Any]:
 # --------------------------------------------------------------------------- generate
 
 
-def load(target: str, service: str, cfg: Config) -> dict[str, Any]:
-    """CLIENTS threads calling Generate back to back; replies in the measuring window."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children that still run (from /proc)."""
+    pids = [pid]
+    with contextlib.suppress(OSError):
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                with contextlib.suppress(OSError, IndexError):
+                    if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                        pids.append(int(entry))
+    total = 0.0
+    for p in pids:
+        with contextlib.suppress(OSError, IndexError):
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def load(
+    target: str, service: str, cfg: Config, clients: int | None = None, server_pid: int | None = None
+) -> dict[str, Any]:
+    """CLIENTS threads calling Generate back to back; replies in the measuring window.
+    With ``server_pid``: that process's CPU seconds in the window, per reply."""
+    clients = clients or cfg.clients
     stop = threading.Event()
     start = time.monotonic()
     window = (start + cfg.warmup_s, start + cfg.warmup_s + cfg.measure_s)
-    done: list[list[float]] = [[] for _ in range(cfg.clients)]
+    done: list[list[float]] = [[] for _ in range(clients)]
     errors: dict[str, int] = {}
     replicas: dict[str, int] = {}
     lock = threading.Lock()
@@ -470,15 +514,24 @@ def load(target: str, service: str, cfg: Config) -> dict[str, Any]:
                     with lock:
                         replicas[reply.replica] = replicas.get(reply.replica, 0) + 1
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(cfg.clients)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for t in threads:
         t.start()
+    time.sleep(max(0.0, window[0] - time.monotonic()))
+    cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
     time.sleep(max(0.0, window[1] - time.monotonic()))
+    cpu1 = cpu_seconds(server_pid) if server_pid else 0.0
     stop.set()
     for t in threads:
         t.join()
     lat = sorted(x for d in done for x in d)
+    extra: dict[str, Any] = {}
+    if server_pid:
+        extra["server_cpu_s"] = round(cpu1 - cpu0, 2)
+        extra["server_cpu_ms_per_request"] = round(1000 * (cpu1 - cpu0) / len(lat), 3) if lat else None
     return {
+        "clients": clients,
+        **extra,
         "target": target,
         "requests_in_window": len(lat),
         "per_s": round(len(lat) / cfg.measure_s, 1),
@@ -540,6 +593,66 @@ def part_generate(cfg: Config) -> dict[str, Any]:
         log(f"generate 2 replicas: router {out['router_2']['per_s']}/s")
     out["router_overhead_1"] = round(1 - out["router_1"]["per_s"] / out["direct_1"]["per_s"], 4)
     out["router_scaling_2_over_1"] = round(out["router_2"]["per_s"] / out["router_1"]["per_s"], 3)
+    return out
+
+
+# --------------------------------------------------------------------------- router
+
+
+def fixed_service(workload_id: str, replicas: int, port: int, cfg: Config) -> dict[str, Any]:
+    capacity = cfg.replica_slots / (cfg.replica_service_ms / 1000)
+    script = str(REPO / "bench" / "fixed_replica.py")
+    return {
+        "id": workload_id,
+        "inference": {
+            "gpus_per_replica": {GPU_TYPE: 1},
+            "replica_rps": {GPU_TYPE: capacity},
+            "target_rps": capacity * replicas,
+            "min_replicas": replicas,
+            "max_replicas": replicas,
+        },
+        "runtime": {
+            "command": [sys.executable, script],
+            "args": ["--slots", str(cfg.replica_slots), "--service-ms", str(cfg.replica_service_ms)],
+            "env": {"APPORTION_SERVE_PORT": str(port)},
+        },
+    }
+
+
+def part_router(cfg: Config) -> dict[str, Any]:
+    """The router with 1, 2, 4... replicas of fixed capacity (bench/fixed_replica.py): does it scale?"""
+    most = max(cfg.router_replicas)
+    hosts = {f"w{i + 1}": f"127.0.0.{i + 1}" for i in range(most)}
+    capacity = cfg.replica_slots / (cfg.replica_service_ms / 1000)
+    out: dict[str, Any] = {
+        "clients": cfg.router_clients,
+        "replica": f"bench/fixed_replica.py --slots {cfg.replica_slots} "
+        f"--service-ms {cfg.replica_service_ms:g}",
+        "replica_capacity_per_s": capacity,
+        "measure_s": cfg.measure_s,
+        "runs": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="apportion-bench-") as d, cluster(Path(d)) as c:
+        assert c.server is not None
+        for node, host in hosts.items():
+            c.worker(node, host)
+        c.wait_ready(*hosts)
+        for k in cfg.router_replicas:
+            name = f"fixed{k}"
+            port = free_port()
+            c.submit(fixed_service(name, k, port, cfg))
+            wait_replicas(c, name, k, cfg)
+            run = load(c.address, name, cfg, cfg.router_clients, c.server.proc.pid)
+            if k == 1:
+                node = c.get(name).placement.shards[0].node_id
+                out["direct_1"] = load(f"{hosts[node]}:{port}", name, cfg, cfg.router_clients)
+                log(f"router: 1 replica direct {out['direct_1']['per_s']}/s")
+            out["runs"][str(k)] = run
+            cpu = run["server_cpu_ms_per_request"]
+            log(f"router: {k} replicas {run['per_s']}/s, server {cpu} ms CPU/request")
+            c.stub.CancelWorkload(apb.CancelWorkloadRequest(id=name))  # its GPUs go to the next service
+    one = out["runs"]["1"]["per_s"]
+    out["scaling"] = {k: round(r["per_s"] / one, 3) if one else None for k, r in out["runs"].items()}
     return out
 
 
@@ -623,6 +736,14 @@ def targets(results: Mapping[str, Any]) -> dict[str, Any]:
     if "generate" in results:
         s = results["generate"]["router_scaling_2_over_1"]
         out["router_scaling_2_over_1"] = {"target": "> 1 (scales with replicas)", "value": s, "met": s > 1.0}
+    if "router" in results:
+        sc = results["router"]["scaling"]
+        ok = all(v is not None and v >= 0.9 * int(k) for k, v in sc.items())
+        out["router_scaling_fixed_replicas"] = {
+            "target": ">= 0.9 x replicas (requests/s with k replicas / with 1)",
+            "value": sc,
+            "met": ok,
+        }
     return out
 
 
@@ -659,6 +780,20 @@ def markdown(doc: Mapping[str, Any]) -> str:
             f"({g['direct_2_one_replica']['per_s']:.1f}); × {g['router_scaling_2_over_1']:.2f} vs 1 replica "
             f"| scales | {met('router_scaling_2_over_1')} |",
         ]
+    if "router" in r:
+        x = r["router"]
+        runs = ", ".join(
+            f"{k}: {v['per_s']:.0f}/s (× {x['scaling'][k]:.2f}, p50 {v['p50_ms']} ms)"
+            for k, v in x["runs"].items()
+        )
+        cpu = ", ".join(f"{v['server_cpu_ms_per_request']}" for v in x["runs"].values())
+        lines += [
+            "| `Generate` through the router, replicas of fixed capacity "
+            f"{x['replica_capacity_per_s']:.0f}/s "
+            f"({x['clients']} clients; straight to one: {x['direct_1']['per_s']:.0f}/s) | {runs} "
+            f"| × ≥ 0.9 k | {met('router_scaling_fixed_replicas')} |",
+            f"| server CPU per routed request (1, 2, 4 replicas) | {cpu} ms | — | — |",
+        ]
     if "failover" in r:
         f = r["failover"]
         lines.append(
@@ -689,7 +824,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "config": {**asdict(cfg), "quick": args.quick, "server_args": list(SERVER_ARGS)},
         "results": {},
     }
-    runners = {"train": part_train, "generate": part_generate, "failover": part_failover}
+    runners = {
+        "train": part_train,
+        "generate": part_generate,
+        "router": part_router,
+        "failover": part_failover,
+    }
     for part in parts:
         t0 = time.perf_counter()
         doc["results"][part] = runners[part](cfg)

@@ -387,6 +387,7 @@ class Agent:
         self._shards: dict[str, _Shard] = {}
         self._launching: dict[str, threading.Lock] = {}  # one launch or restart of a shard at a time
         self._free = set(range(self.gpus.count))
+        self._freed = threading.Condition(self._lock)  # notified when a shard gives its GPUs back
         self._outbox: queue.Queue[wpb.WorkerMessage | None] = queue.Queue()
         self._stopping = threading.Event()
         self._session = ""
@@ -583,6 +584,9 @@ class Agent:
             old.done.wait()
         procs = max(1, launch.gpus)
         with self._lock:
+            # The plan may give a shard GPUs that a shard it stopped still holds while that one stops
+            # (a service cancelled and another placed at once): wait for them, as long as a stop may take.
+            self._freed.wait_for(lambda: len(self._free) >= launch.gpus, self.config.stop_grace_s + 5.0)
             if len(self._free) < launch.gpus:
                 shard = _Shard(launch, signature, [])
                 shard.done.set()
@@ -753,6 +757,7 @@ class Agent:
         with self._lock:
             self._free |= set(shard.devices)
             shard.devices = []
+            self._freed.notify_all()
 
     def _terminate(self, shard: _Shard, grace: float, *, requested: bool = True) -> None:
         """SIGTERM to the shard's process groups, SIGKILL to those left after ``grace``."""

@@ -55,3 +55,19 @@ def test_report_of_train_and_generate() -> None:
     assert t["dispatched_over_direct_samples_per_s"]["met"] and t["router_scaling_2_over_1"]["met"]
     table = workers.markdown({"results": results, "targets": t})
     assert "98.0 / 100.0 = 0.980" in table and "× 1.25" in table
+
+
+def test_quick_router_part_routes_to_every_fixed_replica(tmp_path: Path) -> None:
+    """The router part: replicas of fixed capacity (bench/fixed_replica.py) launched by agents as a
+    ``command`` runtime, reached through the server's router; its figures are recorded (not judged here:
+    the machine is shared)."""
+    out = tmp_path / "workers.json"
+    assert workers.main(["--quick", "--only", "router", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    r = res["results"]["router"]
+    assert r["replica_capacity_per_s"] == 100.0 and r["direct_1"]["per_s"] > 0
+    assert set(r["runs"]) == {"1", "2"} and r["scaling"]["1"] == 1.0
+    assert set(r["runs"]["2"]["replicas"]) == {"fixed2/0", "fixed2/1"}
+    assert not r["runs"]["1"]["errors"] and not r["runs"]["2"]["errors"]
+    assert r["runs"]["2"]["server_cpu_ms_per_request"] > 0
+    assert "router_scaling_fixed_replicas" in res["targets"]
