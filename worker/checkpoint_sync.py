@@ -22,7 +22,8 @@ agent (``worker.agent``) uses this module:
   writes atomically); an upload reads from one open file, so a checkpoint
   pruned meanwhile is still sent whole. A failed upload is retried at the next
   poll with back-off (at most :data:`MAX_BACKOFF_S`); one the server refuses
-  as older than what it has is skipped. When the shard ends,
+  as older than what it has is skipped; a server without these RPCs (or a token
+  that may not use them) ends the uploads of that shard. When the shard ends,
   :meth:`Uploader.finish` uploads its last checkpoint before the agent reports
   the shard's end, so a SUCCEEDED job's model (or a stopped job's checkpoint,
   when it is moved) is on the server when the server learns of it. A worker
@@ -62,6 +63,8 @@ UPLOAD_TIMEOUT_S = 600.0
 FETCH_TIMEOUT_S = 600.0
 
 Metadata = Sequence[tuple[str, str]]
+# answers no retry changes: a server without the RPCs, a token that may not use them
+_GIVE_UP = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED)
 
 
 class SyncError(Exception):
@@ -205,6 +208,13 @@ class Uploader:
                 self.upload_latest()
                 delay = self.poll_s
             except grpc.RpcError as exc:
+                if isinstance(exc, grpc.Call) and exc.code() in _GIVE_UP:
+                    log.warning(
+                        f"checkpoints of {self.workload_id} are not uploaded: {exc.code().name}: "
+                        f"{exc.details()}",
+                        extra={"workload": self.workload_id, "code": exc.code().name},
+                    )
+                    return
                 delay = min(MAX_BACKOFF_S, max(self.poll_s, delay * 2))
                 code = exc.code().name if isinstance(exc, grpc.Call) else ""
                 log.warning(

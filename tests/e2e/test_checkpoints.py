@@ -81,7 +81,7 @@ def test_a_killed_workers_job_resumes_on_a_worker_with_its_own_work_dir(tmp_path
         saved = stored_step(c, "job")
         written = max(local_steps(a.work_dir, "job"))
         assert 0 < saved <= written < steps
-        assert written - saved <= 2 * EVERY, (saved, written)  # uploads keep up with the checkpoints
+        assert written - saved <= 3 * EVERY, (saved, written)  # uploads keep up with the checkpoints
 
         c.wait_nodes(first, state="down", timeout=15)
         wait_for(

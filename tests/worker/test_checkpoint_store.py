@@ -62,8 +62,10 @@ def chunks(workload_id: str, step: int, data: bytes, *, sha: str | None = None, 
     return [header, *(wpb.CheckpointChunk(data=data[i : i + chunk]) for i in range(chunk, len(data), chunk))]
 
 
-def get(stub: workers_pb2_grpc.WorkersStub, workload_id: str, **kw: Any) -> tuple[wpb.CheckpointChunk, bytes]:
-    answer = list(stub.GetCheckpoint(wpb.GetCheckpointRequest(workload_id=workload_id, **kw)))
+def get(
+    stub: workers_pb2_grpc.WorkersStub, workload_id: str, md: Any = None, **kw: Any
+) -> tuple[wpb.CheckpointChunk, bytes]:
+    answer = list(stub.GetCheckpoint(wpb.GetCheckpointRequest(workload_id=workload_id, **kw), metadata=md))
     return answer[0], b"".join(c.data for c in answer)
 
 
@@ -220,10 +222,14 @@ def test_checkpoint_calls_need_the_admin_role(tmp_path: Path) -> None:
             assert code_of(lambda t=token: stub.PutCheckpoint(iter(msgs), metadata=metadata(t))) == code
             assert code_of(lambda t=token: list(stub.GetCheckpoint(request, metadata=metadata(t)))) == code
         assert stub.PutCheckpoint(iter(msgs), metadata=metadata(ADMIN_TOKEN)).step == 5
-        answer = list(
-            stub.GetCheckpoint(wpb.GetCheckpointRequest(workload_id="job"), metadata=metadata(ADMIN_TOKEN))
-        )
-        assert b"".join(c.data for c in answer) == b"five"
+        assert get(stub, "job", metadata(ADMIN_TOKEN))[1] == b"five"
+        # an agent whose token may not store checkpoints stops trying
+        local = tmp_path / "w" / "job"
+        write_ckpt(local, 10, b"ten")
+        uploader = checkpoint_sync.Uploader(stub, metadata(RESEARCH_TOKEN) or (), "job", local, poll_s=0.05)
+        uploader.start()
+        wait_for(lambda: not uploader._thread.is_alive(), 20, "the uploader to give up")
+        assert uploader.uploads == 0 and get(stub, "job", metadata(ADMIN_TOKEN))[0].step == 5
 
 
 def test_a_cancelled_workloads_checkpoint_is_deleted_a_succeeded_ones_kept(tmp_path: Path) -> None:

@@ -15,9 +15,11 @@ torchrun's variables (set by the worker agent, one process per local rank):
 Apportion's:
 
 - ``APPORTION_WORKLOAD_ID``: recorded in checkpoints and logs.
-- ``APPORTION_CHECKPOINT_DIR``: the checkpoint directory, shared by all ranks
-  (and nodes); created if missing (default ``./apportion-checkpoints/ID``).
-  Layout in ``worker.runtimes.checkpoint``.
+- ``APPORTION_CHECKPOINT_DIR``: the checkpoint directory, shared by the ranks
+  of a node (and by nodes that share a file system; if they do not, the agent
+  copies checkpoints through the server, ``worker.checkpoint_sync``); created if
+  missing (default ``./apportion-checkpoints/ID``). Layout in
+  ``worker.runtimes.checkpoint``.
 - ``APPORTION_TOTAL_STEPS`` (required): the step to reach in total; a job that
   resumes at step N trains TOTAL_STEPS - N more.
 - ``APPORTION_CHECKPOINT_EVERY`` (default 50): steps between checkpoints.
