@@ -28,12 +28,12 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
-from solver.aggregate import Index, Option
+from solver.aggregate import Index, Option, OptionKind
 from solver.greedy import replicas_wanted
 from solver.model import Placement, Workload
 from solver.packing import Ledger
 
-__all__ = ["exchange_services"]
+__all__ = ["exchange_services", "raise_minimum"]
 
 
 def exchange_services(
@@ -203,4 +203,175 @@ def exchange_services(
                 del out[xid]
             else:
                 out[xid] = before
+    return out
+
+
+def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float) -> dict[str, Placement]:
+    """For ``fairness``: while time is left, the workloads at the plan's minimum of
+    (normalized throughput or served fraction) / weight move to something better:
+    a job that does not run now to an option of higher throughput where room is
+    free, or else trades places with a one-node job of the same size on another
+    type when both end above the minimum; a service that does not run now to
+    more replicas on its type or to another type where its replicas serve more.
+    Every placed workload stays placed (a trade keeps both running), and a
+    service's served fraction never drops, so the coverage of every tier and the
+    served demand never drop; the minimum rises or the search stops (when some
+    workload at the minimum cannot improve)."""
+    out = dict(placed)
+    ledger = Ledger(index)
+    for wid, p in sorted(out.items()):
+        ledger.place(index.workloads[wid], p)
+
+    def value(wid: str) -> float:
+        p = out[wid]
+        w = index.workloads[wid]
+        c = index.classes[index.workload_class[wid]]
+        if w.inference is not None:
+            spec = w.inference
+            rps = spec.replica_rps.get(p.gpu_type or "", 0.0)
+            return min(1.0, len(p.shards) * rps / spec.target_rps) / c.weight
+        for o in c.options:
+            if o.gpu_type == p.gpu_type and o.gpus == p.gpus:
+                return o.value / c.weight
+        return 0.0
+
+    def better(wid: str) -> bool:
+        """Move ``wid`` to something of higher value (and record it); False if nothing fits."""
+        w = index.workloads[wid]
+        c = index.classes[index.workload_class[wid]]
+        old = out[wid]
+        now = value(wid)
+        if w.training is not None:
+            opts = [o for o in c.options if o.kind in (OptionKind.SINGLE, OptionKind.GANG)]
+            cands = sorted(
+                (o for o in opts if o.value / c.weight > now + 1e-12), key=lambda o: (-o.value, o.gpus)
+            )
+            if not cands:
+                return False
+            ledger.release(w, old)
+            for o in cands:
+                got = ledger.try_training(w, o)
+                if got is not None:
+                    out[wid] = got
+                    return True
+            ledger.place(w, old)
+            return swap(wid, now)
+        spec = w.inference
+        assert spec is not None
+        by_type: dict[str, list[Option]] = {}
+        for o in c.options:
+            by_type.setdefault(o.gpu_type, []).append(o)
+        # Most served first, then fewest GPUs.
+        plans = []
+        for t, opts in by_type.items():
+            want = replicas_wanted(w, opts[0].value, 0)
+            f = min(1.0, want * opts[0].value / spec.target_rps)
+            if f / c.weight > now + 1e-12:
+                plans.append((-f, want * opts[0].gpus, t, want))
+        if not plans:
+            return False
+        ledger.release(w, old)
+        for _f, _g, t, want in sorted(plans):
+            shards = ledger.try_service(w, by_type[t], want, c.spread_units)
+            new = Placement(wid, tuple(shards), t)
+            if shards:
+                out[wid] = new
+                if len(shards) >= max(1, spec.min_replicas) and value(wid) > now + 1e-12:
+                    return True
+                ledger.release(w, new)
+        out[wid] = old
+        ledger.place(w, old)
+        return False
+
+    def single(wid: str) -> Option | None:
+        """The one-node option a placed job runs as (None: a gang, or unknown)."""
+        p = out[wid]
+        if len(p.shards) != 1:
+            return None
+        c = index.classes[index.workload_class[wid]]
+        for o in c.options:
+            if o.kind is OptionKind.SINGLE and o.gpu_type == p.gpu_type and o.gpus == p.gpus:
+                return o
+        return None
+
+    def option_on(wid: str, shape: int, gpus: int) -> Option | None:
+        """The one-node option of ``wid`` with ``gpus`` GPUs on node shape ``shape``."""
+        c = index.classes[index.workload_class[wid]]
+        for o in c.options:
+            if o.kind is OptionKind.SINGLE and o.shape == shape and o.gpus == gpus:
+                return o
+        return None
+
+    def swap(wid: str, now: float) -> bool:
+        """Trade places with a one-node job of the same size on another type, if both
+        end above ``now`` (the minimum): both keep running, so no coverage changes.
+        The partner is the one that ends best (the smaller of the two values)."""
+        mine = single(wid)
+        if mine is None:
+            return False
+        w = index.workloads[wid]
+        wj = index.classes[index.workload_class[wid]].weight
+        best: tuple[float, str, Option, Option] | None = None
+        for t, held in by_size.get(mine.gpus, {}).items():
+            if t == mine.gpu_type:
+                continue
+            for kid in held:
+                if kid == wid or kid not in out or t_of(out[kid]) != t:
+                    continue
+                there = option_on(wid, index.node_shape[out[kid].shards[0].node_id], mine.gpus)
+                if there is None or there.value / wj <= now + 1e-12:
+                    continue
+                back = option_on(kid, mine.shape, mine.gpus)
+                if back is None:
+                    continue
+                worst = min(there.value / wj, back.value / index.classes[index.workload_class[kid]].weight)
+                if worst > now + 1e-12 and (best is None or worst > best[0]):
+                    best = (worst, kid, there, back)
+        if best is None:
+            return False
+        _worst, kid, there, back = best
+        k = index.workloads[kid]
+        old_w, old_k = out[wid], out[kid]
+        ledger.release(w, old_w)
+        ledger.release(k, old_k)
+        got_w = ledger.try_training(w, there)
+        got_k = ledger.try_training(k, back) if got_w is not None else None
+        if got_w is None or got_k is None:
+            if got_w is not None:
+                ledger.release(w, got_w)
+            ledger.place(w, old_w)
+            ledger.place(k, old_k)
+            return False
+        out[wid], out[kid] = got_w, got_k
+        by_size[mine.gpus][mine.gpu_type].discard(wid)
+        by_size[mine.gpus][t_of(got_w)].add(wid)
+        by_size[mine.gpus][t_of(old_k)].discard(kid)
+        by_size[mine.gpus][t_of(got_k)].add(kid)
+        return True
+
+    def t_of(p: Placement) -> str:
+        return p.gpu_type or index.nodes[p.shards[0].node_id].gpu_type
+
+    movable = {wid for wid in out if wid not in index.current and wid in index.workload_class}
+    # One-node jobs that may trade places, by size and type.
+    by_size: dict[int, dict[str, set[str]]] = {}
+    for wid in movable:
+        p = out[wid]
+        if index.workloads[wid].training is not None and len(p.shards) == 1:
+            by_size.setdefault(p.gpus, {}).setdefault(t_of(p), set()).add(wid)
+    stuck: set[str] = set()
+    while time.perf_counter() < deadline:
+        values = {wid: value(wid) for wid in out}
+        if not values:
+            break
+        low = min(values.values())
+        at_min = sorted(wid for wid, v in values.items() if v <= low + 1e-12)
+        if any(wid not in movable or wid in stuck for wid in at_min):
+            break
+        for wid in at_min:
+            if time.perf_counter() >= deadline:
+                break
+            if not better(wid):
+                stuck.add(wid)
+                break
     return out

@@ -76,6 +76,7 @@ class Formulation:
     # Policies that add variables derived from the counts (fairness' t) register how
     # to compute them, so hints from concrete plans are complete.
     derived: list[Callable[[dict[int, float]], None]] = field(default_factory=list)
+    level: Var | None = None  # a max-min policy's level variable (fairness' t)
     _class_vars: dict[int, list[Var]] = field(default_factory=dict)  # built on first use
 
     def class_vars(self, ci: int) -> list[Var]:

@@ -32,6 +32,7 @@ needs the gap within ``relative_gap`` and every earlier stage proven and met.
 
 from __future__ import annotations
 
+import bisect
 import math
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -39,10 +40,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from solver.aggregate import Index, build_index, usable_training_types
-from solver.backends import get_backend
+from solver.backends import Backend, get_backend
 from solver.disaggregate import disaggregate
 from solver.errors import SolverError, ValidationError, Violation
-from solver.exchange import exchange_services
+from solver.exchange import exchange_services, raise_minimum
 from solver.explain import Explainer
 from solver.formulation import Formulation, build_formulation, option_values, round_down
 from solver.greedy import complete, greedy_place, improve, repair_priority
@@ -59,7 +60,7 @@ from solver.model import (
     Unplaced,
 )
 from solver.policies import HeuristicPolicy, OptimizingPolicy, get_policy
-from solver.policies.base import Stage
+from solver.policies.base import Levels, Stage
 from solver.validate import validate
 from solver.verify import verify
 
@@ -104,6 +105,80 @@ def _upper(form: Formulation, st: Stage) -> float:
         var = model.vars[v.index]
         total += a * (var.ub if a > 0 else var.lb)
     return total
+
+
+def _level_bound(
+    form: Formulation,
+    backend: Backend,
+    st: Stage,
+    level: Levels,
+    fixed: frozenset[int],
+    current: float,
+    cap: float,
+    end: float,
+) -> float | None:
+    """A bound on a max-min stage by bisection on its level (``OptimizingPolicy.levels``).
+
+    ``level.holds`` pairs values v with the variables that a plan whose minimum
+    is >= tau must hold at 0 for every tau > v (what runs at a value below the
+    minimum). So if the LP relaxation with every variable of value < tau held at
+    0 (every floor and row of the model kept) is infeasible, no integer plan has
+    a minimum >= tau, and its minimum is at most ``level.below(tau)``, the largest
+    value a minimum can take below tau. Feasibility is monotone in tau (a larger
+    tau holds more at 0), so a bisection over the distinct v finds the smallest
+    tau proven infeasible; the bound is below(tau) plus the most the stage's other
+    terms (the migration penalty) can add over their variables' bounds. Only
+    INFEASIBLE answers are used: an LP that runs out of time proves nothing.
+    ``current`` (the incumbent's stage value) and ``cap`` (the stage's LP bound)
+    only narrow the search. Returns None if nothing was proven in time.
+    """
+    model = form.model
+    values = sorted({v for v, _ in level.holds})
+    by_value = sorted(level.holds, key=lambda x: x[0])
+    # The other terms of the stage at their largest over the variables' bounds.
+    rest = st.constant + sum(
+        a * (model.vars[v.index].ub if a > 0 else model.vars[v.index].lb)
+        for v, a in st.terms
+        if v.index != level.var.index
+    )
+    lo = bisect.bisect_right(values, current - rest + 1e-12) - 1  # the incumbent runs at this level
+    top = bisect.bisect_right(values, cap - rest + 1e-12)  # values above the LP bound are not tried
+
+    def infeasible(i: int) -> bool | None:
+        tau = values[i]
+        held = set(fixed)
+        for v, vs in by_value:
+            if v >= tau:
+                break
+            held.update(vs)
+        left = end - time.perf_counter()
+        if left <= 0.05:
+            return None
+        sol = backend.solve_lp(model, time_limit_s=left, fixed_zero=frozenset(held))
+        if sol.status is SolveStatus.INFEASIBLE:
+            return True
+        return False if sol.status is SolveStatus.OPTIMAL else None
+
+    # The value just above the incumbent's first: the incumbent is often optimal.
+    first = lo + 1
+    if first >= top:
+        return None
+    answer = infeasible(first)
+    if answer is None:
+        return None
+    if answer:
+        return level.below(values[first]) + rest
+    lo, hi, proven = first, top, None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        answer = infeasible(mid)
+        if answer is None:
+            break
+        if answer:
+            hi = proven = mid
+        else:
+            lo = mid
+    return None if proven is None else level.below(values[proven]) + rest
 
 
 def _lex_better(a: list[float], b: list[float]) -> bool:
@@ -340,6 +415,21 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         if lp.status is SolveStatus.OPTIMAL:
             if st.primary:
                 bound, duals = lp.objective, lp.duals
+            levels = pol.levels(form) if st.primary and bound is not None else None
+            if levels and incumbent is not None:
+                # Raise the incumbent's minimum first: the bisection then starts from it.
+                with timer.stage("polish"):
+                    lifted = raise_minimum(index, improve(index, incumbent, pol.prefer), stage_end)
+                    lifted_values = form.hint(lifted.values())
+                if at_least(lifted_values, k, strictly=True):
+                    incumbent, values = lifted, lifted_values
+                    current = form.model.objective_value(vector(values))
+            if levels:
+                with timer.stage("levels"):
+                    level_bound = _level_bound(form, backend, st, levels, fixed, current, lp_bound, stage_end)
+                if level_bound is not None and bound is not None and level_bound < bound:
+                    bound = level_bound
+                    lp_bound = min(lp_bound, level_bound)
             # Rounding can only help where the LP leaves room above the incumbent. Once
             # one rounding has succeeded, an early stage leaves the early stages still
             # to come the time for theirs.
@@ -409,11 +499,13 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     with timer.stage("repair"):
         repaired = repair_priority(index, complete(index, placed, pol.prefer), options.max_migrations)
         placed = improve(index, complete(index, repaired, pol.prefer), pol.prefer)
-    if pol.prefer == "cost" and form.f:
-        with timer.stage("exchange"):
-            placed = _exchange(
-                form, stages, floors, placed, timer.start + options.time_limit_s * (1 - reserve / 2)
-            )
+    polish_until = timer.start + options.time_limit_s * (1 - reserve / 2)
+    if pol.polish == "exchange" and form.f:
+        with timer.stage("polish"):
+            placed = _exchange(form, stages, floors, placed, polish_until)
+    elif pol.polish == "minimum":
+        with timer.stage("polish"):
+            placed = raise_minimum(index, placed, polish_until)
     # Never worse than the greedy seed.
     final_values = _stage_values(form, stages, form.hint(placed.values()))
     if _lex_better(greedy_stage_values, final_values):

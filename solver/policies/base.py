@@ -17,19 +17,39 @@ A heuristic policy (a baseline) instead names a greedy order (``solver.greedy``)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from solver.formulation import Formulation, Terms
+from solver.linear import Var
 from solver.model import PlanOptions
 
 __all__ = [
     "HeuristicPolicy",
+    "Levels",
     "OptimizingPolicy",
     "Policy",
     "Stage",
     "demand_stage",
     "tier_stages",
 ]
+
+
+@dataclass(frozen=True)
+class Levels:
+    """What the pipeline needs to bound a max-min stage by bisection on its level.
+
+    Attributes:
+        var: the level variable (the minimum, fairness' t).
+        holds: (v, variables): a plan whose minimum is >= tau holds these variables
+            at 0 for every tau > v (what would run at a value below the minimum).
+        below: below(tau) = the largest value the minimum of an integer plan can
+            take that is < tau (the minimum is one of finitely many values).
+    """
+
+    var: Var
+    holds: list[tuple[float, list[int]]]
+    below: Callable[[float], float]
 
 
 @dataclass(frozen=True)
@@ -60,10 +80,19 @@ class Policy:
 class OptimizingPolicy(Policy, ABC):
     #: what the greedy seed and completions try first: "value" (throughput) or "cost"
     prefer: str = "value"
+    #: local search on the final plan (``solver.exchange``): "" none, "exchange"
+    #: (cost: trade dear services for cheaper served demand), "minimum" (fairness:
+    #: raise the workloads at the minimum)
+    polish: str = ""
 
     @abstractmethod
     def stages(self, form: Formulation, options: PlanOptions) -> list[Stage]:
         """Stages to solve in order (may add variables and constraints to ``form``)."""
+
+    def levels(self, form: Formulation) -> Levels | None:
+        """For a max-min primary stage, what bounds it by bisection on its level
+        (see :class:`Levels`). None: not a max-min stage."""
+        return None
 
 
 class HeuristicPolicy(Policy):

@@ -17,6 +17,7 @@ __all__ = ["CostPolicy"]
 
 class CostPolicy(OptimizingPolicy):
     name = "cost"
+    polish = "exchange"
     description = "place all demand, then minimize $/hour"
     prefer = "cost"
 

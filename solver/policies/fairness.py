@@ -16,18 +16,20 @@ benchmark reports both.
 
 from __future__ import annotations
 
+import bisect
 import math
 
 from solver.formulation import Formulation, Terms
 from solver.linear import Sense, Var
 from solver.model import PlanOptions
-from solver.policies.base import OptimizingPolicy, Stage, tier_stages
+from solver.policies.base import Levels, OptimizingPolicy, Stage, tier_stages
 
 __all__ = ["FairnessPolicy"]
 
 
 class FairnessPolicy(OptimizingPolicy):
     name = "fairness"
+    polish = "minimum"
     description = "max-min weighted normalized throughput (Gavel), then throughput"
 
     def stages(self, form: Formulation, options: PlanOptions) -> list[Stage]:
@@ -35,7 +37,7 @@ class FairnessPolicy(OptimizingPolicy):
         model = form.model
         weights = [c.weight for c in form.index.classes]
         big = 1.0 / min(weights) if weights else 1.0
-        t = model.num_var(0, big, "t", resolution=10_000)
+        t = form.level = model.num_var(0, big, "t", resolution=10_000)
         running: list[tuple[Var, float]] = []  # t is 0 unless something runs
         used: dict[tuple[int, int], Var] = {}
         for c in form.index.classes:
@@ -78,3 +80,49 @@ class FairnessPolicy(OptimizingPolicy):
         tmoves, tconst = form.moves(options.migration_penalty)
         stages.append(Stage("throughput tie-break", form.throughput() + tmoves, tconst))
         return stages
+
+    def levels(self, form: Formulation) -> Levels | None:
+        """A plan whose minimum is >= tau runs no training option of rho / w < tau,
+        and no service of 1 / w < tau (its f / w is at most 1 / w): their count,
+        replica, type and served-fraction variables are then 0.
+
+        The minimum itself (as the verifier scores it) is 0 (nothing runs), some
+        option's rho / w, or a service's min(1, k rps_t / target) / w for k replicas
+        of type t: finitely many values, so below(tau) is the largest of them < tau.
+        """
+        if form.level is None:
+            return None
+        holds: list[tuple[float, list[int]]] = []
+        training: list[float] = [0.0]
+        services: list[tuple[float, float, list[float]]] = []  # (weight, target, rps per type)
+        for c in form.index.classes:
+            if c.is_training:
+                for o, opt in enumerate(c.options):
+                    holds.append((opt.value / c.weight, [form.n[c.index, o].index]))
+                    training.append(opt.value / c.weight)
+            elif c.index in form.y:
+                held = [form.y[c.index].index, form.f[c.index].index]
+                held += [form.n[c.index, o].index for o in range(len(c.options))]
+                held += [v.index for (ci, _t), v in form.z.items() if ci == c.index]
+                holds.append((1.0 / c.weight, held))
+                spec = c.members[0].inference
+                assert spec is not None
+                services.append((c.weight, spec.target_rps, sorted({opt.value for opt in c.options})))
+        training.sort()
+
+        def below(tau: float) -> float:
+            i = bisect.bisect_left(training, tau) - 1
+            best = training[i] if i >= 0 else 0.0
+            for w, target, rates in services:
+                if 1.0 / w < tau:
+                    best = max(best, 1.0 / w)
+                for rps in rates:
+                    # the most replicas k with min(1, k rps / target) / w < tau
+                    k = math.ceil(tau * w * target / rps) - 1
+                    while k >= 1 and min(1.0, k * rps / target) / w >= tau:
+                        k -= 1
+                    if k >= 1:
+                        best = max(best, min(1.0, k * rps / target) / w)
+            return best
+
+        return Levels(form.level, holds, below)

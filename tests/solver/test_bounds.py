@@ -16,12 +16,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from solver import PlanOptions, Workload, plan
+from solver import PlanOptions, Problem, Workload, plan
 from solver.aggregate import build_index
 from solver.backends import get_backend
 from solver.formulation import build_formulation
 from solver.linear import Sense
-from tests.builders import TYPES, node, problem, serve
+from solver.model import Placement, Shard
+from solver.verify import objective
+from tests.builders import TYPES, node, problem, serve, train
 
 PRICE = {t.name: t.cost_per_hour or 0.0 for t in TYPES}
 # Room for every service at its cheapest, whatever the draw (at most 3 x 40 GPUs per type).
@@ -180,7 +182,6 @@ def test_exchange_drops_the_dearest_service_for_cheaper_served_demand() -> None:
     #    2 of its 4 replicas (f = 0.5). Served demand 0.5·1 + 1·0.5 = 1.0, floor 1.0.
     # Taking x out loses 0.5; two more y replicas gain 0.5 for $4/h instead of $16/h.
     from solver.exchange import exchange_services
-    from solver.model import Placement, Shard
 
     x = serve("x", 4, 10.0, 10.0, types=("h100",), weight=0.5)
     y = serve("y", 1, 10.0, 40.0, types=("a100",))
@@ -199,3 +200,93 @@ def test_exchange_drops_the_dearest_service_for_cheaper_served_demand() -> None:
     assert exchange_services(build_index(p2), placed, gains, [0.0], 1000, math.inf) == placed
     # Nor when the floor has no slack for what x alone serves and nothing can replace it.
     assert exchange_services(index, placed, [{"x": 0.5}], [0.0], 1000, math.inf) == placed
+
+
+# ---------------------------------------------------------------------------
+# fairness: the level bound and the search that raises the minimum.
+#
+# h1: 1 x h100, a1: 1 x a100. Jobs of 1 GPU, weight 1:
+#   j: h100 3.0, a100 1.0 -> rho(h100) = 1, rho(a100) = 1/3
+#   k: h100 1.2, a100 1.0 -> rho(h100) = 1, rho(a100) = 1/1.2 = 0.833
+# Both run (coverage first): one of them is on the a100. Min: j on h100, k on a100
+# -> min(1, 0.833) = 0.833 (the optimum); the other way round 1/3.
+
+
+def _two_jobs() -> tuple[Problem, dict[str, Placement]]:
+    p = problem(
+        nodes=[node("h1", "h100", 1), node("a1", "a100", 1)],
+        workloads=[
+            train("j", 1, {"a100": 1.0, "h100": 3.0}, types=("a100", "h100")),
+            train("k", 1, {"a100": 1.0, "h100": 1.2}, types=("a100", "h100")),
+        ],
+    )
+    bad = {
+        "j": Placement("j", (Shard("a1", 1),), "a100"),
+        "k": Placement("k", (Shard("h1", 1),), "h100"),
+    }
+    return p, bad
+
+
+def test_raise_minimum_trades_places_when_both_end_above_the_minimum() -> None:
+    from solver.exchange import raise_minimum
+
+    p, bad = _two_jobs()
+    out = raise_minimum(build_index(p), bad, math.inf)
+    assert out["j"].shards == (Shard("h1", 1),)
+    assert out["k"].shards == (Shard("a1", 1),)
+    assert objective(p, list(out.values()), "fairness") == pytest.approx(1 / 1.2)
+
+
+def test_level_bound_is_the_optimum_where_the_big_m_lp_is_weak(monkeypatch: pytest.MonkeyPatch) -> None:
+    from solver.policies.fairness import FairnessPolicy
+
+    p, _ = _two_jobs()
+    r = plan(p, "fairness", PlanOptions(time_limit_s=5))
+    assert r.objective == pytest.approx(1 / 1.2)
+    assert r.best_bound == pytest.approx(1 / 1.2)  # valid and tight
+    # Without the level bound: the big-M LP (CP-SAT may still close it on so small
+    # a model, so compare the LP alone).
+    index = build_index(p)
+    form = build_formulation(index)
+    stages = FairnessPolicy().stages(form, PlanOptions())
+    form.model.add(stages[0].terms, Sense.GE, 2.0 - 1e-6, "both run")
+    form.model.maximize(stages[1].terms, stages[1].constant)
+    weak = get_backend("ortools").solve_lp(form.model, time_limit_s=5).objective
+    assert weak > 1 / 1.2 + 0.05
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.floats(1.0, 4.0), st.floats(0.2, 1.0), st.sampled_from([1.0, 2.0])),
+        min_size=2,
+        max_size=4,
+    )
+)
+def test_level_bound_is_never_below_the_best_plan(jobs: list[tuple[float, float, float]]) -> None:
+    # 1-GPU jobs on 1 h100 + 2 a100 GPUs: every assignment is enumerated (all jobs that
+    # fit run, as coverage asks), and the bound must be >= the best minimum.
+    p = problem(
+        nodes=[node("h1", "h100", 1), node("a1", "a100", 2)],
+        workloads=[
+            train(f"j{i}", 1, {"h100": h, "a100": a}, types=("a100", "h100"), weight=w)
+            for i, (h, a, w) in enumerate(jobs)
+        ],
+    )
+    r = plan(p, "fairness", PlanOptions(time_limit_s=5))
+    # The policy ranks by coverage (sum of the weights that run) first, then the minimum.
+    best = (-math.inf, -math.inf)
+    ids = [w.id for w in p.workloads]
+    weight = {w.id: w.weight for w in p.workloads}
+    slots = ["h1", "a1", "a1"]
+    for chosen in itertools.permutations(range(len(ids)), min(len(ids), 3)):
+        placements = [
+            Placement(ids[j], (Shard(slots[s], 1),), "h100" if slots[s] == "h1" else "a100")
+            for s, j in enumerate(chosen)
+        ]
+        key = (sum(weight[ids[j]] for j in chosen), objective(p, placements, "fairness"))
+        best = max(best, key)
+    assert sum(weight[x.workload_id] for x in r.placements) == pytest.approx(best[0])
+    assert r.best_bound is not None
+    assert r.best_bound >= best[1] - 1e-9
+    assert r.objective <= best[1] + 1e-9
