@@ -1,6 +1,7 @@
 """End to end: a real ``train-lm`` job whose worker is killed with SIGKILL mid-training is
 re-planned on the other worker (they share one work directory, so the checkpoints too),
-resumes from its latest checkpoint and succeeds — CPU only."""
+resumes from its latest checkpoint and succeeds — CPU only. (Separate work directories,
+with the checkpoints going through the server: ``test_checkpoints.py``.)"""
 
 from __future__ import annotations
 
@@ -76,3 +77,5 @@ def test_a_killed_workers_training_job_resumes_from_its_checkpoint_on_the_other(
         step = int(resumed[-1][1])
         assert step >= saved > 0
         assert re.search(rf"job: steps {step} to {STEPS} on 1 rank", log), log[-3000:]
+        # the shared directory is at least as new as the server's copy: nothing came down
+        assert "uploaded" in workers[first].log() and "downloaded" not in workers[other].log()
