@@ -668,8 +668,8 @@ class Agent:
         server_step = -1
         try:
             server_step, _ = checkpoint_sync.fetch(self.stub, self.metadata, source, directory)
-        except (grpc.RpcError, checkpoint_sync.SyncError, OSError) as exc:
-            detail = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        except Exception as exc:  # the shard starts with what is here, whatever went wrong
+            detail = exc.details() if isinstance(exc, grpc.Call) else f"{type(exc).__name__}: {exc}"
             log.warning(
                 f"cannot fetch the server's checkpoint of {source}: {detail}",
                 extra={"workload": source, "error": detail},
