@@ -381,14 +381,38 @@ def _cheaper_services(index: Index, ledger: Ledger, out: dict[str, Placement]) -
         assert spec is not None
         return min(1.0, replicas * spec.replica_rps.get(t, 0.0) / spec.target_rps)
 
+    def saving_per_gpu(w: Workload, p: Placement) -> float:
+        """The most $/hour a move to another type saves per GPU it takes there."""
+        spec = w.inference
+        assert spec is not None and p.gpu_type is not None
+        now = (index.types[p.gpu_type].cost_per_hour or 0.0) * p.gpus
+        best = 0.0
+        for t, g in spec.gpus_per_replica.items():
+            rps = spec.replica_rps.get(t, 0.0)
+            if (
+                t == p.gpu_type
+                or rps <= 0
+                or g <= 0
+                or (w.allowed_gpu_types and t not in w.allowed_gpu_types)
+            ):
+                continue
+            want = replicas_wanted(w, rps, 0)
+            best = max(best, (now - (index.types[t].cost_per_hour or 0.0) * g * want) / (g * want))
+        return best
+
+    # Largest saving per GPU first: room on the cheap types goes where it saves most.
     todo = []
     for wid, p in out.items():
         w = index.workloads[wid]
         if w.inference is None or wid in index.current or not p.shards or p.gpu_type is None:
             continue
+        if w.id not in index.workload_class:
+            continue
         price = (index.types[p.gpu_type].cost_per_hour or 0.0) * p.shards[0].gpus * len(p.shards)
-        todo.append((-price, wid))
-    for neg_price, wid in sorted(todo):
+        gain = saving_per_gpu(w, p)
+        if gain > 0:
+            todo.append((-gain, -price, wid))
+    for _gain, neg_price, wid in sorted(todo):
         w = index.workloads[wid]
         c = index.classes[index.workload_class[wid]]
         old = out[wid]
@@ -416,5 +440,62 @@ def _cheaper_services(index: Index, ledger: Ledger, out: dict[str, Placement]) -
                 break
             if shards:
                 ledger.release(w, new)
+            got = _repack(index, ledger, out, w, by_type[t], want)
+            if got is not None:
+                out[wid] = got
+                break
         else:
             ledger.place(w, old)
+
+
+def _repack(
+    index: Index, ledger: Ledger, out: dict[str, Placement], w: Workload, opts: list[Option], want: int
+) -> Placement | None:
+    """Place ``want`` replicas of service ``w`` on the type of ``opts`` by packing that
+    type's services again, ``w`` first, then the others (that do not run now) largest
+    replicas first, each with as many replicas as it has: small replicas spread over
+    many nodes can leave no node whole for a large one. All or nothing: on failure
+    everything is as it was (and ``w`` is not placed)."""
+    t = opts[0].gpu_type
+    others = sorted(
+        (
+            x
+            for x, p in out.items()
+            if x != w.id
+            and p.gpu_type == t
+            and index.workloads[x].inference is not None
+            and x not in index.current
+        ),
+        key=lambda x: (-out[x].shards[0].gpus, x),
+    )
+    if not others:
+        return None
+    before = {x: out[x] for x in others}
+    for x in others:
+        ledger.release(index.workloads[x], before[x])
+    placed: dict[str, Placement] = {}
+    c = index.classes[index.workload_class[w.id]]
+    shards = ledger.try_service(w, opts, want, c.spread_units)
+    ok = len(shards) == want
+    if shards:
+        placed[w.id] = Placement(w.id, tuple(shards), t)
+    for x in others if ok else ():
+        xw = index.workloads[x]
+        xc = index.classes[index.workload_class[x]]
+        xs = ledger.try_service(
+            xw, [o for o in xc.options if o.gpu_type == t], len(before[x].shards), xc.spread_units
+        )
+        if xs:
+            placed[x] = Placement(x, tuple(xs), t)
+        if len(xs) != len(before[x].shards):
+            ok = False
+            break
+    if ok:
+        for x in others:
+            out[x] = placed[x]
+        return placed[w.id]
+    for x, p in placed.items():
+        ledger.release(index.workloads[x], p)
+    for x in others:
+        ledger.place(index.workloads[x], before[x])
+    return None

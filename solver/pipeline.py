@@ -154,7 +154,13 @@ def _level_bound(
         left = end - time.perf_counter()
         if left <= 0.05:
             return None
-        sol = backend.solve_lp(model, time_limit_s=left, fixed_zero=frozenset(held))
+        # Feasibility only: no objective (phase one of the simplex is all it needs).
+        objective, constant = model.objective, model.objective_constant
+        model.objective = {}
+        try:
+            sol = backend.solve_lp(model, time_limit_s=left, fixed_zero=frozenset(held))
+        finally:
+            model.objective, model.objective_constant = objective, constant
         if sol.status is SolveStatus.INFEASIBLE:
             return True
         return False if sol.status is SolveStatus.OPTIMAL else None
