@@ -116,7 +116,7 @@ def _level_bound(
     current: float,
     cap: float,
     end: float,
-) -> float | None:
+) -> tuple[float | None, frozenset[int] | None]:
     """A bound on a max-min stage by bisection on its level (``OptimizingPolicy.levels``).
 
     ``level.holds`` pairs values v with the variables that a plan whose minimum
@@ -130,7 +130,9 @@ def _level_bound(
     terms (the migration penalty) can add over their variables' bounds. Only
     INFEASIBLE answers are used: an LP that runs out of time proves nothing.
     ``current`` (the incumbent's stage value) and ``cap`` (the stage's LP bound)
-    only narrow the search. Returns None if nothing was proven in time.
+    only narrow the search. Returns the bound (None if nothing was proven in
+    time) and the variables held at 0 for the largest tau found feasible above the
+    incumbent (None if none was), which guides a rounding.
     """
     model = form.model
     values = sorted({v for v, _ in level.holds})
@@ -144,13 +146,15 @@ def _level_bound(
     lo = bisect.bisect_right(values, current - rest + 1e-12) - 1  # the incumbent runs at this level
     top = bisect.bisect_right(values, cap - rest + 1e-12)  # values above the LP bound are not tried
 
-    def infeasible(i: int) -> bool | None:
-        tau = values[i]
+    def held_below(i: int) -> frozenset[int]:
         held = set(fixed)
         for v, vs in by_value:
-            if v >= tau:
+            if v >= values[i]:
                 break
             held.update(vs)
+        return frozenset(held)
+
+    def infeasible(i: int) -> bool | None:
         left = end - time.perf_counter()
         if left <= 0.05:
             return None
@@ -158,23 +162,25 @@ def _level_bound(
         objective, constant = model.objective, model.objective_constant
         model.objective = {}
         try:
-            sol = backend.solve_lp(model, time_limit_s=left, fixed_zero=frozenset(held))
+            sol = backend.solve_lp(model, time_limit_s=left, fixed_zero=held_below(i))
         finally:
             model.objective, model.objective_constant = objective, constant
         if sol.status is SolveStatus.INFEASIBLE:
             return True
         return False if sol.status is SolveStatus.OPTIMAL else None
 
-    # The value just above the incumbent's first: the incumbent is often optimal.
-    first = lo + 1
-    if first >= top:
-        return None
-    answer = infeasible(first)
-    if answer is None:
-        return None
-    if answer:
-        return level.below(values[first]) + rest
-    lo, hi, proven = first, top, None
+    hi, proven, feasible = top, None, None
+    if lo + 1 >= top:
+        return None, None
+    if cap - rest <= (current - rest) * 1.05 + 1e-9:
+        # The incumbent is close to the LP bound: try the value just above it first
+        # (one LP, and often the proof that the incumbent is optimal).
+        answer = infeasible(lo + 1)
+        if answer is None:
+            return None, None
+        if answer:
+            return level.below(values[lo + 1]) + rest, None
+        lo = feasible = lo + 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
         answer = infeasible(mid)
@@ -183,8 +189,9 @@ def _level_bound(
         if answer:
             hi = proven = mid
         else:
-            lo = mid
-    return None if proven is None else level.below(values[proven]) + rest
+            lo = feasible = mid
+    bound = None if proven is None else level.below(values[proven]) + rest
+    return bound, None if feasible is None else held_below(feasible)
 
 
 def _lex_better(a: list[float], b: list[float]) -> bool:
@@ -432,10 +439,34 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                     current = form.model.objective_value(vector(values))
             if levels:
                 with timer.stage("levels"):
-                    level_bound = _level_bound(form, backend, st, levels, fixed, current, lp_bound, stage_end)
+                    level_bound, guide = _level_bound(
+                        form, backend, st, levels, fixed, current, lp_bound, stage_end
+                    )
                 if level_bound is not None and bound is not None and level_bound < bound:
                     bound = level_bound
                     lp_bound = min(lp_bound, level_bound)
+                if guide is not None and lp_bound > current + tol and k + 1 < len(stages):
+                    # A plan above the incumbent's level may exist: round the LP with
+                    # everything below that level held at 0 (most throughput, the
+                    # tie-break's objective), then raise its minimum.
+                    with timer.stage("round"):
+                        form.model.maximize(stages[k + 1].terms, stages[k + 1].constant)
+                        guided = backend.solve_lp(
+                            form.model,
+                            time_limit_s=max(0.2, stage_end - time.perf_counter()),
+                            fixed_zero=guide,
+                        )
+                        form.model.maximize(st.terms, st.constant)
+                        cand: dict[str, Placement] | None = None
+                        if guided.status is SolveStatus.OPTIMAL:
+                            cand, _ = restored(round_down(form, guided.values, services="fit"), {})
+                    if cand is not None:
+                        with timer.stage("polish"):
+                            lifted = raise_minimum(index, improve(index, cand, pol.prefer), stage_end)
+                            lifted_values = form.hint(lifted.values())
+                        if at_least(lifted_values, k, strictly=True):
+                            incumbent, values = lifted, lifted_values
+                            current = form.model.objective_value(vector(values))
             # Rounding can only help where the LP leaves room above the incumbent. Once
             # one rounding has succeeded, an early stage leaves the early stages still
             # to come the time for theirs.
