@@ -192,7 +192,9 @@ def test_plan_reports_the_time_of_each_pipeline_stage(policy: str) -> None:
         assert not any(s.startswith("solve") or s == "lp" for s in stages), stages
     else:
         assert stages >= PIPELINE_STAGES
-        assert PRIMARY_STAGE[policy] in stages
+        # CP-SAT runs on the primary stage unless the LP-side bounds (fairness' level
+        # bisection) already prove the plan within the gap.
+        assert PRIMARY_STAGE[policy] in stages or ("levels" in stages and r.gap == 0.0), (stages, r.gap)
     assert all(t >= 0.0 for t in r.stage_times_s.values())
 
 
