@@ -25,8 +25,14 @@ Decisions (DESIGN.md is silent on them):
   ``max_tokens`` < 0 and a negative ``temperature`` are INVALID_ARGUMENT.
 * Auth as for ``Allocator``: a tenant may call only its own services; the
   admin any.
-* ``replica`` in the response is ``SERVICE/SHARD`` (the replica's shard index
-  in the placement); ``latency_s`` is the replica's own.
+* ``replica`` in the response is ``SERVICE/SHARD``: the shard index the replica
+  runs as (:func:`server.workers.replica_index`: its index in the placement,
+  plus 1000 for even versions of the service); ``latency_s`` is the replica's own.
+* Rollouts. During a rolling update the dispatcher keeps the old version's
+  replicas in :meth:`~server.workers.Dispatcher.endpoints` until the new ones
+  are ready, and takes a replica out the moment it is told to stop, so the
+  router never picks a replica that is going away (a request already sent to
+  it finishes in its stop grace; one that fails is retried elsewhere).
 """
 
 from __future__ import annotations

@@ -42,6 +42,26 @@ Decisions (DESIGN.md is silent on them):
   between that and what the plan wants (a changed gang — new version, other
   ranks — is stopped and launched again), and stops shards a worker reports
   alive that nobody wants (e.g. left over from before a server restart).
+* Rollouts. Replica ``i`` of version ``v`` of a service runs as shard index
+  :func:`replica_index` (``i`` for odd versions, ``1000 + i`` for even ones),
+  so a new version's replicas and the old ones can run side by side on one
+  worker. When the plan switches a service to a new version, the old version's
+  replicas are not stopped but *retire*: they stay in the router and keep
+  serving. A new replica is launched on a worker at once where the node has
+  GPUs free beside the retiring ones; otherwise it waits. Once every new
+  replica launched reports an endpoint (is ready): if none waits, every
+  retiring replica is stopped; if some wait for GPUs, one retiring replica on
+  such a node is stopped (one at a time) to make room, and the next only when
+  the replica that took its place is ready. A stopped replica leaves the router
+  at once (its in-flight requests finish in its stop grace). So with room for
+  the new replicas beside the old (a surge) the service never has fewer ready
+  replicas than before; updated in place, it has at most one fewer, and none
+  only when it has one replica and no room for a second. A retiring replica
+  that exits is not restarted. Two updates in a row: replicas of the version
+  before the last are replaced in place where their shard index is the new
+  version's (same parity). (The control loop decides where the new version
+  runs — with the old one's replicas as its current placement — and keeps the
+  old version placed while the new one cannot get ``min_replicas``.)
 * Results. A workload becomes RUNNING when every shard reports RUNNING; a
   training workload SUCCEEDED when every shard has exited 0. A shard that exits
   otherwise (or any exit of a serving replica) is a crash: the whole gang (a
@@ -108,6 +128,7 @@ LOG_LINES = 200  # log lines kept per workload
 LOG_WORKLOADS = 1000  # workloads whose log lines are kept after they end
 TAIL_LINES = 20  # of them, in a failure message
 BASE_PORT = 29500
+REPLICA_STRIDE = 1000  # a service's even versions number their replicas from here (see "Rollouts")
 STREAM_POLL_S = 0.25
 RATE_WINDOW_S = 1.0  # the shortest interval a work rate is measured over
 SMOOTHING_S = 30.0  # time constant of the moving average of measured rates
@@ -134,6 +155,13 @@ def shard_key(workload_id: str, shard_index: int) -> str:
     return f"{workload_id}/{shard_index}"
 
 
+def replica_index(version: int, i: int) -> int:
+    """The shard index replica ``i`` of version ``version`` of a service runs as: odd
+    versions 0, 1, ..., even ones :data:`REPLICA_STRIDE` + i, so that the replicas of
+    two successive versions can run side by side on one worker during a rollout."""
+    return i + REPLICA_STRIDE * ((version - 1) % 2)
+
+
 def _copy(node: pb.Node) -> pb.Node:
     out = pb.Node()
     out.CopyFrom(node)
@@ -155,6 +183,8 @@ class Session:
         self.closed = False
         self.sent: dict[str, tuple[Any, ...]] = {}  # shard key -> signature of the Launch sent
         self.alive: set[str] = set(running)  # shard keys the worker reports alive
+        # replicas of a service's previous version kept serving during a rollout: key -> [gpus, stop sent]
+        self.retiring: dict[str, list[Any]] = {}
         self.stopping: dict[str, float] = {}  # shard key -> when a Stop was last sent
         self.usage = wpb.Heartbeat()
 
@@ -194,6 +224,14 @@ class _Track:
     samples_per_s: float = 0.0
     requests_per_s: dict[int, float] = field(default_factory=dict)
     endpoints: dict[int, str] = field(default_factory=dict)
+    endpoint_nodes: dict[int, str] = field(default_factory=dict)  # shard index -> the node it is on
+
+    def drop_endpoint(self, index: int, node_id: str | None = None) -> None:
+        """Take a replica out of the router (only if it is the one on ``node_id``, when given)."""
+        if node_id is None or self.endpoint_nodes.get(index) == node_id:
+            self.endpoints.pop(index, None)
+            self.endpoint_nodes.pop(index, None)
+
     message: str = ""
     written_at: float = 0.0
     logs: deque[str] = field(default_factory=lambda: deque(maxlen=LOG_LINES))
@@ -317,6 +355,7 @@ class Dispatcher:
         self._dirty = threading.Event()
         self._seen_revision = -1
         self._rows: list[WorkloadRow] = []
+        self._node_gpus: dict[str, int] = {}
         self._started = time.monotonic()
         self._orphans_checked = False
         self._stopped = threading.Event()
@@ -465,13 +504,22 @@ class Dispatcher:
                 session.alive.discard(key)
                 session.stopping.pop(key, None)
             track = self._tracks.get(status.workload_id)
+            if key in session.retiring and status.state not in ("STARTING", "RUNNING"):
+                del session.retiring[key]  # a retiring replica has exited: its GPUs are free
+                if track is not None:
+                    track.drop_endpoint(status.shard_index, session.node_id)
+                    track.running.pop(status.shard_index, None)
+                return
             if track is None or key not in session.sent:
+                if track is not None and status.state not in ("STARTING", "RUNNING"):
+                    track.drop_endpoint(status.shard_index, session.node_id)  # one stopped elsewhere
                 return  # not (or no longer) what this worker was asked to run
             i = status.shard_index
             if status.state == "RUNNING":
                 track.running[i] = session.node_id
                 if status.endpoint:
                     track.endpoints[i] = status.endpoint
+                    track.endpoint_nodes[i] = session.node_id
                 if i == 0 and track.kind == "training":
                     track.step = status.step
                     track.loss = status.loss
@@ -486,11 +534,11 @@ class Dispatcher:
                     track.step = status.step
             elif status.state in ("FAILED", "SUCCEEDED"):
                 track.running.pop(i, None)
-                track.endpoints.pop(i, None)
+                track.drop_endpoint(i, session.node_id)
                 self._crashed(session, status, track)
             elif status.state == "STOPPED" and track.running.get(i) == session.node_id:
                 track.running.pop(i, None)
-                track.endpoints.pop(i, None)
+                track.drop_endpoint(i, session.node_id)
         self.notify()
 
     def _crashed(self, session: Session, status: wpb.ShardStatus, track: _Track) -> None:
@@ -559,10 +607,11 @@ class Dispatcher:
                     if node not in advertise:
                         continue
                     gpus = int(shard.get("gpus", 0))
+                    index = replica_index(version, i)
                     launch = wpb.Launch(
-                        workload_id=row.id, version=version, shard_index=i, gpus=gpus, gpu_type=gpu_type,
+                        workload_id=row.id, version=version, shard_index=index, gpus=gpus, gpu_type=gpu_type,
                         node_rank=0, nnodes=1, world_size=max(1, gpus), rank_offset=0,
-                        master_addr=advertise[node], master_port=master_port(shard_key(row.id, i)),
+                        master_addr=advertise[node], master_port=master_port(shard_key(row.id, index)),
                         workload=workload,
                     )  # fmt: skip
                     out.append(_Want(node, launch))
@@ -600,6 +649,7 @@ class Dispatcher:
         if revision != self._seen_revision:
             self._seen_revision = revision
             self._rows = [r for r in self.store.active_workloads() if r.state in (PLACED, RUNNING)]
+            self._node_gpus = {n.id: int(n.spec.get("gpus", 0)) for n in self.store.all_nodes()}
             self._sync_tracks(self._rows)
         rows = self._rows
         advertise = {n: s.advertise for n, s in sessions.items() if s.connected}
@@ -607,36 +657,121 @@ class Dispatcher:
         with self._lock:
             wants = [w for w in self._wanted(rows, advertise) if not self._held(w, now)]
             by_node: dict[str, dict[str, _Want]] = {}
+            serving_version: dict[str, int] = {}  # service -> the version the plan wants
             for w in wants:
                 by_node.setdefault(w.node_id, {})[w.key] = w
+                if w.launch.workload.WhichOneof("spec") == "inference":
+                    serving_version[w.launch.workload_id] = w.launch.version
+            blocked: dict[str, list[tuple[Session, _Want]]] = {}  # service -> launches waiting for GPUs
             for node_id, session in sessions.items():
                 if not session.connected:
                     continue
                 mine = by_node.get(node_id, {})
                 for key in list(session.sent):
                     if key not in mine:
-                        del session.sent[key]
+                        sig = session.sent.pop(key)
+                        wid = key.rpartition("/")[0]
+                        if wid in serving_version and sig[0] != serving_version[wid]:
+                            session.retiring[key] = [int(sig[1]), False]  # serves until the new version does
+                            log.info("replica retiring", extra={"node": node_id, "shard": key})
+                            continue
                         self._send_stop(session, key, "no longer in the plan")
+                        track = self._tracks.get(wid)
+                        if track is not None:  # a replica moved or scaled away: out of the router now
+                            track.drop_endpoint(int(key.rpartition("/")[2]), node_id)
+                for key in list(session.retiring):
+                    if key.rpartition("/")[0] not in serving_version:  # the service is gone or moved
+                        self._retire(session, key, "no longer in the plan")
                 for key in list(session.alive):
-                    if key not in mine and key not in session.sent:
+                    if key not in mine and key not in session.sent and key not in session.retiring:
                         last = session.stopping.get(key, 0.0)
                         if now - last > max(5.0, self.config.stop_grace_s):
                             self._send_stop(session, key, "not in the plan")
+                free = self._free_gpus(node_id, session, mine) if session.retiring else None
                 for key, w in mine.items():
                     sig = w.signature
                     if session.sent.get(key) == sig:
                         continue
+                    if free is not None and key not in session.sent:
+                        if w.launch.gpus > free:
+                            blocked.setdefault(w.launch.workload_id, []).append((session, w))
+                            continue  # its GPUs are still held by retiring replicas
+                        free -= w.launch.gpus
                     if key in session.sent:
                         self._send_stop(session, key, "the gang changed")
+                    session.retiring.pop(key, None)  # the same shard index: the worker replaces it
                     track = self._tracks.get(w.launch.workload_id)
                     if track is not None:
                         track.base = None  # a (re)launch: its startup is not measured
+                        track.drop_endpoint(w.launch.shard_index)  # until it reports one again
                     session.sent[key] = sig
                     session.outbox.put(wpb.ServerMessage(launch=w.launch))
                     log.info(
                         "launch", extra={"node": node_id, "shard": key, "world_size": w.launch.world_size}
                     )
+            self._roll(sessions, wants, blocked)
             self._update_states(rows, wants, now)
+
+    # -- rollouts -----------------------------------------------------------------------
+
+    def _free_gpus(self, node_id: str, session: Session, mine: dict[str, _Want]) -> int:
+        """GPUs of a node with retiring replicas that a new launch may take: what the
+        launches sent and kept, and the retiring replicas (until they have exited), leave."""
+        used = sum(w.launch.gpus for key, w in mine.items() if key in session.sent)
+        used += sum(int(gpus) for gpus, _ in session.retiring.values())
+        return self._node_gpus.get(node_id, 0) - used
+
+    def _roll(
+        self,
+        sessions: dict[str, Session],
+        wants: list[_Want],
+        blocked: dict[str, list[tuple[Session, _Want]]],
+    ) -> None:
+        """Move each service in a rollout on: its retiring replicas are stopped once every
+        replica of the new version is launched and ready; while some new replicas wait
+        for GPUs that retiring ones hold, and every new replica launched is ready, one
+        retiring replica on such a node is stopped to make room (one at a time)."""
+        retiring: dict[str, list[tuple[Session, str]]] = {}
+        for session in sessions.values():
+            if session.connected:
+                for key in session.retiring:
+                    retiring.setdefault(key.rpartition("/")[0], []).append((session, key))
+        for wid, old in retiring.items():
+            track = self._tracks.get(wid)
+            if track is None:
+                continue
+            launched = [w for w in wants if w.launch.workload_id == wid and w.key in sessions[w.node_id].sent]
+            if any(w.launch.shard_index not in track.endpoints for w in launched):
+                continue  # new replicas starting: the old ones serve meanwhile
+            waiting = blocked.get(wid, [])
+            if not waiting:
+                for session, key in old:
+                    self._retire(session, key, "the new version serves")
+                continue
+            if any(session.retiring[key][1] for session, key in old):
+                continue  # one is stopping already: its GPUs come free when it has exited
+            nodes = {session.node_id for session, _ in waiting}
+            for session, key in old:
+                if session.node_id in nodes:
+                    self._retire(session, key, "making room for the new version")
+                    break
+
+    def _retire(self, session: Session, key: str, reason: str) -> None:
+        """Stop a retiring replica: out of the router at once; its GPUs count as held until
+        the worker reports it gone."""
+        entry = session.retiring.get(key)
+        if entry is None or entry[1]:
+            return
+        entry[1] = True
+        wid, _, index = key.rpartition("/")
+        track = self._tracks.get(wid)
+        if track is not None:
+            track.drop_endpoint(int(index), session.node_id)
+            track.running.pop(int(index), None)
+        if key in session.alive:
+            self._send_stop(session, key, reason)
+        else:
+            del session.retiring[key]
 
     def _held(self, want: _Want, now: float) -> bool:
         track = self._tracks.get(want.launch.workload_id)
