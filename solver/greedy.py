@@ -22,6 +22,7 @@ submission time.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 
 from solver.aggregate import Index, Option, OptionKind, WorkloadClass
@@ -318,7 +319,9 @@ def repair_priority(
     return out
 
 
-def improve(index: Index, placed: dict[str, Placement], prefer: str = "value") -> dict[str, Placement]:
+def improve(
+    index: Index, placed: dict[str, Placement], prefer: str = "value", deadline: float = math.inf
+) -> dict[str, Placement]:
     """Local improvement that keeps the same workloads running: each placed
     training job that does not run now (moving running work would be a
     migration), worst first, moves to a better option of its own where room is
@@ -348,7 +351,7 @@ def improve(index: Index, placed: dict[str, Placement], prefer: str = "value") -
         if mine:
             movable.append((score(mine[0]), wid, mine[0]))
     if prefer == "cost":
-        _cheaper_services(index, ledger, out)
+        _cheaper_services(index, ledger, out, deadline)
     for now_score, wid, _o in sorted(movable):
         w = index.workloads[wid]
         c = index.classes[index.workload_class[wid]]
@@ -371,7 +374,12 @@ def improve(index: Index, placed: dict[str, Placement], prefer: str = "value") -
     return out
 
 
-def _cheaper_services(index: Index, ledger: Ledger, out: dict[str, Placement]) -> None:
+#: Repacks per pass of ``_cheaper_services`` (each re-places every service of a type:
+#: a few hundred at 10k workloads).
+_MAX_REPACKS = 8
+
+
+def _cheaper_services(index: Index, ledger: Ledger, out: dict[str, Placement], deadline: float) -> None:
     """Services that do not run now, most expensive first, move to the type whose
     whole replicas cost the least $/hour, where room is free and the served
     fraction does not drop (so coverage and demand are unchanged)."""
@@ -412,7 +420,10 @@ def _cheaper_services(index: Index, ledger: Ledger, out: dict[str, Placement]) -
         gain = saving_per_gpu(w, p)
         if gain > 0:
             todo.append((-gain, -price, wid))
+    repacks = 0  # each packs a whole type again: a few at most
     for _gain, neg_price, wid in sorted(todo):
+        if time.perf_counter() > deadline:
+            break
         w = index.workloads[wid]
         c = index.classes[index.workload_class[wid]]
         old = out[wid]
@@ -440,6 +451,9 @@ def _cheaper_services(index: Index, ledger: Ledger, out: dict[str, Placement]) -
                 break
             if shards:
                 ledger.release(w, new)
+            if repacks >= _MAX_REPACKS or time.perf_counter() > deadline:
+                continue
+            repacks += 1
             got = _repack(index, ledger, out, w, by_type[t], want)
             if got is not None:
                 out[wid] = got

@@ -420,9 +420,12 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             floors.append(form.set_floor(st.terms, st.constant, current, f"floor[{st.name}]", st.tolerance))
             continue
         # LP relaxation: a bound, duals, and (rounded down, completed) a candidate.
+        # The primary stage's LP is the plan's bound and shadow prices: it gets at least
+        # 15% of the time limit even when earlier stages (on a loaded machine) overran.
+        least_lp = 0.15 * options.time_limit_s if st.primary else 0.2
         with timer.stage("lp"):
             lp = backend.solve_lp(
-                form.model, time_limit_s=max(0.2, stage_end - time.perf_counter()), fixed_zero=fixed
+                form.model, time_limit_s=max(least_lp, stage_end - time.perf_counter()), fixed_zero=fixed
             )
         lp_bound = lp.objective if lp.status is SolveStatus.OPTIMAL else math.inf
         if lp.status is SolveStatus.OPTIMAL:
@@ -432,7 +435,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             if levels and incumbent is not None:
                 # Raise the incumbent's minimum first: the bisection then starts from it.
                 with timer.stage("polish"):
-                    lifted = raise_minimum(index, improve(index, incumbent, pol.prefer), stage_end)
+                    lifted = raise_minimum(index, improve(index, incumbent, pol.prefer, stage_end), stage_end)
                     lifted_values = form.hint(lifted.values())
                 if at_least(lifted_values, k, strictly=True):
                     incumbent, values = lifted, lifted_values
@@ -462,7 +465,9 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                             cand, _ = restored(round_down(form, guided.values, services="fit"), {})
                     if cand is not None:
                         with timer.stage("polish"):
-                            lifted = raise_minimum(index, improve(index, cand, pol.prefer), stage_end)
+                            lifted = raise_minimum(
+                                index, improve(index, cand, pol.prefer, stage_end), stage_end
+                            )
                             lifted_values = form.hint(lifted.values())
                         if at_least(lifted_values, k, strictly=True):
                             incumbent, values = lifted, lifted_values
@@ -535,7 +540,12 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             placed, _ = disaggregate(index, option_values(form, vector(values)))
     with timer.stage("repair"):
         repaired = repair_priority(index, complete(index, placed, pol.prefer), options.max_migrations)
-        placed = improve(index, complete(index, repaired, pol.prefer), pol.prefer)
+        placed = improve(
+            index,
+            complete(index, repaired, pol.prefer),
+            pol.prefer,
+            timer.start + options.time_limit_s * (1 - reserve / 2),
+        )
     polish_until = timer.start + options.time_limit_s * (1 - reserve / 2)
     if pol.polish == "exchange" and form.f:
         with timer.stage("polish"):
