@@ -113,7 +113,9 @@ def exchange_services(
         if old is None:
             continue
         f_old = served(wid)
-        log: list[tuple[str, Placement | None, Placement]] = [(wid, old, Placement(wid, (), old.gpu_type))]
+        log: list[tuple[str, Placement | None, Placement, bool]] = [
+            (wid, old, Placement(wid, (), old.gpu_type), False)
+        ]
         ledger.release(w, old)
         del out[wid]
         short = [slack[j] - g.get(wid, 0.0) * f_old for j, g in enumerate(gains)]
@@ -127,71 +129,85 @@ def exchange_services(
         ]
         tried: set[str] = set()
         while any(s < 0 for s in short) and saved > 0:
-            best: tuple[float, str, str, int] | None = None  # ($ per unit, wid, type, replicas)
+            # ($ per unit of w*f, wid, type, replicas, whole service moves to the type)
+            best: tuple[float, str, str, int, bool] | None = None
             for x in peers:
                 if x.id in tried:
                     continue
                 unit = sum(g.get(x.id, 0.0) for g in gains if g.get(wid, 0.0) > 0)
                 cur = out.get(x.id)
-                if cur is not None and cur.shards and cur.gpu_type is not None:
-                    now = served(x.id)
-                    t = cur.gpu_type
-                    spec = x.inference
-                    assert spec is not None
-                    if now >= 1.0 or len(cur.shards) + 1 > replicas_wanted(
-                        x, spec.replica_rps.get(t, 1.0), 0
-                    ):
-                        continue
-                    more = frac(x, t, len(cur.shards) + 1) - now
-                    if more <= 0:
-                        continue
-                    cost = price.get(t, 0.0) * cur.shards[0].gpus
-                    key = (cost / (unit * more), x.id, t, len(cur.shards) + 1)
-                else:
-                    for t, opts in options_by_type(x).items():
-                        want = replicas_wanted(x, opts[0].value, 0)
-                        gain = frac(x, t, want)
-                        if gain <= 0:
-                            continue
-                        cost = price.get(t, 0.0) * opts[0].gpus * want
-                        cand = (cost / (unit * gain), x.id, t, want)
-                        if best is None or cand < best:
-                            best = cand
+                now = served(x.id)
+                if cur is not None and (now >= 1.0 or not cur.shards or cur.gpu_type is None):
                     continue
-                if best is None or key < best:
-                    best = key
+                for t, opts in options_by_type(x).items():
+                    if cur is not None and t == cur.gpu_type:
+                        # one more replica where it runs
+                        spec = x.inference
+                        assert spec is not None
+                        if len(cur.shards) + 1 > replicas_wanted(x, spec.replica_rps.get(t, 1.0), 0):
+                            continue
+                        gain = frac(x, t, len(cur.shards) + 1) - now
+                        cost = price.get(t, 0.0) * cur.shards[0].gpus
+                        cand = (
+                            cost / (unit * gain) if gain > 0 else math.inf,
+                            x.id,
+                            t,
+                            len(cur.shards) + 1,
+                            False,
+                        )
+                    else:
+                        # the whole service, at the replicas it wants, on type t
+                        want = replicas_wanted(x, opts[0].value, 0)
+                        gain = frac(x, t, want) - now
+                        cost = price.get(t, 0.0) * opts[0].gpus * want - (
+                            dollars(cur) if cur is not None else 0.0
+                        )
+                        cand = (max(0.0, cost) / (unit * gain) if gain > 0 else math.inf, x.id, t, want, True)
+                    if gain > 0 and (best is None or cand < best):
+                        best = cand
             if best is None:
                 break
-            _r, xid, t, want = best
+            _r, xid, t, want, whole = best
             tried.add(xid)
             x = index.workloads[xid]
             c = index.classes[index.workload_class[xid]]
             opts = options_by_type(x)[t]
             before = out.get(xid)
-            existing = before.shards if before is not None else ()
-            new = ledger.try_service(x, opts, want, c.spread_units, True, None, existing)
-            if not new:
-                continue
+            f_before = served(xid)
             spec = x.inference
             assert spec is not None
-            if before is None and len(new) < max(1, spec.min_replicas):
-                ledger.release(x, Placement(xid, tuple(new), t))
-                continue
-            f_before = served(xid)
-            after = Placement(xid, (*existing, *new), t)
-            out[xid] = after
-            log.append((xid, before, Placement(xid, tuple(new), t)))
+            if whole:
+                if before is not None:
+                    ledger.release(x, before)
+                new = ledger.try_service(x, opts, want, c.spread_units)
+                moved = Placement(xid, tuple(new), t)
+                if len(new) < max(1, spec.min_replicas) or frac(x, t, len(new)) <= f_before:
+                    if new:
+                        ledger.release(x, moved)
+                    if before is not None:
+                        ledger.place(x, before)
+                    continue
+                out[xid] = moved
+                log.append((xid, before, moved, True))
+                saved -= dollars(moved) - (dollars(before) if before is not None else 0.0)
+            else:
+                assert before is not None
+                new = ledger.try_service(x, opts, want, c.spread_units, True, None, before.shards)
+                if not new:
+                    continue
+                out[xid] = Placement(xid, (*before.shards, *new), t)
+                log.append((xid, before, Placement(xid, tuple(new), t), False))
+                saved -= price.get(t, 0.0) * sum(s.gpus for s in new)
             f_after = served(xid)
             for j, g in enumerate(gains):
                 short[j] += g.get(xid, 0.0) * (f_after - f_before)
-            saved -= price.get(t, 0.0) * sum(s.gpus for s in new)
-            if before is not None and f_after < 1.0:
+            if f_after < 1.0:
                 tried.discard(xid)  # it may take yet another replica
         if all(s >= 0 for s in short) and saved > 1e-9:
             slack = short
             continue
         # Undo, newest first.
-        for xid, before, added in reversed(log):
+        for xid, before, added, whole in reversed(log):
             x = index.workloads[xid]
             if xid == wid:
                 assert before is not None
@@ -199,6 +215,8 @@ def exchange_services(
                 out[xid] = before
                 continue
             ledger.release(x, added)
+            if whole and before is not None:
+                ledger.place(x, before)
             if before is None:
                 del out[xid]
             else:
