@@ -3,6 +3,7 @@ changes), shown in the API's status, and planned with by the control loop."""
 
 from __future__ import annotations
 
+import math
 import sqlite3
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +16,7 @@ from apportion.v1 import allocator_pb2 as apb
 from server import convert
 from server.control import planned_spec
 from server.store import PLACED, RUNNING, SCHEMA_VERSION, Observation, Store
+from server.workers import RATE_WINDOW_S, SMOOTHING_S, _Track
 from tests.server.serving import FAST_LOOP, running_server
 
 SPEC: dict[str, Any] = {
@@ -226,3 +228,29 @@ def test_a_measured_throughput_moves_a_job_to_the_type_that_is_better(tmp_path: 
 
 def _inventory(data: dict[str, Any]) -> Any:
     return json_format.ParseDict(data, apb.UpsertNodesRequest())
+
+
+def test_the_dispatcher_measures_steps_over_time_without_start_up() -> None:
+    track = _Track(kind="training", gpu_type="h100-80g", gpus=2)
+    track.restart_rate({})
+    assert track.observation() is None  # nothing done yet
+    track.measure(0, 0.0, 100.0)  # a fresh launch reports step 0: ignored
+    track.measure(500, 64.0, 130.0)  # first progress (resumed at 480, 30 s of start-up): the base
+    track.step = 500
+    obs = track.observation()
+    assert obs is not None and obs.work_done == 500 and obs.work_per_s is None
+    track.measure(500.5, 64.0, 130.0 + RATE_WINDOW_S / 2)  # too short an interval: waits for more
+    track.measure(520, 64.0, 134.0)  # 20 steps in 4 s
+    assert track.work_per_s == 5.0 and track.measured_s == 4.0 and track.rate_samples_per_s == 64.0
+    track.measure(540, 32.0, 144.0)  # 20 steps in 10 s: 2/s, averaged in with weight 1 - e^(-10/30)
+    alpha = 1 - math.exp(-10 / SMOOTHING_S)
+    assert abs(track.work_per_s - (5.0 + alpha * (2.0 - 5.0))) < 1e-9 and track.measured_s == 14.0
+    # a relaunch starts over from the stored average of that type and gang size
+    track.step = 540
+    rate = {"gpus": 2, "work_per_s": 3.0, "samples_per_s": 50.0, "seconds": 14}
+    stored = {"throughput": {"h100-80g": rate}}
+    track.restart_rate(stored)
+    assert (track.base, track.work_per_s, track.measured_s) == (None, 3.0, 14.0)
+    track.gpus = 4
+    track.restart_rate(stored)  # another gang size: not this measurement
+    assert (track.work_per_s, track.measured_s) == (0.0, 0.0)
