@@ -56,8 +56,9 @@ Decisions (DESIGN.md is silent on them):
   at once (its in-flight requests finish in its stop grace). So with room for
   the new replicas beside the old (a surge) the service never has fewer ready
   replicas than before; updated in place, it has at most one fewer, and none
-  only when it has one replica and no room for a second. A retiring replica
-  that exits is not restarted. Two updates in a row: replicas of the version
+  only when it has one replica and no room for a second. A new replica waiting
+  to be restarted after a crash counts as not ready. A retiring replica that
+  exits is not restarted. Two updates in a row: replicas of the version
   before the last are replaced in place where their shard index is the new
   version's (same parity). (The control loop decides where the new version
   runs — with the old one's replicas as its current placement — and keeps the
@@ -655,7 +656,12 @@ class Dispatcher:
         advertise = {n: s.advertise for n, s in sessions.items() if s.connected}
         now = time.monotonic()
         with self._lock:
-            wants = [w for w in self._wanted(rows, advertise) if not self._held(w, now)]
+            wants, held = [], set()
+            for w in self._wanted(rows, advertise):
+                if self._held(w, now):
+                    held.add(w.launch.workload_id)  # restarting after a crash
+                else:
+                    wants.append(w)
             by_node: dict[str, dict[str, _Want]] = {}
             serving_version: dict[str, int] = {}  # service -> the version the plan wants
             for w in wants:
@@ -709,7 +715,7 @@ class Dispatcher:
                     log.info(
                         "launch", extra={"node": node_id, "shard": key, "world_size": w.launch.world_size}
                     )
-            self._roll(sessions, wants, blocked)
+            self._roll(sessions, wants, blocked, held)
             self._update_states(rows, wants, now)
 
     # -- rollouts -----------------------------------------------------------------------
@@ -726,6 +732,7 @@ class Dispatcher:
         sessions: dict[str, Session],
         wants: list[_Want],
         blocked: dict[str, list[tuple[Session, _Want]]],
+        held: set[str],
     ) -> None:
         """Move each service in a rollout on: its retiring replicas are stopped once every
         replica of the new version is launched and ready; while some new replicas wait
@@ -738,8 +745,8 @@ class Dispatcher:
                     retiring.setdefault(key.rpartition("/")[0], []).append((session, key))
         for wid, old in retiring.items():
             track = self._tracks.get(wid)
-            if track is None:
-                continue
+            if track is None or wid in held:
+                continue  # (a new replica restarting after a crash: not ready)
             launched = [w for w in wants if w.launch.workload_id == wid and w.key in sessions[w.node_id].sent]
             if any(w.launch.shard_index not in track.endpoints for w in launched):
                 continue  # new replicas starting: the old ones serve meanwhile
