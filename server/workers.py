@@ -703,13 +703,14 @@ class Dispatcher:
                             blocked.setdefault(w.launch.workload_id, []).append((session, w))
                             continue  # its GPUs are still held by retiring replicas
                         free -= w.launch.gpus
+                    replaced = key in session.sent or session.retiring.pop(key, None) is not None
                     if key in session.sent:
                         self._send_stop(session, key, "the gang changed")
-                    session.retiring.pop(key, None)  # the same shard index: the worker replaces it
                     track = self._tracks.get(w.launch.workload_id)
                     if track is not None:
                         track.base = None  # a (re)launch: its startup is not measured
-                        track.drop_endpoint(w.launch.shard_index)  # until it reports one again
+                        if replaced:  # the worker replaces the process: its endpoint goes with it
+                            track.drop_endpoint(w.launch.shard_index, node_id)
                     session.sent[key] = sig
                     session.outbox.put(wpb.ServerMessage(launch=w.launch))
                     log.info(

@@ -79,13 +79,17 @@ def serving(c: Cluster, indexes: set[int], timeout: float) -> dict[int, str]:
     )
 
 
+def live_pids(c: Cluster) -> set[int]:
+    """The replica processes running now (a stopped one's pid file may linger a moment)."""
+    return {p for w in c.workers for p in pids_of(w.work_dir) if alive(p)}
+
+
 def roll(c: Cluster) -> None:
     new = {REPLICA_STRIDE, REPLICA_STRIDE + 1}
     c.submit(service("v1"))
     c.wait_state("chat", "RUNNING", timeout=90)
     old_endpoints = serving(c, {0, 1}, 90)
-    old_pids = {p for w in c.workers for p in pids_of(w.work_dir)}
-    assert len(old_pids) == 2
+    old_pids = wait_for(lambda: len(p := live_pids(c)) == 2 and p, 30, "two replica processes")
     with Traffic(c) as traffic:
         wait_for(lambda: len(traffic.replicas) >= 5, 60, "answers from version 1")
         update = convert.workloads_from_data({"workloads": [service("v2")]}).workloads[0]
@@ -101,7 +105,7 @@ def roll(c: Cluster) -> None:
     status = c.wait_state("chat", "RUNNING", timeout=30)
     assert status.version == 2 and not status.HasField("serving_version")
     wait_for(lambda: not any(alive(p) for p in old_pids), 30, "the old replicas' processes to end")
-    now = {p for w in c.workers for p in pids_of(w.work_dir)}
+    now = live_pids(c)
     assert len(now) == 2 and not now & old_pids
 
 
