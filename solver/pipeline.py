@@ -434,14 +434,14 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             levels = pol.levels(form) if st.primary and bound is not None else None
             if levels and incumbent is not None:
                 # Raise the incumbent's minimum first: the bisection then starts from it.
-                with timer.stage("polish"):
+                with timer.stage("round"):
                     lifted = raise_minimum(index, improve(index, incumbent, pol.prefer, stage_end), stage_end)
                     lifted_values = form.hint(lifted.values())
                 if at_least(lifted_values, k, strictly=True):
                     incumbent, values = lifted, lifted_values
                     current = form.model.objective_value(vector(values))
             if levels:
-                with timer.stage("levels"):
+                with timer.stage("lp"):
                     level_bound, guide = _level_bound(
                         form, backend, st, levels, fixed, current, lp_bound, stage_end
                     )
@@ -464,7 +464,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                         if guided.status is SolveStatus.OPTIMAL:
                             cand, _ = restored(round_down(form, guided.values, services="fit"), {})
                     if cand is not None:
-                        with timer.stage("polish"):
+                        with timer.stage("round"):
                             lifted = raise_minimum(
                                 index, improve(index, cand, pol.prefer, stage_end), stage_end
                             )
@@ -546,12 +546,15 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             pol.prefer,
             timer.start + options.time_limit_s * (1 - reserve / 2),
         )
+    # The policy's local search (solver/exchange.py) is timed as part of "repair", the
+    # one in the primary stage as "round" and the level bisection as "lp": stage names
+    # that clients know the order of (server/cli.py orders a server's stage times).
     polish_until = timer.start + options.time_limit_s * (1 - reserve / 2)
     if pol.polish == "exchange" and form.f:
-        with timer.stage("polish"):
+        with timer.stage("repair"):
             placed = _exchange(form, stages, floors, placed, polish_until)
     elif pol.polish == "minimum":
-        with timer.stage("polish"):
+        with timer.stage("repair"):
             placed = raise_minimum(index, placed, polish_until)
     # Never worse than the greedy seed.
     final_values = _stage_values(form, stages, form.hint(placed.values()))
