@@ -43,7 +43,9 @@ progress, not an estimate), and, by ``throughput_feedback``:
   ratio). Types never measured keep their declared numbers, so a job that runs
   slower than declared moves to another type that declares more (if the gain
   beats the migration penalty); measured there too, it goes where it is faster
-  and stays (both numbers are measured then: no ping-pong).
+  and stays (both numbers are measured then: no ping-pong; measured rates
+  within :data:`FEEDBACK_BAND` of the best measured one count as equal to it,
+  so measurement noise moves nothing).
 * ``scaled``: as ``observed``, and the declared numbers of the types never
   measured are scaled by the mean measured/declared ratio, for users whose
   numbers are uniformly optimistic (the job then stays where it is measured
@@ -93,6 +95,7 @@ log = logging.getLogger("apportion.control")
 REST_FACTOR = 2.0
 FEEDBACK_MODES = ("observed", "scaled", "off")
 FEEDBACK_MIN_S = 10.0  # seconds of measurement before a measured throughput is planned with
+FEEDBACK_BAND = 0.1  # measured rates within 10% of the best measured one count as equal to it
 MIN_REMAINING = 1e-3  # work units: what is left of a job past its declared work (the solver wants > 0)
 _WORKLOAD_PATH = re.compile(r"^workloads\[(\d+)\]")
 _CURRENT_PATH = re.compile(r"^current\[(\d+)\]")
@@ -425,6 +428,11 @@ def planned_spec(spec: dict[str, Any], observed: dict[str, Any], feedback: str) 
                         table[gpu_type] = declared * ratios[gpu_type]  # another gang size, same type
                     elif feedback == "scaled":
                         table[gpu_type] = declared * overall
+                measured = [t for t in table if t in ratios]
+                best = max((table[t] for t in measured), default=0.0)
+                for gpu_type in measured:  # noise: no move between measured types for less than the band
+                    if table[gpu_type] * (1 + FEEDBACK_BAND) >= best:
+                        table[gpu_type] = best
             if training.get("elastic"):
                 out["elastic"] = [{**s, "throughput": t} for s, t in zip(shapes, tables, strict=True)]
             else:

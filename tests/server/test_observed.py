@@ -143,6 +143,11 @@ def test_planned_spec_replaces_measured_types_and_counts_remaining_work_down() -
     assert off["training"]["remaining_work"] == 600  # progress is not an estimate: always counted
     # a rate measured on another gang size is not this job's
     assert planned_spec(SPEC, observed(0, h100_80g=(4, 1.0)), "observed")["training"] == SPEC["training"]
+    # measured on both: within 10% of each other they count as equal (noise moves nothing)
+    both = planned_spec(SPEC, observed(0, h100_80g=(2, 5.0), a100_80g=(2, 5.4)), "observed")
+    assert both["training"]["throughput"] == {"h100-80g": 5.4, "a100-80g": 5.4}
+    apart = planned_spec(SPEC, observed(0, h100_80g=(2, 5.0), a100_80g=(2, 6.0)), "observed")
+    assert apart["training"]["throughput"] == {"h100-80g": 5.0, "a100-80g": 6.0}
     # too short a measurement to plan with
     brief = observed(0, h100_80g=(2, 1.0))
     brief["throughput"]["h100-80g"]["seconds"] = 3.0
