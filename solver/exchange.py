@@ -279,7 +279,19 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
         by_type: dict[str, list[Option]] = {}
         for o in c.options:
             by_type.setdefault(o.gpu_type, []).append(o)
-        # Most served first, then fewest GPUs.
+        # More replicas where it runs, as many as fit (up to what it wants).
+        here = by_type.get(old.gpu_type or "", [])
+        if here:
+            want = replicas_wanted(w, here[0].value, 0)
+            if want > len(old.shards):
+                more = ledger.try_service(w, here, want, c.spread_units, True, None, old.shards)
+                if more:
+                    out[wid] = Placement(wid, (*old.shards, *more), old.gpu_type)
+                    if value(wid) > now + 1e-12:
+                        return True
+                    ledger.release(w, Placement(wid, tuple(more), old.gpu_type))
+                    out[wid] = old
+        # Else the whole service elsewhere: most served first, then fewest GPUs.
         plans = []
         for t, opts in by_type.items():
             want = replicas_wanted(w, opts[0].value, 0)
