@@ -42,6 +42,22 @@ Decisions (DESIGN.md is silent on them):
   between that and what the plan wants (a changed gang — new version, other
   ranks — is stopped and launched again), and stops shards a worker reports
   alive that nobody wants (e.g. left over from before a server restart).
+* Moves of training jobs: break before make. When the plan moves a training
+  workload (a migration, a re-plan with measured throughput, a drained or down
+  node) or relaunches its gang in place with other ranks, the old shards are
+  stopped at once and the new shards' Launch waits until every old shard has
+  reported its end (STOPPED, SUCCEEDED or FAILED) or its node is down (its
+  session expired), at most ``stop_grace_s`` + :data:`MOVE_MARGIN_S`
+  (:meth:`Dispatcher.move_timeout_s`; then it is launched anyway, with a
+  warning). train-lm checkpoints the step it reached on SIGTERM, and the agent
+  uploads a shard's last checkpoint before it reports the shard's end, so the
+  new node downloads that checkpoint: a planned move loses no step, and two
+  copies of a job never run at once (nor write one shared checkpoint
+  directory). The same wait holds a gang restarted after a crash until the
+  shards told to stop have ended. A shard a worker reports still running
+  where the plan still wants it, never told to stop (a worker that registered
+  again after a server restart), is not waited for. Services keep
+  make-before-break (below).
 * Rollouts. Replica ``i`` of version ``v`` of a service runs as shard index
   :func:`replica_index` (``i`` for odd versions, ``1000 + i`` for even ones),
   so a new version's replicas and the old ones can run side by side on one
@@ -134,6 +150,7 @@ STREAM_POLL_S = 0.25
 RATE_WINDOW_S = 1.0  # the shortest interval a work rate is measured over
 SMOOTHING_S = 30.0  # time constant of the moving average of measured rates
 FEEDBACK_CHANGE = 0.1  # relative change of a measured rate that makes the control loop re-plan
+MOVE_MARGIN_S = 30.0  # beyond the stop grace, how long a moved training job waits for its old shards
 
 
 @dataclass(frozen=True)
@@ -352,6 +369,7 @@ class Dispatcher:
         self._sessions: dict[str, Session] = {}  # node id -> its current session
         self._by_id: dict[str, Session] = {}
         self._tracks: dict[str, _Track] = {}
+        self._moves: dict[str, float] = {}  # training workload -> until when its launch waits (0: waited)
         self.log_buffer = LogBuffer()
         self._dirty = threading.Event()
         self._seen_revision = -1
@@ -685,6 +703,16 @@ class Dispatcher:
                         track = self._tracks.get(wid)
                         if track is not None:  # a replica moved or scaled away: out of the router now
                             track.drop_endpoint(int(key.rpartition("/")[2]), node_id)
+                for key, w in mine.items():  # a training shard relaunched in place is stopped first
+                    sent = session.sent.get(key)
+                    if (
+                        sent is not None
+                        and sent != w.signature
+                        and w.launch.workload.WhichOneof("spec") == "training"
+                    ):
+                        del session.sent[key]
+                        if key in session.alive:
+                            self._send_stop(session, key, "the gang changed")
                 for key in list(session.retiring):
                     if key.rpartition("/")[0] not in serving_version:  # the service is gone or moved
                         self._retire(session, key, "no longer in the plan")
@@ -693,11 +721,18 @@ class Dispatcher:
                         last = session.stopping.get(key, 0.0)
                         if now - last > max(5.0, self.config.stop_grace_s):
                             self._send_stop(session, key, "not in the plan")
+            ending = self._ending(sessions, wants, by_node, now)
+            for node_id, session in sessions.items():
+                if not session.connected:
+                    continue
+                mine = by_node.get(node_id, {})
                 free = self._free_gpus(node_id, session, mine) if session.retiring else None
                 for key, w in mine.items():
                     sig = w.signature
                     if session.sent.get(key) == sig:
                         continue
+                    if w.launch.workload_id in ending:
+                        continue  # break before make: the old shards of a training job end first
                     if free is not None and key not in session.sent:
                         if w.launch.gpus > free:
                             blocked.setdefault(w.launch.workload_id, []).append((session, w))
@@ -718,6 +753,55 @@ class Dispatcher:
                     )
             self._roll(sessions, wants, blocked, held)
             self._update_states(rows, wants, now)
+
+    # -- moves of training jobs -----------------------------------------------------------
+
+    def _ending(
+        self,
+        sessions: dict[str, Session],
+        wants: list[_Want],
+        by_node: dict[str, dict[str, _Want]],
+        now: float,
+    ) -> set[str]:
+        """The training workloads whose launches wait (break before make): those with a
+        shard that a live worker still runs where the plan no longer wants it, or that
+        was told to stop (a gang relaunched in place, a crash), until each such shard has
+        reported its end or its node is down, or :meth:`move_timeout_s` has passed since
+        the wait began. (A shard the plan still wants where it runs, never told to stop —
+        a worker that registered again — is not waited for.)"""
+        training = {w.launch.workload_id for w in wants if w.launch.workload.WhichOneof("spec") == "training"}
+        old: dict[str, list[str]] = {}
+        for node_id, session in sessions.items():  # live sessions: a down node's shards count as ended
+            mine = by_node.get(node_id, {})
+            for key in session.alive:
+                wid = key.rpartition("/")[0]
+                if wid in training and (key not in mine or key in session.stopping):
+                    old.setdefault(wid, []).append(f"{key}@{node_id}")
+        for wid in list(self._moves):
+            if wid not in old:
+                del self._moves[wid]
+                log.info("the old shards have ended: launching", extra={"workload": wid})
+        out = set()
+        for wid, shards in old.items():
+            deadline = self._moves.get(wid)
+            if deadline is None:
+                deadline = self._moves[wid] = now + self.move_timeout_s
+                log.info("launch waits for the old shards to end", extra={"workload": wid, "shards": shards})
+            if now < deadline:
+                out.add(wid)
+            elif deadline > 0:
+                self._moves[wid] = 0.0  # once: launched anyway from now on
+                log.warning(
+                    "old shards did not report their end in time: launching anyway",
+                    extra={"workload": wid, "shards": shards, "waited_s": self.move_timeout_s},
+                )
+        return out
+
+    @property
+    def move_timeout_s(self) -> float:
+        """How long a moved training job's launch waits for its old shards: the stop grace,
+        and :data:`MOVE_MARGIN_S` for the last checkpoint's upload and the report."""
+        return self.config.stop_grace_s + MOVE_MARGIN_S
 
     # -- rollouts -----------------------------------------------------------------------
 

@@ -615,6 +615,8 @@ class Agent:
         try:
             with shard.lock:
                 for local in range(procs):
+                    if shard.stop_requested:  # a Stop came while the checkpoint was fetched: start nothing
+                        break
                     devices_text = "" if self.gpus.simulated or not devices else str(devices[local])
                     env = shard_env(launch, local, procs, devices_text, checkpoint_dir)
                     proc = subprocess.Popen(

@@ -30,11 +30,12 @@ agent (``worker.agent``) uses this module:
   that dies loses at most what it had not uploaded yet: the checkpoints
   written in its last poll interval and upload.
 
-A job the plan moves (not a crash) is launched on its new node while the old
-one stops, so the new node starts from the last checkpoint uploaded before the
-launch, not from the one the old runtime writes as it stops (that one still
-goes up and is kept while it is the newest). Either way the loss is at most
-about one checkpoint interval.
+A job the plan moves (not a crash) is launched on its new node only once the
+old shards have reported their end (the server's dispatcher: break before
+make), and the old rank 0's agent uploads the checkpoint the runtime writes on
+SIGTERM before it reports that end, so the new node downloads the step the old
+one stopped at: a planned move loses nothing. A worker that dies loses what it
+had not uploaded (above).
 """
 
 from __future__ import annotations
