@@ -88,9 +88,12 @@ Decisions (DESIGN.md is silent on them):
   exit status and the tail of its log in the message. Statuses that arrive
   while a restart is pending (the rest of a broken gang exiting) are not
   counted again. A shard stopped on command reports STOPPED: not a crash.
-* Progress (step, loss, samples/s of shard 0; a service's requests/s and ready
-  replicas) is kept in memory and written to the workload's message at most
-  every ``progress_interval_s``: "step 120/400 loss 2.3100 1500 samples/s".
+* Progress (step, loss, samples/s of shard 0; a service's requests/s, latency
+  and running replicas) is kept in memory and written to the workload's message
+  at most every ``progress_interval_s``: "step 120/400 loss 2.3100 1500
+  samples/s", "2 replicas running, 41.5 requests/s, p50 21 ms, p99 50 ms" (the
+  replicas' requests/s summed; p50 their medians weighted by their requests/s,
+  p99 the highest replica's; no latency until a replica reports one).
 * Measured throughput. For a training workload, the step (work units done)
   in shard 0's RUNNING statuses is timed on arrival: each interval of at least
   :data:`RATE_WINDOW_S` between two reports gives work units/s of the whole
@@ -180,6 +183,12 @@ def replica_index(version: int, i: int) -> int:
     return i + REPLICA_STRIDE * ((version - 1) % 2)
 
 
+def _ms(seconds: float) -> str:
+    """A latency in milliseconds: "21 ms", "4.5 ms"."""
+    ms = seconds * 1000
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
+
+
 def _copy(node: pb.Node) -> pb.Node:
     out = pb.Node()
     out.CopyFrom(node)
@@ -241,6 +250,7 @@ class _Track:
     loss: float = 0.0
     samples_per_s: float = 0.0
     requests_per_s: dict[int, float] = field(default_factory=dict)
+    latency_s: dict[int, tuple[float, float]] = field(default_factory=dict)  # replica -> (p50, p99)
     endpoints: dict[int, str] = field(default_factory=dict)
     endpoint_nodes: dict[int, str] = field(default_factory=dict)  # shard index -> the node it is on
 
@@ -546,6 +556,7 @@ class Dispatcher:
                     track.measure(status.step, status.samples_per_s, time.monotonic())
                 if track.kind == "inference":
                     track.requests_per_s[i] = status.requests_per_s
+                    track.latency_s[i] = (status.latency_p50_s, status.latency_p99_s)
             elif status.state == "SUCCEEDED" and track.kind == "training":
                 track.running.pop(i, None)
                 track.succeeded.add(i)
@@ -966,7 +977,22 @@ class Dispatcher:
         if not track.running:
             return ""
         rps = sum(track.requests_per_s.get(i, 0.0) for i in track.running)
-        return f"{len(track.running)} replicas running, {rps:.1f} requests/s"
+        text = f"{len(track.running)} replicas running, {rps:.1f} requests/s"
+        latency = [
+            (track.requests_per_s.get(i, 0.0), *track.latency_s[i])
+            for i in track.running
+            if i in track.latency_s
+        ]
+        latency = [x for x in latency if x[1] > 0]
+        if latency:  # p50: the replicas' medians weighted by their requests/s; p99: the highest replica's
+            weight = sum(r for r, _, _ in latency)
+            p50 = (
+                sum(r * p for r, p, _ in latency) / weight
+                if weight > 0
+                else sum(p for _, p, _ in latency) / len(latency)
+            )
+            text += f", p50 {_ms(p50)}, p99 {_ms(max(p for _, _, p in latency))}"
+        return text
 
     # -- for other parts of the server ------------------------------------------------
 

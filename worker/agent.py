@@ -30,7 +30,8 @@ ARGS``, ``serve-lm`` -> ``worker.runtimes.serve_lm``; ``entrypoint:
 that argv followed by ARGS.
 
 Output. stdout and stderr are read together, line by line. ``APPORTION_PROGRESS
-{json}`` (step, total_steps, loss, samples_per_s, requests_per_s) and
+{json}`` (step, total_steps, loss, samples_per_s, requests_per_s,
+latency_p50_s, latency_p99_s) and
 ``APPORTION_READY {"endpoint": "host:port"}`` lines become ShardStatus (from
 local rank 0; at most :data:`PROGRESS_EVERY_S` apart); every other line goes to
 the server as a LogChunk and to ``<work-dir>/logs/<id>/shard-<i>.log``. A shard
@@ -327,6 +328,8 @@ class _Shard:
     loss: float = 0.0
     samples_per_s: float = 0.0
     requests_per_s: float = 0.0
+    latency_p50_s: float = 0.0
+    latency_p99_s: float = 0.0
     endpoint: str = ""
     reported_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -719,9 +722,12 @@ class Agent:
                 shard.loss = float(data.get("loss", shard.loss))
                 shard.samples_per_s = float(data.get("samples_per_s", shard.samples_per_s))
                 shard.requests_per_s = float(data.get("requests_per_s", shard.requests_per_s))
+                shard.latency_p50_s = float(data.get("latency_p50_s", shard.latency_p50_s))
+                shard.latency_p99_s = float(data.get("latency_p99_s", shard.latency_p99_s))
             now = time.monotonic()
             if now - shard.reported_at >= PROGRESS_EVERY_S:
                 self.report(shard, "RUNNING")
+        stream.close()
         code = proc.wait()
         with shard.lock:
             shard.codes[local] = code
@@ -793,6 +799,8 @@ class Agent:
                     loss=shard.loss,
                     samples_per_s=shard.samples_per_s,
                     requests_per_s=shard.requests_per_s,
+                    latency_p50_s=shard.latency_p50_s,
+                    latency_p99_s=shard.latency_p99_s,
                     message=message,
                     endpoint=shard.endpoint,
                 )

@@ -1,7 +1,7 @@
 """The dispatcher against fake workers that speak the Workers protocol directly (no
 agent, nothing runs): a moved training job's launch waits for its old shard to end
 (break before make), at most the stop grace and a margin, or until the old node is
-down; a moved service does not wait."""
+down; a moved service does not wait; a service's latency reaches its message."""
 
 from __future__ import annotations
 
@@ -202,3 +202,30 @@ def test_a_moved_service_replica_is_launched_at_once(tmp_path: Path) -> None:
         srv.stub().DrainNode(apb.DrainNodeRequest(id=old.node_id))
         moved = new.next("launch", 15)  # while the old replica still runs: make before break
         assert moved is not None and moved.workload_id == "chat"
+
+
+def test_a_services_latency_is_in_its_message(tmp_path: Path) -> None:
+    with start(tmp_path) as srv:
+        fakes = two_workers(srv)
+        submit(srv, service("chat", 20))  # two replicas, one on each worker
+        launches = {n: f.next("launch", 30) for n, f in fakes.items()}
+        assert all(launches.values()), launches
+        stub = srv.stub()
+
+        def message() -> str:
+            return str(stub.GetWorkload(apb.GetWorkloadRequest(id="chat")).message)
+
+        fakes["n1"].status(launches["n1"], "RUNNING", requests_per_s=30.0)  # no latency measured yet
+        fakes["n2"].status(launches["n2"], "RUNNING", requests_per_s=10.0)
+        wait_for(
+            lambda: message() == "2 replicas running, 40.0 requests/s", 15, "the message without latency"
+        )
+        fakes["n1"].status(
+            launches["n1"], "RUNNING", requests_per_s=30.0, latency_p50_s=0.02, latency_p99_s=0.05
+        )
+        fakes["n2"].status(
+            launches["n2"], "RUNNING", requests_per_s=10.0, latency_p50_s=0.04, latency_p99_s=0.08
+        )
+        # p50: the medians weighted by requests/s, (30 * 20 + 10 * 40) / 40 = 25 ms; p99: the highest
+        expected = "2 replicas running, 40.0 requests/s, p50 25 ms, p99 80 ms"
+        wait_for(lambda: message() == expected, 15, f"{expected!r}, not {message()!r}")

@@ -124,3 +124,43 @@ def test_memory_and_heartbeat_numbers_are_sane() -> None:
     started = time.monotonic()
     assert agent.gpu_usage() == [] or agent.shutil.which("nvidia-smi")
     assert time.monotonic() - started < 15
+
+
+# Serves a moment, reports its requests/s and latency (as serve-lm does), exits 0.
+SERVING = """\
+import json, time
+time.sleep(0.7)  # past the agent's least time between two progress statuses
+print("APPORTION_PROGRESS " + json.dumps({"requests_per_s": 41.5, "latency_p50_s": 0.021,
+                                          "latency_p99_s": 0.05, "requests": 83}), flush=True)
+time.sleep(0.5)
+"""
+
+
+def test_a_replicas_requests_per_s_and_latency_reach_its_statuses(tmp_path: Path) -> None:
+    config = agent.AgentConfig(server="127.0.0.1:1", gpus="1", gpu_type="sim", work_dir=tmp_path)
+    a = agent.Agent(config)  # no server: the statuses stay in its outbox
+    a.pid_dir.mkdir(parents=True)
+    workload = pb.Workload(
+        id="chat",
+        inference=pb.InferenceSpec(gpus_per_replica={"sim": 1}, replica_rps={"sim": 10}, target_rps=10),
+        runtime=pb.Runtime(command=[sys.executable, "-c", SERVING]),
+    )
+    launch = wpb.Launch(workload_id="chat", version=1, shard_index=0, gpus=1, gpu_type="sim", nnodes=1,
+                        world_size=1, master_addr="127.0.0.1", workload=workload)  # fmt: skip
+    statuses: list[wpb.ShardStatus] = []
+    try:
+        a.launch(launch)
+        deadline = time.monotonic() + 30
+        while not statuses or statuses[-1].state not in ("SUCCEEDED", "FAILED"):
+            assert time.monotonic() < deadline, statuses
+            msg = a._outbox.get(timeout=30)
+            if msg is not None and msg.WhichOneof("body") == "status":
+                statuses.append(msg.status)
+    finally:
+        a.client.close()
+    assert statuses[-1].state == "SUCCEEDED", statuses[-1]
+    reported = [s for s in statuses if s.state == "RUNNING" and s.requests_per_s]
+    assert reported, statuses
+    for s in (reported[0], statuses[-1]):
+        assert (s.requests_per_s, s.latency_p50_s, s.latency_p99_s) == (41.5, 0.021, 0.05)
+    assert statuses[0].latency_p50_s == 0.0  # nothing measured before the first progress line

@@ -150,6 +150,8 @@ class ShardStatus(_message.Message):
     REQUESTS_PER_S_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     ENDPOINT_FIELD_NUMBER: _builtins.int
+    LATENCY_P50_S_FIELD_NUMBER: _builtins.int
+    LATENCY_P99_S_FIELD_NUMBER: _builtins.int
     workload_id: _builtins.str
     version: _builtins.int
     shard_index: _builtins.int
@@ -165,6 +167,10 @@ class ShardStatus(_message.Message):
     """e.g. the tail of the log on failure"""
     endpoint: _builtins.str
     """a serving replica's address"""
+    latency_p50_s: _builtins.float
+    """a serving replica's request latency, median (0: none yet)"""
+    latency_p99_s: _builtins.float
+    """and 99th percentile"""
     def __init__(
         self,
         *,
@@ -179,10 +185,12 @@ class ShardStatus(_message.Message):
         requests_per_s: _builtins.float = ...,
         message: _builtins.str = ...,
         endpoint: _builtins.str = ...,
+        latency_p50_s: _builtins.float = ...,
+        latency_p99_s: _builtins.float = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "exit_code", b"exit_code", "loss", b"loss", "message", b"message", "requests_per_s", b"requests_per_s", "samples_per_s", b"samples_per_s", "shard_index", b"shard_index", "state", b"state", "step", b"step", "version", b"version", "workload_id", b"workload_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "exit_code", b"exit_code", "latency_p50_s", b"latency_p50_s", "latency_p99_s", b"latency_p99_s", "loss", b"loss", "message", b"message", "requests_per_s", b"requests_per_s", "samples_per_s", b"samples_per_s", "shard_index", b"shard_index", "state", b"state", "step", b"step", "version", b"version", "workload_id", b"workload_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
