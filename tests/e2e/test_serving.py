@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -211,3 +212,6 @@ def test_a_real_serve_lm_service_answers_through_the_router(tmp_path: Path) -> N
         ]
         assert {r.replica for r in replies} == {"lm/0", "lm/1"}
         assert all(r.tokens == 4 and r.text for r in replies)
+        # the replicas' latency (serve-lm's progress lines, every 2 s) reaches the service's message
+        served = r"2 replicas running, [\d.]+ requests/s, p50 [\d.]+ ms, p99 [\d.]+ ms"
+        wait_for(lambda: re.fullmatch(served, c.get("lm").message), 30, f"a message like {served!r}")
