@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from apportion.v1 import inference_pb2, inference_pb2_grpc
-from worker.runtimes import checkpoint, data
+from worker import checkpoint_sync
+from worker.runtimes import checkpoint, ckpt_files, data
 from worker.runtimes.common import ConfigError
 from worker.runtimes.model import ModelConfig, TinyLM, generate, generate_batch
 from worker.runtimes.train_lm import TrainConfig
@@ -140,6 +141,18 @@ def test_checkpoints_are_found_and_pruned(tmp_path: Path) -> None:
     assert latest is not None and latest.name == "ckpt-40.pt"
     assert checkpoint.load(latest)["step"] == 40
     (tmp_path / "latest").unlink()  # without the pointer: the highest step
+    assert checkpoint.latest_path(tmp_path) == latest
+
+
+def test_a_checkpoint_whose_pointer_was_never_written_is_still_the_latest(tmp_path: Path) -> None:
+    # a runtime killed between its two atomic writes: ckpt-20.pt is complete, ``latest`` names ckpt-10.pt
+    checkpoint.save(tmp_path, {"step": 10, "model": {"w": torch.ones(2)}})
+    ckpt_files.write_atomic(tmp_path / "ckpt-20.pt", lambda f: torch.save({"step": 20}, f))
+    assert (tmp_path / "latest").read_text().strip() == "ckpt-10.pt"
+    latest = checkpoint.latest_path(tmp_path)
+    assert latest == tmp_path / "ckpt-20.pt" and checkpoint.load(latest)["step"] == 20
+    assert checkpoint_sync.local_step(tmp_path) == 20  # the agent's download-if-newer sees it too
+    (tmp_path / ".ckpt-30.pt.tmp-1-2").write_bytes(b"half a checkpoint")  # a write in progress: not one
     assert checkpoint.latest_path(tmp_path) == latest
 
 

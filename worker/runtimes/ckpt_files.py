@@ -1,7 +1,8 @@
 """The file layout of a checkpoint directory, without torch (the agent reads and fills it too).
 
 - ``ckpt-STEP.pt``: one complete checkpoint (what is in it: ``worker.runtimes.checkpoint``).
-- ``latest``: the name of the newest complete checkpoint, one line.
+- ``latest``: the name of the newest complete checkpoint, one line (for people and
+  other tools: :func:`latest_path` goes by the files, see there).
 
 Every file is written atomically (a temporary file in the same directory, fsync,
 ``os.replace``), a checkpoint before the pointer that names it, so a reader only
@@ -72,14 +73,10 @@ def point_latest(directory: Path, step: int) -> None:
 
 
 def latest_path(directory: Path) -> Path | None:
-    """The newest complete checkpoint in ``directory`` (None when there is none)."""
-    pointer = directory / LATEST
-    try:
-        name = pointer.read_text().strip()
-    except OSError:
-        name = ""
-    if NAME.match(name) and (directory / name).is_file():
-        return directory / name
-    # no pointer (or a dangling one): the highest-numbered checkpoint, which is complete (atomic writes)
+    """The newest complete checkpoint in ``directory`` (None when there is none): the
+    highest-numbered ``ckpt-STEP.pt``, which is complete (written atomically), whatever
+    ``latest`` says. The pointer lags behind the newest file while a writer is between the
+    two writes, and stays behind if the writer is killed there: trusting it would resume
+    from an older checkpoint and lose the steps of the newer one."""
     found = steps(directory)
     return directory / name_for(found[-1]) if found else None
