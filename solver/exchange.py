@@ -24,6 +24,7 @@ object); and only services that do not run now move (no migrations).
 
 from __future__ import annotations
 
+import heapq
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -127,48 +128,57 @@ def exchange_services(
             and x.priority == w.priority
             and all((g.get(x.id, 0.0) > 0) == (g.get(wid, 0.0) > 0) for g in gains)
         ]
-        tried: set[str] = set()
-        while any(s < 0 for s in short) and saved > 0:
-            # ($ per unit of w*f, wid, type, replicas, whole service moves to the type)
+        unit_of = {x.id: sum(g.get(x.id, 0.0) for g in gains if g.get(wid, 0.0) > 0) for x in peers}
+
+        def best_of(
+            x: Workload, unit_of: dict[str, float] = unit_of
+        ) -> tuple[float, str, str, int, bool] | None:
+            """The cheapest way, per unit of w*f, to serve peer ``x`` more: ($ per unit,
+            wid, type, replicas, whether the whole service moves to the type)."""
+            unit = unit_of[x.id]
+            cur = out.get(x.id)
+            now = served(x.id)
+            if cur is not None and (now >= 1.0 or not cur.shards or cur.gpu_type is None):
+                return None
             best: tuple[float, str, str, int, bool] | None = None
-            for x in peers:
-                if x.id in tried:
-                    continue
-                unit = sum(g.get(x.id, 0.0) for g in gains if g.get(wid, 0.0) > 0)
-                cur = out.get(x.id)
-                now = served(x.id)
-                if cur is not None and (now >= 1.0 or not cur.shards or cur.gpu_type is None):
-                    continue
-                for t, opts in options_by_type(x).items():
-                    if cur is not None and t == cur.gpu_type:
-                        # one more replica where it runs
-                        spec = x.inference
-                        assert spec is not None
-                        if len(cur.shards) + 1 > replicas_wanted(x, spec.replica_rps.get(t, 1.0), 0):
-                            continue
-                        gain = frac(x, t, len(cur.shards) + 1) - now
-                        cost = price.get(t, 0.0) * cur.shards[0].gpus
-                        cand = (
-                            cost / (unit * gain) if gain > 0 else math.inf,
-                            x.id,
-                            t,
-                            len(cur.shards) + 1,
-                            False,
-                        )
-                    else:
-                        # the whole service, at the replicas it wants, on type t
-                        want = replicas_wanted(x, opts[0].value, 0)
-                        gain = frac(x, t, want) - now
-                        cost = price.get(t, 0.0) * opts[0].gpus * want - (
-                            dollars(cur) if cur is not None else 0.0
-                        )
-                        cand = (max(0.0, cost) / (unit * gain) if gain > 0 else math.inf, x.id, t, want, True)
-                    if gain > 0 and (best is None or cand < best):
-                        best = cand
-            if best is None:
+            for t, opts in options_by_type(x).items():
+                if cur is not None and t == cur.gpu_type:
+                    # one more replica where it runs
+                    spec = x.inference
+                    assert spec is not None
+                    if len(cur.shards) + 1 > replicas_wanted(x, spec.replica_rps.get(t, 1.0), 0):
+                        continue
+                    gain = frac(x, t, len(cur.shards) + 1) - now
+                    cost = price.get(t, 0.0) * cur.shards[0].gpus
+                    cand = (
+                        cost / (unit * gain) if gain > 0 else math.inf,
+                        x.id,
+                        t,
+                        len(cur.shards) + 1,
+                        False,
+                    )
+                else:
+                    # the whole service, at the replicas it wants, on type t
+                    want = replicas_wanted(x, opts[0].value, 0)
+                    gain = frac(x, t, want) - now
+                    cost = price.get(t, 0.0) * opts[0].gpus * want - (
+                        dollars(cur) if cur is not None else 0.0
+                    )
+                    cand = (max(0.0, cost) / (unit * gain) if gain > 0 else math.inf, x.id, t, want, True)
+                if gain > 0 and (best is None or cand < best):
+                    best = cand
+            return best
+
+        # A peer's best candidate depends only on its own placement, so the candidates
+        # are kept in a heap and only the peer that changed is evaluated again (the
+        # same choices as scanning every peer each time, in a fraction of the time).
+        heap = [b for b in (best_of(x) for x in peers) if b is not None]
+        heapq.heapify(heap)
+        while any(s < 0 for s in short) and saved > 0:
+            if not heap:
                 break
+            best = heapq.heappop(heap)
             _r, xid, t, want, whole = best
-            tried.add(xid)
             x = index.workloads[xid]
             c = index.classes[index.workload_class[xid]]
             opts = options_by_type(x)[t]
@@ -202,7 +212,9 @@ def exchange_services(
             for j, g in enumerate(gains):
                 short[j] += g.get(xid, 0.0) * (f_after - f_before)
             if f_after < 1.0:
-                tried.discard(xid)  # it may take yet another replica
+                again = best_of(x)  # it may take yet another replica
+                if again is not None:
+                    heapq.heappush(heap, again)
         if all(s >= 0 for s in short) and saved > 1e-9:
             slack = short
             continue

@@ -584,7 +584,9 @@ def _exchange(
 ) -> dict[str, Placement]:
     """``solver.exchange`` on the plan, with what each floored stage gains per unit
     of each service's served fraction and the plan's slack above each floor. A
-    service whose other variables appear in a floored stage is left alone."""
+    service whose other variables appear in a floored stage is left alone. Passes
+    are repeated while one lowers the $/hour and the deadline allows (each pass
+    keeps every floor, so the slack the next one starts from is >= 0)."""
     index = form.index
     early = [j for j in range(len(floors)) if not stages[j].primary]
     coefs = [{v.index: a for v, a in stages[j].terms} for j in early]
@@ -603,7 +605,21 @@ def _exchange(
     slack = [v - floors[j] for v, j in zip(values, early, strict=True)]
     if any(s < 0 for s in slack):
         return placed
-    return exchange_services(index, placed, gains, slack, resolution, deadline)
+    # Passes while one lowers the $/hour and time is left: an exchange changes the
+    # slack and the room that the next pass can use.
+    for _pass in range(10):
+        before = _stage_values(form, stages, form.hint(placed.values()))[-1]
+        placed = exchange_services(index, placed, gains, slack, resolution, deadline)
+        values = _stage_values(form, [stages[j] for j in early], form.hint(placed.values()))
+        slack = [v - floors[j] for v, j in zip(values, early, strict=True)]
+        after = _stage_values(form, stages, form.hint(placed.values()))[-1]
+        if (
+            any(s < 0 for s in slack)
+            or after <= before + 1e-9 * max(1.0, abs(before))
+            or time.perf_counter() > deadline
+        ):
+            break
+    return placed
 
 
 def _finish(
