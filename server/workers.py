@@ -40,12 +40,14 @@ Decisions (DESIGN.md is silent on them):
   its own little gang of one node, MASTER_ADDR its own worker). What a worker
   was sent is remembered per session; the dispatcher sends the difference
   between that and what the plan wants (a changed gang — new version, other
-  ranks — is stopped and launched again), and stops shards a worker reports
+  ranks, a shard on another node — is stopped and launched again), and stops shards a worker reports
   alive that nobody wants (e.g. left over from before a server restart).
 * Moves of training jobs: break before make. When the plan moves a training
   workload (a migration, a re-plan with measured throughput, a drained or down
   node) or relaunches its gang in place with other ranks, the old shards are
-  stopped at once and the new shards' Launch waits until every old shard has
+  stopped at once (every shard of the gang when one of its shards moves: the
+  shards that stay are relaunched too, as a rank whose gang lost a member
+  cannot go on) and the new shards' Launch waits until every old shard has
   reported its end (STOPPED, SUCCEEDED or FAILED) or its node is down (its
   session expired), at most ``stop_grace_s`` + :data:`MOVE_MARGIN_S`
   (:meth:`Dispatcher.move_timeout_s`; then it is launched anyway, with a
@@ -222,6 +224,7 @@ class _Want:
 
     node_id: str
     launch: wpb.Launch
+    gang: tuple[str, ...] = ()  # a training job's nodes, shard by shard: one that moves relaunches them all
 
     @property
     def key(self) -> str:
@@ -231,7 +234,7 @@ class _Want:
     def signature(self) -> tuple[Any, ...]:
         x = self.launch
         return (x.version, x.gpus, x.node_rank, x.nnodes, x.world_size, x.rank_offset, x.master_addr,
-                x.master_port)  # fmt: skip
+                x.master_port, self.gang)  # fmt: skip
 
 
 @dataclass
@@ -668,7 +671,7 @@ class Dispatcher:
                 rank_offset=sum(procs[:i]), master_addr=advertise[nodes[0]],
                 master_port=master_port(workload_id), workload=workload,
             )  # fmt: skip
-            out.append(_Want(nodes[i], launch))
+            out.append(_Want(nodes[i], launch, tuple(nodes)))
         return out
 
     def reconcile(self) -> None:

@@ -181,6 +181,33 @@ def test_the_launch_goes_out_when_the_old_node_is_down(tmp_path: Path) -> None:
         assert srv.server.store.get_node(old.node_id).spec.get("state") == "down"
 
 
+def test_a_gang_with_one_shard_moved_is_stopped_whole_before_it_is_launched_again(tmp_path: Path) -> None:
+    with start(tmp_path) as srv:
+        srv.server.store.upsert_inventory(gpu_types=[{"name": GPU_TYPE, "memory_gib": 16}])
+        fakes = {n: FakeWorker(srv, n) for n in ("n1", "n2", "n3")}
+        submit(srv, {**training("job"), "training": {**training("job")["training"], "gpus": 2}})
+        stub = srv.stub()
+        placed = wait_for(
+            lambda: stub.GetWorkload(apb.GetWorkloadRequest(id="job")).placement.shards, 30, "a placement"
+        )
+        gang = {s.node_id: fakes[s.node_id].next("launch", 15) for s in placed}
+        assert len(gang) == 2 and all(gang.values()), gang
+        for node_id, launch in gang.items():
+            fakes[node_id].status(launch, "RUNNING", step=5)
+        wait_for(lambda: stub.GetWorkload(apb.GetWorkloadRequest(id="job")).state == "RUNNING", 15, "RUNNING")
+        drained = placed[1].node_id  # shard 1's node: shard 0 may stay where it is
+        stub.DrainNode(apb.DrainNodeRequest(id=drained))
+        for node_id in gang:  # the shard that stays too: its gang lost a member
+            stop = fakes[node_id].next("stop", 15)
+            assert stop is not None and stop.workload_id == "job", node_id
+        assert not any(f.next("launch", 0.5) for f in fakes.values())  # nothing until both have ended
+        for node_id, launch in gang.items():
+            fakes[node_id].status(launch, "STOPPED", step=6)
+        launches = {n: f.next("launch", 10) for n, f in fakes.items() if n != drained}
+        assert all(launches.values()), launches
+        assert sorted(x.shard_index for x in launches.values()) == [0, 1]
+
+
 def service(workload_id: str, target_rps: float) -> dict[str, Any]:
     return {
         "id": workload_id,
