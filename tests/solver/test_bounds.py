@@ -202,6 +202,42 @@ def test_exchange_drops_the_dearest_service_for_cheaper_served_demand() -> None:
     assert exchange_services(index, placed, [{"x": 0.5}], [0.0], 1000, math.inf) == placed
 
 
+def test_exchange_tops_up_the_cheapest_peer_first_one_replica_at_a_time() -> None:
+    # x: h100 only, one 4-GPU replica ($16/h) serves its target; taking it out loses
+    #    w·f = weight. Two peers below their target can make that up:
+    # y: a100 1-GPU replicas ($2/h) of 10 req/s for 40: $2 per 0.25 of f = $8 per unit;
+    #    runs 2, its node has room for 1 more.
+    # z: l4 1-GPU replicas ($0.8/h) of 5 req/s for 40: $0.8 per 0.125 = $6.4 per unit;
+    #    runs 4, its node has room for 2 more.
+    # z is cheaper per unit, so it is topped up first, one replica at a time (after each
+    # one it is weighed again); y only once z has no room left.
+    from solver.exchange import exchange_services
+
+    y = serve("y", 1, 10.0, 40.0, types=("a100",))
+    z = serve("z", 1, 5.0, 40.0, types=("l4",))
+    placed = {
+        "x": Placement("x", (Shard("h1", 4),), "h100"),
+        "y": Placement("y", tuple(Shard("a1", 1) for _ in range(2)), "a100"),
+        "z": Placement("z", tuple(Shard("l1", 1) for _ in range(4)), "l4"),
+    }
+    for weight, want_y, want_z in ((0.25, 2, 6), (0.5, 3, 6)):
+        x = serve("x", 4, 10.0, 10.0, types=("h100",), weight=weight)
+        p = problem(
+            nodes=[node("h1", "h100", 8), node("a1", "a100", 3), node("l1", "l4", 6)], workloads=[x, y, z]
+        )
+        gains = [{"x": weight, "y": 1.0, "z": 1.0}]
+        out = exchange_services(build_index(p), placed, gains, [0.0], 1000, math.inf)
+        assert "x" not in out
+        assert (len(out["y"].shards), len(out["z"].shards)) == (want_y, want_z)
+    # Made up only in part (z and y together add 0.5, x takes 0.75 away): undone.
+    x = serve("x", 4, 10.0, 10.0, types=("h100",), weight=0.75)
+    p = problem(
+        nodes=[node("h1", "h100", 8), node("a1", "a100", 3), node("l1", "l4", 6)], workloads=[x, y, z]
+    )
+    gains = [{"x": 0.75, "y": 1.0, "z": 1.0}]
+    assert exchange_services(build_index(p), placed, gains, [0.0], 1000, math.inf) == placed
+
+
 # ---------------------------------------------------------------------------
 # fairness: the level bound and the search that raises the minimum.
 #
