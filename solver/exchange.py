@@ -106,6 +106,58 @@ def exchange_services(
         droppable.append((-dollars(held) / unit, w.id))
     droppable.sort()
 
+    def pattern(wid: str) -> tuple[bool, ...]:
+        return tuple(g.get(wid, 0.0) > 0 for g in gains)
+
+    # Peers of a dropped service: same priority, and counted by the same floored stages.
+    groups: dict[tuple[int, tuple[bool, ...]], list[Workload]] = {}
+    for x in services:
+        groups.setdefault((x.priority, pattern(x.id)), []).append(x)
+    # What one unit of a peer's served fraction adds to the floored stages it counts in
+    # (the same stages as the dropped service's, for a peer).
+    unit_of = {x.id: sum(g.get(x.id, 0.0) for g in gains if g.get(x.id, 0.0) > 0) for x in services}
+    cache: dict[str, tuple[Placement | None, tuple[float, str, str, int, bool] | None]] = {}
+
+    def best_of(x: Workload) -> tuple[float, str, str, int, bool] | None:
+        """The cheapest way, per unit of w*f, to serve peer ``x`` more: ($ per unit,
+        wid, type, replicas, whether the whole service moves to the type). It depends
+        only on x's own placement, so it is kept until that changes."""
+        cur = out.get(x.id)
+        hit = cache.get(x.id)
+        if hit is not None and hit[0] is cur:
+            return hit[1]
+        unit = unit_of[x.id]
+        now = served(x.id)
+        if cur is not None and (now >= 1.0 or not cur.shards or cur.gpu_type is None):
+            return None
+        best: tuple[float, str, str, int, bool] | None = None
+        for t, opts in options_by_type(x).items():
+            if cur is not None and t == cur.gpu_type:
+                # one more replica where it runs
+                spec = x.inference
+                assert spec is not None
+                if len(cur.shards) + 1 > replicas_wanted(x, spec.replica_rps.get(t, 1.0), 0):
+                    continue
+                gain = frac(x, t, len(cur.shards) + 1) - now
+                cost = price.get(t, 0.0) * cur.shards[0].gpus
+                cand = (
+                    cost / (unit * gain) if gain > 0 else math.inf,
+                    x.id,
+                    t,
+                    len(cur.shards) + 1,
+                    False,
+                )
+            else:
+                # the whole service, at the replicas it wants, on type t
+                want = replicas_wanted(x, opts[0].value, 0)
+                gain = frac(x, t, want) - now
+                cost = price.get(t, 0.0) * opts[0].gpus * want - (dollars(cur) if cur is not None else 0.0)
+                cand = (max(0.0, cost) / (unit * gain) if gain > 0 else math.inf, x.id, t, want, True)
+            if gain > 0 and (best is None or cand < best):
+                best = cand
+        cache[x.id] = (cur, best)
+        return best
+
     for _ratio, wid in droppable:
         if time.perf_counter() > deadline:
             break
@@ -121,54 +173,7 @@ def exchange_services(
         del out[wid]
         short = [slack[j] - g.get(wid, 0.0) * f_old for j, g in enumerate(gains)]
         saved = dollars(old)
-        peers = [
-            x
-            for x in services
-            if x.id != wid
-            and x.priority == w.priority
-            and all((g.get(x.id, 0.0) > 0) == (g.get(wid, 0.0) > 0) for g in gains)
-        ]
-        unit_of = {x.id: sum(g.get(x.id, 0.0) for g in gains if g.get(wid, 0.0) > 0) for x in peers}
-
-        def best_of(
-            x: Workload, unit_of: dict[str, float] = unit_of
-        ) -> tuple[float, str, str, int, bool] | None:
-            """The cheapest way, per unit of w*f, to serve peer ``x`` more: ($ per unit,
-            wid, type, replicas, whether the whole service moves to the type)."""
-            unit = unit_of[x.id]
-            cur = out.get(x.id)
-            now = served(x.id)
-            if cur is not None and (now >= 1.0 or not cur.shards or cur.gpu_type is None):
-                return None
-            best: tuple[float, str, str, int, bool] | None = None
-            for t, opts in options_by_type(x).items():
-                if cur is not None and t == cur.gpu_type:
-                    # one more replica where it runs
-                    spec = x.inference
-                    assert spec is not None
-                    if len(cur.shards) + 1 > replicas_wanted(x, spec.replica_rps.get(t, 1.0), 0):
-                        continue
-                    gain = frac(x, t, len(cur.shards) + 1) - now
-                    cost = price.get(t, 0.0) * cur.shards[0].gpus
-                    cand = (
-                        cost / (unit * gain) if gain > 0 else math.inf,
-                        x.id,
-                        t,
-                        len(cur.shards) + 1,
-                        False,
-                    )
-                else:
-                    # the whole service, at the replicas it wants, on type t
-                    want = replicas_wanted(x, opts[0].value, 0)
-                    gain = frac(x, t, want) - now
-                    cost = price.get(t, 0.0) * opts[0].gpus * want - (
-                        dollars(cur) if cur is not None else 0.0
-                    )
-                    cand = (max(0.0, cost) / (unit * gain) if gain > 0 else math.inf, x.id, t, want, True)
-                if gain > 0 and (best is None or cand < best):
-                    best = cand
-            return best
-
+        peers = [x for x in groups[w.priority, pattern(wid)] if x.id != wid]
         # A peer's best candidate depends only on its own placement, so the candidates
         # are kept in a heap and only the peer that changed is evaluated again (the
         # same choices as scanning every peer each time, in a fraction of the time).
