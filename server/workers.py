@@ -70,11 +70,14 @@ Decisions (DESIGN.md is silent on them):
   replica launched reports an endpoint (is ready): if none waits, every
   retiring replica is stopped; if some wait for GPUs, one retiring replica on
   such a node is stopped (one at a time) to make room, and the next only when
-  the replica that took its place is ready. A stopped replica leaves the router
-  at once (its in-flight requests finish in its stop grace). So with room for
-  the new replicas beside the old (a surge) the service never has fewer ready
-  replicas than before; updated in place, it has at most one fewer, and none
-  only when it has one replica and no room for a second. A new replica waiting
+  the replica that took its place is ready — but never when that would leave
+  fewer ready replicas than the service's ``min_replicas``: then the rollout
+  waits, the old version serving, until there is room beside it (or
+  ``min_replicas`` is lowered). A stopped replica leaves the router at once
+  (its in-flight requests finish in its stop grace). So with room for the new
+  replicas beside the old (a surge) the service never has fewer ready replicas
+  than before; updated in place, it has at most one fewer, and never fewer
+  than ``min_replicas``. A new replica waiting
   to be restarted after a crash counts as not ready. A retiring replica that
   exits is not restarted. Two updates in a row: replicas of the version
   before the last are replaced in place where their shard index is the new
@@ -382,6 +385,7 @@ class Dispatcher:
         self._sessions: dict[str, Session] = {}  # node id -> its current session
         self._by_id: dict[str, Session] = {}
         self._tracks: dict[str, _Track] = {}
+        self._rollout_waits: set[str] = set()  # services whose in-place rollout waits (logged once)
         self._moves: dict[str, float] = {}  # training workload -> until when its launch waits (0: waited)
         self.log_buffer = LogBuffer()
         self._dirty = threading.Event()
@@ -856,6 +860,19 @@ class Dispatcher:
                 continue
             if any(session.retiring[key][1] for session, key in old):
                 continue  # one is stopping already: its GPUs come free when it has exited
+            spec = waiting[0][1].launch.workload.inference
+            least = spec.min_replicas if spec.HasField("min_replicas") else 1
+            if len(track.endpoints) - 1 < least:
+                # making room would leave fewer than min_replicas serving: the old version
+                # keeps serving until there is room beside it (or min_replicas is lowered)
+                if wid not in self._rollout_waits:
+                    self._rollout_waits.add(wid)
+                    log.info(
+                        "rollout waits: no room for a new replica without going below min_replicas",
+                        extra={"workload": wid, "ready": len(track.endpoints), "min_replicas": least},
+                    )
+                continue
+            self._rollout_waits.discard(wid)
             nodes = {session.node_id for session, _ in waiting}
             for session, key in old:
                 if session.node_id in nodes:

@@ -256,3 +256,28 @@ def test_a_services_latency_is_in_its_message(tmp_path: Path) -> None:
         # p50: the medians weighted by requests/s, (30 * 20 + 10 * 40) / 40 = 25 ms; p99: the highest
         expected = "2 replicas running, 40.0 requests/s, p50 25 ms, p99 80 ms"
         wait_for(lambda: message() == expected, 15, f"{expected!r}, not {message()!r}")
+
+
+def test_an_in_place_rollout_never_goes_below_min_replicas(tmp_path: Path) -> None:
+    """Two one-GPU workers, a service of two replicas with min_replicas 2: a new version has
+    no room beside the old replicas, and making room would leave one serving, so the
+    rollout waits with both old replicas serving (tests/e2e/test_rollout.py rolls in
+    place where min_replicas allows it)."""
+    with start(tmp_path) as srv:
+        fakes = two_workers(srv)
+        spec = {**service("chat", 20), "id": "chat"}
+        spec["inference"] = {**spec["inference"], "min_replicas": 2, "max_replicas": 2, "spread": "node"}
+        submit(srv, spec)
+        launches = {n: f.next("launch", 30) for n, f in fakes.items()}
+        assert all(launches.values()), launches
+        for n, f in fakes.items():
+            f.status(launches[n], "RUNNING", endpoint=f"127.0.0.1:{1 if n == 'n1' else 2}")
+        dispatcher = srv.server.dispatcher
+        wait_for(lambda: len(dispatcher.endpoints("chat")) == 2, 15, "two replicas serving")
+        update = convert.workloads_from_data(
+            {"workloads": [{**spec, "runtime": {**COMMAND, "args": ["v2"]}}]}
+        ).workloads[0]
+        assert srv.stub().UpdateWorkload(apb.UpdateWorkloadRequest(workload=update)).version == 2
+        for f in fakes.values():
+            assert f.next("stop", 4.0) is None  # neither old replica is stopped to make room
+        assert len(dispatcher.endpoints("chat")) == 2

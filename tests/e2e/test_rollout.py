@@ -25,14 +25,14 @@ from server.workers import REPLICA_STRIDE
 from tests.e2e.cluster import GPU_TYPE, Cluster, alive, cluster, pids_of, wait_for
 
 
-def service(version_mark: str) -> dict[str, Any]:
+def service(version_mark: str, min_replicas: int = 2) -> dict[str, Any]:
     return {
         "id": "chat",
         "inference": {
             "gpus_per_replica": {GPU_TYPE: 1},
             "replica_rps": {GPU_TYPE: 10},
             "target_rps": 20,
-            "min_replicas": 2,
+            "min_replicas": min_replicas,
             "max_replicas": 2,
             "spread": "node",
         },
@@ -84,15 +84,15 @@ def live_pids(c: Cluster) -> set[int]:
     return {p for w in c.workers for p in pids_of(w.work_dir) if alive(p)}
 
 
-def roll(c: Cluster) -> None:
+def roll(c: Cluster, min_replicas: int = 2) -> None:
     new = {REPLICA_STRIDE, REPLICA_STRIDE + 1}
-    c.submit(service("v1"))
+    c.submit(service("v1", min_replicas))
     c.wait_state("chat", "RUNNING", timeout=90)
     old_endpoints = serving(c, {0, 1}, 90)
     old_pids = wait_for(lambda: len(p := live_pids(c)) == 2 and p, 30, "two replica processes")
     with Traffic(c) as traffic:
         wait_for(lambda: len(traffic.replicas) >= 5, 60, "answers from version 1")
-        update = convert.workloads_from_data({"workloads": [service("v2")]}).workloads[0]
+        update = convert.workloads_from_data({"workloads": [service("v2", min_replicas)]}).workloads[0]
         assert c.stub.UpdateWorkload(apb.UpdateWorkloadRequest(workload=update)).version == 2
         endpoints = serving(c, new, 180)  # the old replicas are out of the router
         assert not set(endpoints.values()) & set(old_endpoints.values())
@@ -118,8 +118,10 @@ def test_a_rolling_update_with_room_beside_the_old_replicas_never_fails_a_call(t
 
 
 def test_a_rolling_update_in_place_never_fails_a_call(tmp_path: Path) -> None:
+    """No room beside the old replicas: one at a time, as min_replicas 1 allows (with
+    min_replicas 2 it waits: tests/e2e/test_dispatch.py)."""
     with cluster(tmp_path) as c:
         c.worker("w1", gpus=1)
         c.worker("w2", gpus=1)
         c.wait_nodes("w1", "w2")
-        roll(c)
+        roll(c, min_replicas=1)
