@@ -4,10 +4,12 @@ beside every result in bench/results/*.json."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import platform
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,3 +49,25 @@ def git(dirty_key: str, paths: Sequence[str]) -> dict[str, Any]:
         return {"commit": os.environ.get("APPORTION_GIT_COMMIT"), "exported_tree": True}
     dirty = _git("status", "--porcelain", "--", *paths)
     return {"commit": commit, dirty_key: None if dirty is None else bool(dirty)}
+
+
+def run_parts(
+    doc: dict[str, Any],
+    parts: Sequence[str],
+    runners: Mapping[str, Callable[[Any], dict[str, Any]]],
+    cfg: Any,
+    targets: Callable[[Mapping[str, Any]], dict[str, Any]],
+    out: Path,
+) -> None:
+    """Run each part (``runners[part](cfg)``) into ``doc["results"]`` with its time
+    (``part_s``), and write ``doc`` with its ``targets`` to ``out`` after each part, so
+    a part that fails leaves the ones before it recorded."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for part in parts:
+        t0 = time.perf_counter()
+        doc["results"][part] = runners[part](cfg)
+        doc["results"][part]["part_s"] = round(time.perf_counter() - t0, 1)
+        doc["targets"] = targets(doc["results"])
+        out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    doc["targets"] = targets(doc["results"])
+    out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")

@@ -785,15 +785,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "results": {},
     }
     runners = {"submit": part_submit, "plan": part_plan, "memory": part_memory}
-    for part in parts:
-        t0 = time.perf_counter()
-        doc["results"][part] = runners[part](cfg)
-        doc["results"][part]["part_s"] = round(time.perf_counter() - t0, 1)
-        doc["targets"] = targets(doc["results"])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    doc["targets"] = targets(doc["results"])
-    args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    provenance.run_parts(doc, parts, runners, cfg, targets, args.out)
     sys.stdout.write(markdown(doc))
     return 0
 

@@ -90,7 +90,8 @@ import grpc  # noqa: E402
 from apportion.v1 import allocator_pb2 as apb  # noqa: E402
 from apportion.v1 import allocator_pb2_grpc, inference_pb2_grpc  # noqa: E402
 from apportion.v1 import inference_pb2 as ipb  # noqa: E402
-from bench.server_load import _git, _machine, free_port  # noqa: E402
+from bench.provenance import run_parts  # noqa: E402
+from bench.server_load import _git, _machine, children, cpu_seconds, free_port  # noqa: E402
 
 DEFAULT_OUT = REPO / "bench" / "results" / "workers.json"
 PARTS = ("train", "generate", "router", "failover")
@@ -458,21 +459,9 @@ def part_train(cfg: Config) -> dict[str, Any]:
 # --------------------------------------------------------------------------- generate
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of a process and its children that still run (from /proc)."""
-    pids = [pid]
-    with contextlib.suppress(OSError):
-        for entry in os.listdir("/proc"):
-            if entry.isdigit():
-                with contextlib.suppress(OSError, IndexError):
-                    if int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
-                        pids.append(int(entry))
-    total = 0.0
-    for p in pids:
-        with contextlib.suppress(OSError, IndexError):
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children that still run."""
+    return sum(cpu_seconds(p) or 0.0 for p in [pid, *children(pid)])
 
 
 def load(
@@ -516,9 +505,9 @@ def load(
     for t in threads:
         t.start()
     time.sleep(max(0.0, window[0] - time.monotonic()))
-    cpu0 = cpu_seconds(server_pid) if server_pid else 0.0
+    cpu0 = tree_cpu_seconds(server_pid) if server_pid else 0.0
     time.sleep(max(0.0, window[1] - time.monotonic()))
-    cpu1 = cpu_seconds(server_pid) if server_pid else 0.0
+    cpu1 = tree_cpu_seconds(server_pid) if server_pid else 0.0
     stop.set()
     for t in threads:
         t.join()
@@ -822,15 +811,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "router": part_router,
         "failover": part_failover,
     }
-    for part in parts:
-        t0 = time.perf_counter()
-        doc["results"][part] = runners[part](cfg)
-        doc["results"][part]["part_s"] = round(time.perf_counter() - t0, 1)
-        doc["targets"] = targets(doc["results"])
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    doc["targets"] = targets(doc["results"])
-    args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    run_parts(doc, parts, runners, cfg, targets, args.out)
     sys.stdout.write(markdown(doc))
     return 0
 

@@ -169,6 +169,17 @@ MAX_RECEIVE_BYTES = 256 * 1024 * 1024
 """Replies can be large (the plan of 100,000 workloads is tens of MiB); gRPC's default is 4 MiB."""
 
 
+def _messages(call: Any) -> Generator[Any, None, None]:
+    """The messages of a server-streaming call; an error as :class:`ApportionError`; the
+    call cancelled when the iterator is closed."""
+    try:
+        yield from call
+    except grpc.RpcError as exc:
+        raise ApportionError.from_rpc_error(exc) from None
+    finally:
+        call.cancel()
+
+
 def _channel_options(options: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
     given = list(options)
     if not any(name == "grpc.max_receive_message_length" for name, _ in given):
@@ -397,30 +408,14 @@ class Client:
             apb.WatchRequest(from_revision=from_revision, tenant=tenant), metadata=self._metadata
         )
 
-        def events() -> Generator[apb.Event, None, None]:
-            try:
-                yield from call
-            except grpc.RpcError as exc:
-                raise ApportionError.from_rpc_error(exc) from None
-            finally:
-                call.cancel()
-
-        return events()
+        return _messages(call)
 
     def logs(self, id: str, *, follow: bool = False, tail: int = 0) -> Generator[apb.LogLine, None, None]:
         """A workload's log lines the server keeps (the last ``tail``; 0: all), then with
         ``follow`` new ones until the workload ends or the iterator is closed."""
         call = self._stub.Logs(apb.LogsRequest(id=id, follow=follow, tail=tail), metadata=self._metadata)
 
-        def lines() -> Generator[apb.LogLine, None, None]:
-            try:
-                yield from call
-            except grpc.RpcError as exc:
-                raise ApportionError.from_rpc_error(exc) from None
-            finally:
-                call.cancel()
-
-        return lines()
+        return _messages(call)
 
     # -- inference ---------------------------------------------------------
 
