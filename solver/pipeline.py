@@ -61,6 +61,7 @@ from solver.model import (
 )
 from solver.policies import HeuristicPolicy, OptimizingPolicy, get_policy
 from solver.policies.base import Levels, Stage
+from solver.reassign import reassign_services
 from solver.validate import validate
 from solver.verify import verify
 
@@ -488,8 +489,11 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         left = deadline - time.perf_counter()
         # CP-SAT needs its presolve before it can improve anything (measured: about
         # 0.4 s for 5k variables, over 1 s for 25k; on a loaded machine a 0.56 s budget
-        # took 1.09 s at 4.6k variables): below that, do not start it.
-        least = 0.3 + 1e-4 * nvars
+        # took 1.09 s at 4.6k variables), and then time to search: on the 1k `cost`
+        # benchmark (4.6k variables) it needed 1.8-2.0 s to improve the bound; with
+        # 0.7-0.8 s it never changed the plan, and once overran that budget by 2.5 s
+        # (which left the cost exchange no time). Below that, do not start it.
+        least = 0.3 + 3e-4 * nvars
         search_left = (deadline if st.primary else search_end) - time.perf_counter()
         sol: Solution | None = None
         if not proven and left > 0.05 and search_left > least and nvars <= _CPSAT_MAX_VARS:
@@ -552,7 +556,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     polish_until = timer.start + options.time_limit_s * (1 - reserve / 2)
     if pol.polish == "exchange" and form.f:
         with timer.stage("repair"):
-            placed = _exchange(form, stages, floors, placed, polish_until)
+            placed = _exchange(form, stages, floors, placed, polish_until, get_backend(options.backend))
     elif pol.polish == "minimum":
         with timer.stage("repair"):
             placed = raise_minimum(index, placed, polish_until)
@@ -581,9 +585,11 @@ def _exchange(
     floors: list[float],
     placed: dict[str, Placement],
     deadline: float,
+    backend: Backend,
 ) -> dict[str, Placement]:
-    """``solver.exchange`` on the plan, with what each floored stage gains per unit
-    of each service's served fraction and the plan's slack above each floor. A
+    """``solver.reassign`` then ``solver.exchange`` on the plan, with what each
+    floored stage gains per unit of each service's served fraction and the plan's
+    slack above each floor. A
     service whose other variables appear in a floored stage is left alone. Passes
     are repeated while one lowers the $/hour and the deadline allows (each pass
     keeps every floor, so the slack the next one starts from is >= 0)."""
@@ -605,6 +611,16 @@ def _exchange(
     slack = [v - floors[j] for v, j in zip(values, early, strict=True)]
     if any(s < 0 for s in slack):
         return placed
+    # First every movable service chosen again at once (an LP over whole choices),
+    # kept only if the floors hold as the model counts them and the $/hour went down.
+    for _round in range(3):
+        before = _stage_values(form, stages, form.hint(placed.values()))[-1]
+        moved = reassign_services(index, placed, gains, slack, resolution, backend, deadline)
+        got = _stage_values(form, stages, form.hint(moved.values()))
+        new_slack = [got[j] - floors[j] for j in early]
+        if any(s < 0 for s in new_slack) or got[-1] <= before + 1e-9 * max(1.0, abs(before)):
+            break
+        placed, slack = moved, new_slack
     # Passes while one lowers the $/hour and time is left: an exchange changes the
     # slack and the room that the next pass can use.
     for _pass in range(10):
