@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 from solver.aggregate import Index, Option, OptionKind
 from solver.greedy import replicas_wanted
-from solver.model import Placement, Workload
+from solver.model import Placement, Spread, Workload
 from solver.packing import Ledger
 
 __all__ = ["exchange_services", "raise_minimum"]
@@ -308,6 +308,9 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
                         return True
                     ledger.release(w, Placement(wid, tuple(more), old.gpu_type))
                     out[wid] = old
+        # Else room for one more where it runs, made by moving one-node jobs.
+        if here and make_room(wid, now, here):
+            return True
         # Else the whole service elsewhere: most served first, then fewest GPUs.
         plans = []
         for t, opts in by_type.items():
@@ -328,6 +331,95 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
                 ledger.release(w, new)
         out[wid] = old
         ledger.place(w, old)
+        return False
+
+    def make_room(wid: str, now: float, here: list[Option]) -> bool:
+        """One more replica for service ``wid`` (at the minimum ``now``) on its type,
+        on a node whose one-node training jobs that do not run now move elsewhere,
+        each to an option above the minimum; everything is undone if one of them
+        finds no such room. The service's served fraction rises and no workload
+        ends at or below ``now``, so the minimum rises (or has fewer at it)."""
+        w = index.workloads[wid]
+        spec = w.inference
+        assert spec is not None
+        c = index.classes[index.workload_class[wid]]
+        old = out[wid]
+        t, g, k = old.gpu_type or "", here[0].gpus, len(old.shards)
+        if k + 1 > replicas_wanted(w, here[0].value, 0):
+            return False
+        if min(1.0, (k + 1) * here[0].value / spec.target_rps) / c.weight <= now + 1e-12:
+            return False
+        units = c.spread_units.get(t, 0)
+        cap = math.ceil((k + 1) / units) if spec.spread is not Spread.NONE and units > 0 else k + 1
+
+        def unit(nid: str) -> tuple[str, ...]:
+            n = index.nodes[nid]
+            keys = {Spread.ZONE: (n.zone,), Spread.DOMAIN: (n.zone, n.domain), Spread.NODE: (n.id,)}
+            return keys.get(spec.spread, ())
+
+        taken: dict[tuple[str, ...], int] = {}
+        for sh in old.shards:
+            taken[unit(sh.node_id)] = taken.get(unit(sh.node_id), 0) + 1
+        for shape in index.shapes:
+            if shape.gpu_type != t:
+                continue
+            for nid in shape.node_ids:
+                if time.perf_counter() >= deadline:
+                    return False
+                if nid in ledger.exclusive or taken.get(unit(nid), 0) >= cap:
+                    continue
+                room = ledger.free[nid].gpus
+                jobs = sorted(
+                    (gpus, j)
+                    for j, gpus in ledger.holders[nid]
+                    if j in movable and index.workloads[j].training is not None and len(out[j].shards) == 1
+                )
+                pick: list[str] = []
+                for gpus, j in jobs:
+                    if room >= g:
+                        break
+                    pick.append(j)
+                    room += gpus
+                if room < g or not pick:
+                    continue
+                before = {j: out[j] for j in pick}
+                for j in pick:
+                    ledger.release(index.workloads[j], before[j])
+                more = ledger.try_service(w, here, k + 1, c.spread_units, True, None, old.shards)
+                moved: dict[str, Placement] = {}
+                if more:
+                    for j in pick:
+                        wj = index.workloads[j]
+                        cj = index.classes[index.workload_class[j]]
+                        cands = sorted(
+                            (
+                                o
+                                for o in cj.options
+                                if o.kind in (OptionKind.SINGLE, OptionKind.GANG)
+                                and o.value / cj.weight > now + 1e-12
+                            ),
+                            key=lambda o: (-o.value, o.gpus),
+                        )
+                        got = next(
+                            (p for p in (ledger.try_training(wj, o) for o in cands) if p is not None), None
+                        )
+                        if got is None:
+                            break
+                        moved[j] = got
+                if more and len(moved) == len(pick):
+                    out[wid] = Placement(wid, (*old.shards, *more), t)
+                    for j, p in moved.items():
+                        out[j] = p
+                        by_size.get(before[j].gpus, {}).get(t_of(before[j]), set()).discard(j)
+                        if len(p.shards) == 1:
+                            by_size.setdefault(p.gpus, {}).setdefault(t_of(p), set()).add(j)
+                    return True
+                for j, p in moved.items():
+                    ledger.release(index.workloads[j], p)
+                if more:
+                    ledger.release(w, Placement(wid, tuple(more), t))
+                for j in pick:
+                    ledger.place(index.workloads[j], before[j])
         return False
 
     def single(wid: str) -> Option | None:

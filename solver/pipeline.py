@@ -47,6 +47,7 @@ from solver.exchange import exchange_services, raise_minimum
 from solver.explain import Explainer
 from solver.formulation import Formulation, build_formulation, option_values, round_down
 from solver.greedy import complete, greedy_place, improve, repair_priority
+from solver.levels import level_plan, type_level_model
 from solver.linear import LinearModel, Solution, SolveStatus
 from solver.model import (
     Placement,
@@ -108,11 +109,23 @@ def _upper(form: Formulation, st: Stage) -> float:
     return total
 
 
+def _level_rest(form: Formulation, st: Stage, level: Levels) -> float:
+    """The most a max-min stage's other terms (the migration penalty) add to its
+    level over their variables' bounds."""
+    model = form.model
+    return st.constant + sum(
+        a * (model.vars[v.index].ub if a > 0 else model.vars[v.index].lb)
+        for v, a in st.terms
+        if v.index != level.var.index
+    )
+
+
 def _level_bound(
-    form: Formulation,
+    model: LinearModel,
     backend: Backend,
-    st: Stage,
-    level: Levels,
+    holds: list[tuple[float, list[int]]],
+    below_value: Callable[[float], float],
+    rest: float,
     fixed: frozenset[int],
     current: float,
     cap: float,
@@ -120,32 +133,26 @@ def _level_bound(
 ) -> tuple[float | None, frozenset[int] | None]:
     """A bound on a max-min stage by bisection on its level (``OptimizingPolicy.levels``).
 
-    ``level.holds`` pairs values v with the variables that a plan whose minimum
-    is >= tau must hold at 0 for every tau > v (what runs at a value below the
-    minimum). So if the LP relaxation with every variable of value < tau held at
-    0 (every floor and row of the model kept) is infeasible, no integer plan has
-    a minimum >= tau, and its minimum is at most ``level.below(tau)``, the largest
+    ``holds`` pairs values v with the variables of ``model`` that a plan whose
+    minimum is >= tau must hold at 0 for every tau > v (what runs at a value below
+    the minimum). So if the LP relaxation ``model`` (the aggregated model, or a
+    relaxation of it: ``solver.levels.type_level_model``) with every variable of
+    value < tau held at 0 (and ``fixed``) is infeasible, no integer plan has a
+    minimum >= tau, and its minimum is at most ``below_value(tau)``, the largest
     value a minimum can take below tau. Feasibility is monotone in tau (a larger
     tau holds more at 0), so a bisection over the distinct v finds the smallest
-    tau proven infeasible; the bound is below(tau) plus the most the stage's other
-    terms (the migration penalty) can add over their variables' bounds. Only
-    INFEASIBLE answers are used: an LP that runs out of time proves nothing.
-    ``current`` (the incumbent's stage value) and ``cap`` (the stage's LP bound)
-    only narrow the search. Returns the bound (None if nothing was proven in
-    time) and the variables held at 0 for the largest tau found feasible above the
+    tau proven infeasible; the bound is below_value(tau) plus ``rest``, the most
+    the stage's other terms (the migration penalty) can add. Only INFEASIBLE
+    answers are used: an LP that runs out of time proves nothing. ``current``
+    (the incumbent's stage value) and ``cap`` (a bound already proven) only
+    narrow the search. Returns the bound (None if nothing was proven in time) and
+    the variables held at 0 for the largest tau found feasible above the
     incumbent (None if none was), which guides a rounding.
     """
-    model = form.model
-    values = sorted({v for v, _ in level.holds})
-    by_value = sorted(level.holds, key=lambda x: x[0])
-    # The other terms of the stage at their largest over the variables' bounds.
-    rest = st.constant + sum(
-        a * (model.vars[v.index].ub if a > 0 else model.vars[v.index].lb)
-        for v, a in st.terms
-        if v.index != level.var.index
-    )
+    values = sorted({v for v, _ in holds})
+    by_value = sorted(holds, key=lambda x: x[0])
     lo = bisect.bisect_right(values, current - rest + 1e-12) - 1  # the incumbent runs at this level
-    top = bisect.bisect_right(values, cap - rest + 1e-12)  # values above the LP bound are not tried
+    top = bisect.bisect_right(values, cap - rest + 1e-12)  # values above the bound are not tried
 
     def held_below(i: int) -> frozenset[int]:
         held = set(fixed)
@@ -174,13 +181,13 @@ def _level_bound(
     if lo + 1 >= top:
         return None, None
     if cap - rest <= (current - rest) * 1.05 + 1e-9:
-        # The incumbent is close to the LP bound: try the value just above it first
+        # The incumbent is close to the bound: try the value just above it first
         # (one LP, and often the proof that the incumbent is optimal).
         answer = infeasible(lo + 1)
         if answer is None:
             return None, None
         if answer:
-            return level.below(values[lo + 1]) + rest, None
+            return below_value(values[lo + 1]) + rest, None
         lo = feasible = lo + 1
     while hi - lo > 1:
         mid = (lo + hi) // 2
@@ -191,7 +198,7 @@ def _level_bound(
             hi = proven = mid
         else:
             lo = feasible = mid
-    bound = None if proven is None else level.below(values[proven]) + rest
+    bound = None if proven is None else below_value(values[proven]) + rest
     return bound, None if feasible is None else held_below(feasible)
 
 
@@ -442,9 +449,38 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                     incumbent, values = lifted, lifted_values
                     current = form.model.objective_value(vector(values))
             if levels:
+                rest = _level_rest(form, st, levels)
+                # First on the type-level relaxation (a small LP: about 1-2 s at 10k
+                # workloads; it gets up to 10% of the limit past the stage's end, like
+                # the primary LP), then on the whole model below what that proved.
+                tier_floors = {x.tier: f for x, f in zip(stages, floors, strict=False) if x.tier is not None}
+                small, small_holds = type_level_model(index, tier_floors)
+                with timer.stage("lp"):
+                    level_bound, _ = _level_bound(
+                        small,
+                        get_backend(options.backend),
+                        small_holds,
+                        levels.below,
+                        rest,
+                        frozenset(),
+                        current,
+                        lp_bound,
+                        max(stage_end, time.perf_counter() + 0.1 * options.time_limit_s),
+                    )
+                if level_bound is not None and bound is not None and level_bound < bound:
+                    bound = level_bound
+                    lp_bound = min(lp_bound, level_bound)
                 with timer.stage("lp"):
                     level_bound, guide = _level_bound(
-                        form, backend, st, levels, fixed, current, lp_bound, stage_end
+                        form.model,
+                        backend,
+                        levels.holds,
+                        levels.below,
+                        rest,
+                        fixed,
+                        current,
+                        lp_bound,
+                        stage_end,
                     )
                 if level_bound is not None and bound is not None and level_bound < bound:
                     bound = level_bound
@@ -559,6 +595,9 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             placed = _exchange(form, stages, floors, placed, polish_until, get_backend(options.backend))
     elif pol.polish == "minimum":
         with timer.stage("repair"):
+            primary_value = _stage_values(form, stages, form.hint(placed.values()))[primary_index]
+            if bound is None or primary_value < bound - 1e-6 * max(1.0, abs(bound)):
+                placed = _level_plan(form, stages, floors, placed, polish_until, pol.name, options)
             placed = raise_minimum(index, placed, polish_until)
     # Never worse than the greedy seed.
     final_values = _stage_values(form, stages, form.hint(placed.values()))
@@ -636,6 +675,43 @@ def _exchange(
         ):
             break
     return placed
+
+
+def _level_plan(
+    form: Formulation,
+    stages: list[Stage],
+    floors: list[float],
+    placed: dict[str, Placement],
+    deadline: float,
+    policy: str,
+    options: PlanOptions,
+) -> dict[str, Placement]:
+    """``solver.levels.level_plan`` on the plan, kept if it raises the primary stage,
+    keeps every floor and passes the verifier (a different arrangement of the same
+    workloads could meet the strict-priority rule differently)."""
+    index = form.index
+    tier_floors = {x.tier: f for x, f in zip(stages, floors, strict=False) if x.tier is not None}
+    candidate = level_plan(index, placed, tier_floors, 1000, get_backend(options.backend), deadline)
+    if candidate is None:
+        return placed
+    old = _stage_values(form, stages, form.hint(placed.values()))
+    new = _stage_values(form, stages, form.hint(candidate.values()))
+    primary = next(i for i, x in enumerate(stages) if x.primary)
+    if new[primary] <= old[primary] + 1e-9 * max(1.0, abs(old[primary])):
+        return placed
+    if any(new[j] < f - 1e-9 * max(1.0, abs(f)) for j, f in enumerate(floors) if j < primary):
+        return placed
+    draft = Plan(
+        PlanStatus.FEASIBLE,
+        policy,
+        0.0,
+        None,
+        None,
+        tuple(sorted(candidate.values(), key=lambda p: p.workload_id)),
+        tuple(Unplaced(w.id, ()) for w in index.problem.workloads if w.id not in candidate),
+    )
+    report = verify(index.problem, draft, policy, options.migration_penalty, options.max_migrations, True)
+    return candidate if report.ok else placed
 
 
 def _finish(

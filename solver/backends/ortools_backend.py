@@ -142,7 +142,7 @@ class OrToolsBackend:
             for i, a in c.terms.items():
                 row.SetCoefficient(xs[i], a)
             rows.append(row)
-        lp.SetTimeLimit(max(10, int(time_limit_s * 1000)))
+        lp.SetTimeLimit(max(10, int(min(time_limit_s, 1e6) * 1000)))
         objective = lp.Objective()
         objective.Clear()
         for i, a in model.objective.items():

@@ -78,7 +78,7 @@ class PulpBackend:
                 x.setInitialValue(round(value) if x.cat == pulp.LpInteger else value)  # type: ignore[attr-defined]
         cmd = _cbc(
             msg=False,
-            timeLimit=max(1, math.ceil(time_limit_s)),
+            timeLimit=max(1, math.ceil(min(time_limit_s, 1e6))),
             gapRel=relative_gap,
             warmStart=warm,
             threads=max(1, num_workers),
@@ -106,7 +106,7 @@ class PulpBackend:
 
         start = time.perf_counter()
         prob, xs, rows = self._build(model, relax=True, fixed_zero=fixed_zero)
-        prob.solve(_cbc(msg=False, timeLimit=max(1, math.ceil(time_limit_s))))  # type: ignore[attr-defined]
+        prob.solve(_cbc(msg=False, timeLimit=max(1, math.ceil(min(time_limit_s, 1e6)))))  # type: ignore[attr-defined]
         wall = time.perf_counter() - start
         if prob.status != pulp.LpStatusOptimal:  # type: ignore[attr-defined]
             status = SolveStatus.INFEASIBLE if prob.status == pulp.LpStatusInfeasible else SolveStatus.UNKNOWN  # type: ignore[attr-defined]

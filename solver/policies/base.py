@@ -55,13 +55,15 @@ class Levels:
 @dataclass(frozen=True)
 class Stage:
     """One objective of a lexicographic solve. ``tolerance``: how far (relative)
-    later stages may let its value fall below the optimum found."""
+    later stages may let its value fall below the optimum found; ``tier``: set on
+    the coverage stage of a priority tier."""
 
     name: str
     terms: Terms
     constant: float = 0.0
     primary: bool = False
     tolerance: float = 0.0
+    tier: int | None = None  # the priority tier whose coverage this stage is, if it is one
 
 
 def demand_stage(form: Formulation) -> list[Stage]:
@@ -110,5 +112,5 @@ def tier_stages(form: Formulation, include_lowest: bool) -> list[Stage]:
     for t in tiers:
         terms = form.coverage(t)
         if terms:
-            stages.append(Stage(f"priority {t}", terms))
+            stages.append(Stage(f"priority {t}", terms, tier=t))
     return stages

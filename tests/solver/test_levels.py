@@ -1,0 +1,133 @@
+"""``solver.levels``: the type-level bound and plan for ``fairness``, and the
+search that makes room for a service at the minimum (``solver.exchange``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from solver import PlanOptions, plan
+from solver.aggregate import build_index
+from solver.backends import get_backend
+from solver.exchange import raise_minimum
+from solver.levels import level_plan, type_level_model
+from solver.model import Placement, Problem, Shard
+from solver.pipeline import _level_bound
+from solver.policies.fairness import FairnessPolicy
+from solver.verify import objective
+from tests.builders import gpu_type, node, problem, serve, train
+
+# Four 1-GPU nodes: k1, k2 (k80), v1, v2 (v100). Jobs of 1 GPU, weight 1, one tier:
+#   a: v100 1.0, k80 0.5  -> rho 1 and 0.5
+#   b: v100 1.0, k80 0.25 -> rho 1 and 0.25
+#   c: v100 1.0, k80 0.45 -> rho 1 and 0.45
+#   d: v100 1.0, k80 0.1  -> rho 1 and 0.1
+# All four run (coverage 4): two on the k80s. The best minimum puts a and c there:
+# min(0.5, 0.45) = 0.45. Above 0.45 only a can use a k80, so the other three need
+# the two v100s: the type-level LP with coverage 4 is infeasible for tau > 0.45.
+
+
+def _four() -> Problem:
+    k80 = {"a": 0.5, "b": 0.25, "c": 0.45, "d": 0.1}
+    return problem(
+        nodes=[node("k1", "k80", 1), node("k2", "k80", 1), node("v1", "v100", 1), node("v2", "v100", 1)],
+        workloads=[train(j, 1, {"v100": 1.0, "k80": r}, types=("v100", "k80")) for j, r in k80.items()],
+        gpu_types=[gpu_type("k80", 12.0, 0.45), gpu_type("v100", 16.0, 2.48)],
+    )
+
+
+def test_type_level_bisection_proves_the_best_minimum() -> None:
+    p = _four()
+    index = build_index(p)
+    lp, holds = type_level_model(index, {0: 4.0 - 1e-5})
+    # below(tau): the largest minimum a plan can have below tau (an option's rho/w).
+    values = sorted({0.0, 0.1, 0.25, 0.45, 0.5, 1.0})
+
+    def below(tau: float) -> float:
+        return max(v for v in values if v < tau)
+
+    bound, _ = _level_bound(lp, get_backend("ortools"), holds, below, 0.0, frozenset(), 0.1, 1.0, math.inf)
+    assert bound == pytest.approx(0.45)
+    # The pipeline reports it (and reaches it).
+    r = plan(p, "fairness", PlanOptions(time_limit_s=5))
+    assert r.objective == pytest.approx(0.45)
+    assert r.best_bound is not None and r.best_bound == pytest.approx(0.45, abs=1e-4)
+
+
+def test_type_level_model_is_feasible_at_every_level_a_plan_reaches() -> None:
+    # Without the coverage floor nothing is infeasible: the bisection proves nothing.
+    p = _four()
+    lp, holds = type_level_model(build_index(p), {})
+    bound, _ = _level_bound(
+        lp, get_backend("ortools"), holds, lambda tau: tau, 0.0, frozenset(), 0.1, 1.0, math.inf
+    )
+    assert bound is None
+
+
+def test_level_plan_raises_the_minimum_and_keeps_every_job() -> None:
+    p = _four()
+    index = build_index(p)
+    # d and b on the k80s: minimum 0.1.
+    bad = {
+        "a": Placement("a", (Shard("v1", 1),), "v100"),
+        "b": Placement("b", (Shard("k1", 1),), "k80"),
+        "c": Placement("c", (Shard("v2", 1),), "v100"),
+        "d": Placement("d", (Shard("k2", 1),), "k80"),
+    }
+    assert objective(p, list(bad.values()), "fairness") == pytest.approx(0.1)
+    out = level_plan(index, bad, {0: 4.0 - 1e-5}, 1000, get_backend("ortools"), math.inf)
+    assert out is not None and set(out) == {"a", "b", "c", "d"}
+    assert objective(p, list(out.values()), "fairness") == pytest.approx(0.45)
+    assert {out["a"].gpu_type, out["c"].gpu_type} == {"k80"}
+    # A floor that no plan keeps: nothing.
+    assert level_plan(index, bad, {0: 5.0}, 1000, get_backend("ortools"), math.inf) is None
+    # Out of time: nothing.
+    assert level_plan(index, bad, {0: 4.0 - 1e-5}, 1000, get_backend("ortools"), 0.0) is None
+
+
+def test_raise_minimum_makes_room_for_a_service_at_the_minimum() -> None:
+    # h1: 2 x h100; a1: 1 x a100. s: 1-GPU h100 replicas of 10 req/s for 20 req/s,
+    # runs 1 (f = 0.5, the minimum). j: 1 GPU, h100 rho 1, a100 rho 0.8, runs on h1
+    # beside s. No free GPU on h100: s gets its second replica only if j moves to
+    # the a100 (0.8 > 0.5): then the minimum is 0.8.
+    p = problem(
+        nodes=[node("h1", "h100", 2), node("a1", "a100", 1)],
+        workloads=[
+            serve("s", 1, 10.0, 20.0, types=("h100",)),
+            train("j", 1, {"h100": 1.0, "a100": 0.8}, types=("h100", "a100")),
+        ],
+    )
+    placed = {
+        "s": Placement("s", (Shard("h1", 1),), "h100"),
+        "j": Placement("j", (Shard("h1", 1),), "h100"),
+    }
+    assert objective(p, list(placed.values()), "fairness") == pytest.approx(0.5)
+    out = raise_minimum(build_index(p), placed, math.inf)
+    assert len(out["s"].shards) == 2
+    assert out["j"].gpu_type == "a100"
+    assert objective(p, list(out.values()), "fairness") == pytest.approx(0.8)
+    # If j had nowhere else to go above the minimum, nothing would change.
+    p2 = problem(
+        nodes=[node("h1", "h100", 2), node("a1", "a100", 1)],
+        workloads=[
+            serve("s", 1, 10.0, 20.0, types=("h100",)),
+            train("j", 1, {"h100": 1.0, "a100": 0.4}, types=("h100", "a100")),
+        ],
+    )
+    assert raise_minimum(build_index(p2), placed, math.inf) == placed
+
+
+def test_the_fairness_policy_levels_match_the_type_level_holds() -> None:
+    # Every training option value the policy's bisection knows is one the type-level
+    # model holds (so below(tau) from the policy applies to both).
+    p = _four()
+    index = build_index(p)
+    from solver.formulation import build_formulation
+
+    form = build_formulation(index)
+    FairnessPolicy().stages(form, PlanOptions())
+    levels = FairnessPolicy().levels(form)
+    assert levels is not None
+    _lp, holds = type_level_model(index, {})
+    assert {round(v, 9) for v, _ in holds} <= {round(v, 9) for v, _ in levels.holds}
