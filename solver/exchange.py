@@ -247,11 +247,14 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
     a job that does not run now to an option of higher throughput where room is
     free, or else trades places with a one-node job of the same size on another
     type when both end above the minimum; a service that does not run now to
-    more replicas on its type or to another type where its replicas serve more.
-    Every placed workload stays placed (a trade keeps both running), and a
-    service's served fraction never drops, so the coverage of every tier and the
-    served demand never drop; the minimum rises or the search stops (when some
-    workload at the minimum cannot improve)."""
+    more replicas on its type (in free room; else in room made by moving one-node
+    jobs elsewhere, each above the minimum; else in the room of a replica of a
+    service of the same priority that stays above the minimum and loses no more
+    weighted served fraction than it gains) or to another type where its
+    replicas serve more. Every placed workload stays placed (a trade keeps both
+    running), and the weighted served fraction of a priority never drops, so the
+    coverage of every tier never drops; the minimum rises or the search stops
+    (when some workload at the minimum cannot improve)."""
     out = dict(placed)
     ledger = Ledger(index)
     for wid, p in sorted(out.items()):
@@ -309,7 +312,7 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
                     ledger.release(w, Placement(wid, tuple(more), old.gpu_type))
                     out[wid] = old
         # Else room for one more where it runs, made by moving one-node jobs.
-        if here and make_room(wid, now, here):
+        if here and (make_room(wid, now, here) or take_replicas(wid, now, here)):
             return True
         # Else the whole service elsewhere: most served first, then fewest GPUs.
         plans = []
@@ -421,6 +424,64 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
                 for j in pick:
                     ledger.place(index.workloads[j], before[j])
         return False
+
+    def take_replicas(wid: str, now: float, here: list[Option]) -> bool:
+        """One more replica for service ``wid`` (at the minimum ``now``) on its type,
+        in the room of one replica of another service of the same priority that does
+        not run now, when that one stays above the minimum and loses no more weighted
+        served fraction than ``wid`` gains (so the tier's coverage does not drop)."""
+        w = index.workloads[wid]
+        spec = w.inference
+        assert spec is not None
+        c = index.classes[index.workload_class[wid]]
+        old = out[wid]
+        t, g, k = old.gpu_type or "", here[0].gpus, len(old.shards)
+        if k + 1 > replicas_wanted(w, here[0].value, 0):
+            return False
+        gain = c.weight * (served_as(w, t, k + 1) - served_as(w, t, k))
+        if gain <= 0 or served_as(w, t, k + 1) / c.weight <= now + 1e-12:
+            return False
+        for shape in index.shapes:
+            if shape.gpu_type != t:
+                continue
+            for nid in shape.node_ids:
+                if time.perf_counter() >= deadline:
+                    return False
+                if nid in ledger.exclusive:
+                    continue
+                for did, dg in list(ledger.holders[nid]):
+                    if did == wid or did not in movable or ledger.free[nid].gpus + dg < g:
+                        continue
+                    d = index.workloads[did]
+                    if d.inference is None or d.priority != w.priority:
+                        continue
+                    dc = index.classes[index.workload_class[did]]
+                    dp = out[did]
+                    dt, dk = dp.gpu_type or "", len(dp.shards)
+                    if dk - 1 < max(1, d.inference.min_replicas):
+                        continue
+                    after = served_as(d, dt, dk - 1)
+                    loss = dc.weight * (served_as(d, dt, dk) - after)
+                    if loss > gain + 1e-12 or after / dc.weight <= now + 1e-12:
+                        continue
+                    shard = next(sh for sh in dp.shards if sh.node_id == nid and sh.gpus == dg)
+                    rest = list(dp.shards)
+                    rest.remove(shard)
+                    ledger.release(d, Placement(did, (shard,), dt))
+                    more = ledger.try_service(w, here, k + 1, c.spread_units, True, None, old.shards)
+                    if more:
+                        out[did] = Placement(did, tuple(rest), dt)
+                        out[wid] = Placement(wid, (*old.shards, *more), t)
+                        return True
+                    ledger.place(d, Placement(did, (shard,), dt))
+        return False
+
+    def served_as(w: Workload, t: str, k: int) -> float:
+        """Served fraction of ``k`` replicas on type ``t``, as the model counts it."""
+        spec = w.inference
+        assert spec is not None
+        f = min(1.0, k * spec.replica_rps.get(t, 0.0) / spec.target_rps)
+        return math.floor(f * 1000) / 1000
 
     def single(wid: str) -> Option | None:
         """The one-node option a placed job runs as (None: a gang, or unknown)."""

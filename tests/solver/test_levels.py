@@ -131,3 +131,30 @@ def test_the_fairness_policy_levels_match_the_type_level_holds() -> None:
     assert levels is not None
     _lp, holds = type_level_model(index, {})
     assert {round(v, 9) for v, _ in holds} <= {round(v, 9) for v, _ in levels.holds}
+
+
+def test_raise_minimum_takes_a_replica_from_a_service_that_can_spare_it() -> None:
+    # h1: 3 x h100, full. s: 1-GPU replicas of 10 req/s for 20 req/s, runs 1 (f/w
+    # = 0.5, the minimum). d: the same replicas for 20 req/s, weight 0.5, runs 2 (f/w
+    # = 2). One replica of d to s: d loses w*f = 0.5 * 0.5 = 0.25 of coverage, s gains
+    # 1 * 0.5, and d stays at 1 > 0.5; the minimum becomes 1.
+    def case(d_weight: float) -> tuple[Problem, dict[str, Placement]]:
+        p = problem(
+            nodes=[node("h1", "h100", 3)],
+            workloads=[
+                serve("s", 1, 10.0, 20.0, types=("h100",)),
+                serve("d", 1, 10.0, 20.0, types=("h100",), weight=d_weight),
+            ],
+        )
+        return p, {
+            "s": Placement("s", (Shard("h1", 1),), "h100"),
+            "d": Placement("d", (Shard("h1", 1), Shard("h1", 1)), "h100"),
+        }
+
+    p, placed = case(0.5)
+    out = raise_minimum(build_index(p), placed, math.inf)
+    assert (len(out["s"].shards), len(out["d"].shards)) == (2, 1)
+    assert objective(p, list(out.values()), "fairness") == pytest.approx(1.0)
+    # With d of weight 2 the coverage would drop (2 * 0.5 > 0.5): nothing changes.
+    p, placed = case(2.0)
+    assert raise_minimum(build_index(p), placed, math.inf) == placed
