@@ -15,7 +15,9 @@ Decisions (DESIGN.md is silent on them):
 * Failures. A replica that answers UNAVAILABLE, RESOURCE_EXHAUSTED or ABORTED
   (or whose connection breaks: CANCELLED while the caller is still there) is
   avoided for :data:`SUSPECT_S` seconds, and the request is tried once more on
-  another replica (the same one when it is the only one). Other errors of the
+  another replica of those serving by then (asked of the dispatcher again: a
+  replica taken out meanwhile is not tried, one ready meanwhile may be; the
+  same one when it is the only one). Other errors of the
   replica (INVALID_ARGUMENT, DEADLINE_EXCEEDED...) are passed on with their code.
 * Deadline. The caller's deadline is the replica call's; without one,
   :data:`DEFAULT_TIMEOUT_S`.
@@ -32,7 +34,9 @@ Decisions (DESIGN.md is silent on them):
   replicas in :meth:`~server.workers.Dispatcher.endpoints` until the new ones
   are ready, and takes a replica out the moment it is told to stop, so the
   router never picks a replica that is going away (a request already sent to
-  it finishes in its stop grace; one that fails is retried elsewhere).
+  it finishes in its stop grace; one that reaches it after it stopped listening,
+  picked just before it was taken out, fails and is retried on the replicas
+  serving then).
 """
 
 from __future__ import annotations
@@ -186,6 +190,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         tried: set[str] = set()
         last: grpc.RpcError | None = None
         for attempt in range(2):
+            if attempt:  # the replicas serving now: one stopped meanwhile (a rollout) is not tried again
+                endpoints = self.dispatcher.endpoints(row.id) or endpoints
             picked = self.router.pick(endpoints, capacity, exclude=tried)
             if picked is None:
                 picked = self.router.pick(endpoints, capacity)  # the only replica: try it again
