@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 
 from solver.aggregate import Index, Option, OptionKind
 from solver.greedy import replicas_wanted
-from solver.model import Placement, Spread, Workload
+from solver.model import Placement, Shard, Spread, Workload
 from solver.packing import Ledger
 
 __all__ = ["exchange_services", "raise_minimum"]
@@ -467,6 +467,8 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
                     shard = next(sh for sh in dp.shards if sh.node_id == nid and sh.gpus == dg)
                     rest = list(dp.shards)
                     rest.remove(shard)
+                    if not spread_ok(d, dt, rest):
+                        continue
                     ledger.release(d, Placement(did, (shard,), dt))
                     more = ledger.try_service(w, here, k + 1, c.spread_units, True, None, old.shards)
                     if more:
@@ -475,6 +477,23 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
                         return True
                     ledger.place(d, Placement(did, (shard,), dt))
         return False
+
+    def spread_ok(w: Workload, t: str, shards: list[Shard]) -> bool:
+        """Whether ``shards`` of service ``w`` on type ``t`` keep its spread rule (no
+        failure unit above ceil(replicas / units)): fewer replicas allow fewer in one."""
+        spec = w.inference
+        assert spec is not None
+        units = index.classes[index.workload_class[w.id]].spread_units.get(t, 0)
+        if spec.spread is Spread.NONE or units <= 0:
+            return True
+        cap = math.ceil(len(shards) / units)
+        count: dict[tuple[str, ...], int] = {}
+        for sh in shards:
+            n = index.nodes[sh.node_id]
+            keys = {Spread.ZONE: (n.zone,), Spread.DOMAIN: (n.zone, n.domain), Spread.NODE: (n.id,)}
+            unit = keys.get(spec.spread, ())
+            count[unit] = count.get(unit, 0) + 1
+        return max(count.values(), default=0) <= cap
 
     def served_as(w: Workload, t: str, k: int) -> float:
         """Served fraction of ``k`` replicas on type ``t``, as the model counts it."""

@@ -158,3 +158,52 @@ def test_raise_minimum_takes_a_replica_from_a_service_that_can_spare_it() -> Non
     # With d of weight 2 the coverage would drop (2 * 0.5 > 0.5): nothing changes.
     p, placed = case(2.0)
     assert raise_minimum(build_index(p), placed, math.inf) == placed
+
+
+def test_a_polished_plan_that_fails_verification_falls_back() -> None:
+    # _finish with a plan that breaks a rule (two 1-GPU jobs on a 1-GPU node) and a
+    # valid fallback returns the fallback, marked FEASIBLE; without one it raises.
+    from solver.errors import SolverError
+    from solver.model import PlanOptions as Options
+    from solver.pipeline import _finish, _Timer
+
+    p = _four()
+    index = build_index(p)
+    broken = {
+        "a": Placement("a", (Shard("k1", 1),), "k80"),
+        "b": Placement("b", (Shard("k1", 1),), "k80"),
+    }
+    good = {"a": Placement("a", (Shard("k1", 1),), "k80")}
+    options = Options(time_limit_s=5)
+    r = _finish(
+        index, "fairness", "fairness", broken, None, {}, _Timer(options), options, None, fallback=good
+    )
+    assert [x.workload_id for x in r.placements] == ["a"]
+    assert r.status.value == "FEASIBLE"
+    with pytest.raises(SolverError):
+        _finish(index, "fairness", "fairness", broken, None, {}, _Timer(options), options, None)
+
+
+def test_a_donor_service_keeps_its_spread_rule() -> None:
+    # Zones z1 (h1, h3) and z2 (h2), 2-GPU h100 nodes. d: 1-GPU replicas spread over
+    # the zones, runs 3 (h1 x 2, h2 x 1: at most 2 per zone). s: 2-GPU replicas, runs
+    # 1 on h3 (f/w = 0.5, the minimum). s's second replica fits only where d gives up
+    # its h2 replica (h2's free GPU + that one), but d's 2 replicas left would both be
+    # in z1 (at most 1 per zone for 2): not allowed, so nothing changes.
+    p = problem(
+        nodes=[
+            node("h1", "h100", 2, zone="z1"),
+            node("h2", "h100", 2, zone="z2"),
+            node("h3", "h100", 2, zone="z1"),
+        ],
+        workloads=[
+            serve("s", 2, 10.0, 20.0, types=("h100",)),
+            serve("d", 1, 10.0, 30.0, types=("h100",), spread="zone"),
+        ],
+    )
+    placed = {
+        "s": Placement("s", (Shard("h3", 2),), "h100"),
+        "d": Placement("d", (Shard("h1", 1), Shard("h1", 1), Shard("h2", 1)), "h100"),
+    }
+    out = raise_minimum(build_index(p), placed, math.inf)
+    assert out == placed
