@@ -98,3 +98,16 @@ def test_zone_spread_services_pack_first_or_on_the_retry() -> None:
     zones = [next(n.zone for n in nodes if n.id == sh.node_id) for sh in out["s"].shards]
     assert sorted(zones) == ["z1", "z1", "z2", "z2"]
     assert _dollars(out) == pytest.approx(6.4)
+
+
+def test_a_service_that_keeps_its_type_keeps_its_nodes() -> None:
+    # s runs 4 replicas on a1 for a target 2 meet ($8/h for $4/h of need). The
+    # reassignment gives it 2: it keeps 2 of its replicas on a1 (packed afresh, best
+    # fit would have put them on the smaller a2).
+    s = serve("s", 1, 10.0, 20.0, types=("a100",))
+    p = problem([node("a1", "a100", 8), node("a2", "a100", 2)], [s])
+    placed = {"s": Placement("s", tuple(Shard("a1", 1) for _ in range(4)), "a100")}
+    out = reassign_services(
+        build_index(p), placed, [{"s": 1.0}], [0.0], 1000, get_backend("ortools"), math.inf
+    )
+    assert out["s"].shards == (Shard("a1", 1), Shard("a1", 1))
