@@ -31,8 +31,8 @@ from collections.abc import Mapping, Sequence
 
 from solver.aggregate import Index, Option, OptionKind
 from solver.greedy import replicas_wanted
-from solver.model import Placement, Shard, Spread, Workload
-from solver.packing import Ledger
+from solver.model import Placement, Spread, Workload
+from solver.packing import Ledger, served_fraction, spread_fits, spread_unit
 
 __all__ = ["exchange_services", "raise_minimum"]
 
@@ -56,10 +56,7 @@ def exchange_services(
     price = {t: gt.cost_per_hour or 0.0 for t, gt in index.types.items()}
 
     def frac(w: Workload, t: str, replicas: int) -> float:
-        spec = w.inference
-        assert spec is not None
-        f = min(1.0, replicas * spec.replica_rps.get(t, 0.0) / spec.target_rps)
-        return math.floor(f * resolution) / resolution
+        return served_fraction(w, t, replicas, resolution)
 
     def served(wid: str) -> float:
         p = out.get(wid)
@@ -356,9 +353,7 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
         cap = math.ceil((k + 1) / units) if spec.spread is not Spread.NONE and units > 0 else k + 1
 
         def unit(nid: str) -> tuple[str, ...]:
-            n = index.nodes[nid]
-            keys = {Spread.ZONE: (n.zone,), Spread.DOMAIN: (n.zone, n.domain), Spread.NODE: (n.id,)}
-            return keys.get(spec.spread, ())
+            return spread_unit(index.nodes[nid], spec.spread)
 
         taken: dict[tuple[str, ...], int] = {}
         for sh in old.shards:
@@ -438,8 +433,8 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
         t, g, k = old.gpu_type or "", here[0].gpus, len(old.shards)
         if k + 1 > replicas_wanted(w, here[0].value, 0):
             return False
-        gain = c.weight * (served_as(w, t, k + 1) - served_as(w, t, k))
-        if gain <= 0 or served_as(w, t, k + 1) / c.weight <= now + 1e-12:
+        gain = c.weight * (served_fraction(w, t, k + 1) - served_fraction(w, t, k))
+        if gain <= 0 or served_fraction(w, t, k + 1) / c.weight <= now + 1e-12:
             return False
         for shape in index.shapes:
             if shape.gpu_type != t:
@@ -460,14 +455,14 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
                     dt, dk = dp.gpu_type or "", len(dp.shards)
                     if dk - 1 < max(1, d.inference.min_replicas):
                         continue
-                    after = served_as(d, dt, dk - 1)
-                    loss = dc.weight * (served_as(d, dt, dk) - after)
+                    after = served_fraction(d, dt, dk - 1)
+                    loss = dc.weight * (served_fraction(d, dt, dk) - after)
                     if loss > gain + 1e-12 or after / dc.weight <= now + 1e-12:
                         continue
                     shard = next(sh for sh in dp.shards if sh.node_id == nid and sh.gpus == dg)
                     rest = list(dp.shards)
                     rest.remove(shard)
-                    if not spread_ok(d, dt, rest):
+                    if not spread_fits(index, d, dt, rest):
                         continue
                     ledger.release(d, Placement(did, (shard,), dt))
                     more = ledger.try_service(w, here, k + 1, c.spread_units, True, None, old.shards)
@@ -477,30 +472,6 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
                         return True
                     ledger.place(d, Placement(did, (shard,), dt))
         return False
-
-    def spread_ok(w: Workload, t: str, shards: list[Shard]) -> bool:
-        """Whether ``shards`` of service ``w`` on type ``t`` keep its spread rule (no
-        failure unit above ceil(replicas / units)): fewer replicas allow fewer in one."""
-        spec = w.inference
-        assert spec is not None
-        units = index.classes[index.workload_class[w.id]].spread_units.get(t, 0)
-        if spec.spread is Spread.NONE or units <= 0:
-            return True
-        cap = math.ceil(len(shards) / units)
-        count: dict[tuple[str, ...], int] = {}
-        for sh in shards:
-            n = index.nodes[sh.node_id]
-            keys = {Spread.ZONE: (n.zone,), Spread.DOMAIN: (n.zone, n.domain), Spread.NODE: (n.id,)}
-            unit = keys.get(spec.spread, ())
-            count[unit] = count.get(unit, 0) + 1
-        return max(count.values(), default=0) <= cap
-
-    def served_as(w: Workload, t: str, k: int) -> float:
-        """Served fraction of ``k`` replicas on type ``t``, as the model counts it."""
-        spec = w.inference
-        assert spec is not None
-        f = min(1.0, k * spec.replica_rps.get(t, 0.0) / spec.target_rps)
-        return math.floor(f * 1000) / 1000
 
     def single(wid: str) -> Option | None:
         """The one-node option a placed job runs as (None: a gang, or unknown)."""

@@ -667,7 +667,11 @@ def _lower_hull(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     hull: list[tuple[float, float]] = []
     for p in points:
         if hull and abs(hull[-1][0] - p[0]) <= 1e-12:
-            continue  # same x, higher (sorted): above the hull
+            # The same x up to rounding (k / (T / rps) of two types can differ in the
+            # last bit): only the lower of the two can be on the hull.
+            if p[1] >= hull[-1][1]:
+                continue
+            hull.pop()
         while len(hull) >= 2:
             (x1, y1), (x2, y2) = hull[-2], hull[-1]
             # Drop the middle point unless it lies strictly below the line from hull[-2] to p.

@@ -57,7 +57,7 @@ from solver.aggregate import Index, Option, OptionKind, WorkloadClass
 from solver.backends import Backend
 from solver.linear import LinearModel, Sense, SolveStatus, Var
 from solver.model import Placement, Workload
-from solver.packing import Ledger
+from solver.packing import Ledger, served_fraction
 
 __all__ = ["level_plan", "type_level_model"]
 
@@ -135,10 +135,7 @@ def level_plan(
         return None
 
     def frac(w: Workload, p: Placement) -> float:
-        spec = w.inference
-        assert spec is not None
-        f = min(1.0, len(p.shards) * spec.replica_rps.get(p.gpu_type or "", 0.0) / spec.target_rps)
-        return math.floor(f * resolution) / resolution
+        return served_fraction(w, p.gpu_type or "", len(p.shards), resolution)
 
     movable: dict[int, list[Workload]] = defaultdict(list)
     for w in index.problem.workloads:

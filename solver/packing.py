@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from solver.aggregate import Index, Option, OptionKind, scope_of_nodes
 from solver.model import Node, Placement, Shard, Spread, Workload
 
-__all__ = ["Ledger", "Quota", "in_scope"]
+__all__ = ["Ledger", "Quota", "in_scope", "served_fraction", "spread_fits", "spread_unit"]
 
 
 @dataclass
@@ -254,14 +254,7 @@ class Ledger:
         wanted = dict(per_option) if per_option is not None else None
 
         def unit_of(nid: str) -> tuple[str, ...]:
-            n = self.index.nodes[nid]
-            if spec.spread is Spread.ZONE:
-                return (n.zone,)
-            if spec.spread is Spread.DOMAIN:
-                return (n.zone, n.domain)
-            if spec.spread is Spread.NODE:
-                return (n.id,)
-            return ()
+            return spread_unit(self.index.nodes[nid], spec.spread)
 
         for sh in existing:
             unit_count[unit_of(sh.node_id)] += 1
@@ -336,6 +329,41 @@ class Ledger:
                 hs.remove((workload.id, shard.gpus))
         self.quota.used[workload.tenant] -= placement.gpus
         self.quota.used_type[workload.tenant, node_type] -= placement.gpus
+
+
+def served_fraction(workload: Workload, gpu_type: str, replicas: int, resolution: int = 1000) -> float:
+    """The served fraction of ``replicas`` of service ``workload`` on ``gpu_type`` as
+    the model counts it: min(1, replicas * rps / target), rounded down to its
+    variable's resolution (``Formulation.hint``)."""
+    spec = workload.inference
+    assert spec is not None
+    f = min(1.0, replicas * spec.replica_rps.get(gpu_type, 0.0) / spec.target_rps)
+    return math.floor(f * resolution) / resolution
+
+
+def spread_unit(node: Node, spread: Spread) -> tuple[str, ...]:
+    """The failure unit of ``node`` that a service spread over ``spread`` counts."""
+    if spread is Spread.ZONE:
+        return (node.zone,)
+    if spread is Spread.DOMAIN:
+        return (node.zone, node.domain)
+    if spread is Spread.NODE:
+        return (node.id,)
+    return ()
+
+
+def spread_fits(index: Index, workload: Workload, gpu_type: str, shards: Sequence[Shard]) -> bool:
+    """Whether ``shards`` of service ``workload`` on ``gpu_type`` keep its spread rule:
+    no failure unit holds more than ceil(replicas / units) of them."""
+    spec = workload.inference
+    assert spec is not None
+    units = index.classes[index.workload_class[workload.id]].spread_units.get(gpu_type, 0)
+    if spec.spread is Spread.NONE or units <= 0:
+        return True
+    count: dict[tuple[str, ...], int] = defaultdict(int)
+    for sh in shards:
+        count[spread_unit(index.nodes[sh.node_id], spec.spread)] += 1
+    return max(count.values(), default=0) <= math.ceil(len(shards) / units)
 
 
 def in_scope(node: Node, scope: tuple[str, ...]) -> bool:

@@ -67,7 +67,7 @@ from solver.backends import Backend
 from solver.greedy import replicas_wanted
 from solver.linear import LinearModel, Sense, SolveStatus, Var
 from solver.model import Placement, Shard, Spread, Workload
-from solver.packing import Ledger
+from solver.packing import Ledger, served_fraction, spread_unit
 
 __all__ = ["reassign_services"]
 
@@ -91,10 +91,7 @@ def reassign_services(
     price = {t: gt.cost_per_hour or 0.0 for t, gt in index.types.items()}
 
     def frac(w: Workload, t: str, replicas: int) -> float:
-        spec = w.inference
-        assert spec is not None
-        f = min(1.0, replicas * spec.replica_rps.get(t, 0.0) / spec.target_rps)
-        return math.floor(f * resolution) / resolution
+        return served_fraction(w, t, replicas, resolution)
 
     def dollars(p: Placement | None) -> float:
         if p is None:
@@ -416,9 +413,7 @@ def _kept(index: Index, w: Workload, cur: Placement, k: int) -> Placement | None
     for sh in cur.shards:
         if len(kept) == n:
             break
-        node = index.nodes[sh.node_id]
-        keys = {Spread.ZONE: (node.zone,), Spread.DOMAIN: (node.zone, node.domain), Spread.NODE: (node.id,)}
-        unit = keys.get(spec.spread, ())
+        unit = spread_unit(index.nodes[sh.node_id], spec.spread)
         if count[unit] < cap:
             count[unit] += 1
             kept.append(sh)

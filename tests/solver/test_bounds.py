@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from solver import PlanOptions, Problem, Workload, plan
@@ -48,6 +48,16 @@ def _service_points(
     target=st.floats(1.0, 60.0),
     min_replicas=st.integers(1, 3),
     max_replicas=st.one_of(st.none(), st.integers(1, 12)),
+)
+# Found by Hypothesis: 37 / 0.5000000000000001 and 37 / 0.5 differ in the last bit,
+# so the a100 point at one replica sorted after the dearer h100 one at "the same" x,
+# and the hull kept the dearer one (a cut C >= 296 f that whole a100 replicas break).
+@example(
+    gpus={"a100": 1, "h100": 1},
+    rps={"a100": 0.5000000000000001, "h100": 0.5},
+    target=37.0,
+    min_replicas=1,
+    max_replicas=None,
 )
 def test_service_cost_cuts_hold_at_every_integer_point(
     gpus: dict[str, int], rps: dict[str, float], target: float, min_replicas: int, max_replicas: int | None
