@@ -146,11 +146,7 @@ def level_plan(
         return None
 
     def fixed_ledger() -> Ledger:
-        ledger = Ledger(index)
-        for wid, p in sorted(placed.items()):
-            if wid not in moving:
-                ledger.place(index.workloads[wid], p)
-        return ledger
+        return Ledger.holding(index, placed, moving)
 
     fixed = fixed_ledger()
     fixed_cover: dict[int, float] = defaultdict(float)

@@ -12,7 +12,7 @@ import bisect
 import heapq
 import math
 from collections import defaultdict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 
 from solver.aggregate import Index, Option, OptionKind, scope_of_nodes
@@ -71,6 +71,15 @@ class Ledger:
         self.open_nodes = sum(len(s.node_ids) for s in index.shapes if s.gpus > 0)
         self.freed: dict[int, int] = defaultdict(int)  # shape -> times a node became whole
         self._gang_miss: dict[Option, int] = {}  # option -> ``freed`` when it last found nothing
+
+    @classmethod
+    def holding(cls, index: Index, placed: Mapping[str, Placement], but: Set[str] = frozenset()) -> Ledger:
+        """A ledger with ``placed`` recorded, except the workloads in ``but``."""
+        ledger = cls(index)
+        for wid, p in sorted(placed.items()):
+            if wid not in but:
+                ledger.place(index.workloads[wid], p)
+        return ledger
 
     # -- bookkeeping ------------------------------------------------------------------
 

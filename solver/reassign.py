@@ -131,11 +131,7 @@ def reassign_services(
     moving = {w.id for w in movable}
 
     def fixed_ledger() -> Ledger:
-        ledger = Ledger(index)
-        for wid, p in sorted(original.items()):
-            if wid not in moving:
-                ledger.place(index.workloads[wid], p)
-        return ledger
+        return Ledger.holding(index, original, moving)
 
     # What the fixed work leaves: free GPUs per ready node, and quota.
     fixed = fixed_ledger()
