@@ -284,8 +284,13 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         """Like ``concrete``, one priority tier at a time, highest first: each tier's
         counts are packed and then completed greedily before the next tier is packed,
         so a lower tier never takes the room a higher tier's job lost in rounding or
-        packing (the LP may trade a tier's jobs for fractional service coverage)."""
+        packing (the LP may trade a tier's jobs for fractional service coverage).
+        Non-preemptible running jobs of every tier stay where they run first (else a
+        higher tier's gang could take their node: found by Hypothesis)."""
         placed_t = dict(keep)
+        pinned = {key: n for key, n in counts.items() if index.classes[key[0]].pinned}
+        if pinned:
+            placed_t, _ = disaggregate(index, pinned, placed_t)
         for tier in index.tiers:
             part = {key: n for key, n in counts.items() if index.classes[key[0]].tier == tier}
             placed_t, _ = disaggregate(index, part, placed_t)

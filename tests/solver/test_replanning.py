@@ -434,3 +434,44 @@ def test_non_preemptible_job_leaves_a_draining_node_for_a_cheaper_one() -> None:
     assert r.best_bound is not None and r.best_bound >= -2.9 - 1e-6
     assert shards(r)["j1"] == [("n4", 1)]
     assert r.objective == pytest.approx(-2.9)
+
+
+def test_a_higher_tier_gang_never_moves_a_pinned_job_of_a_lower_tier() -> None:
+    # Found by Hypothesis. Two 4-GPU h100 nodes, each with a non-preemptible
+    # priority-0 job running on one GPU (j1 on n2, j3 on n3); j2 (priority 1) wants a
+    # whole 4-GPU node. The aggregated model sees 8 GPUs of the shape and room for
+    # the gang; packed tier by tier, j2 took n2 before j1 was kept there, so j1 was
+    # moved (the verifier rejected the plan). Pinned jobs are now kept first.
+    from solver.verify import verify
+
+    nodes = [
+        node("n1", "h100", 1, zone="z1", domain="r1", state="draining"),
+        node("n2", "h100", 4, zone="z1", domain="r1"),
+        node("n3", "h100", 4, zone="z1", domain="r1"),
+        node("n4", "h100", 1, zone="z1", domain="r1"),
+    ]
+    workloads = [
+        train("j1", 1, {"h100": 0.5}, types=("h100",), locality="node", preemptible=False),
+        train(
+            "j2",
+            shapes={4: {"h100": 0.5}, 1: {"a100": 0.5}},
+            types=("h100", "a100"),
+            priority=1,
+            locality="node",
+        ),
+        train(
+            "j3",
+            shapes={1: {"h100": 0.5}, 2: {"a100": 0.5}},
+            types=("h100", "a100"),
+            locality="node",
+            preemptible=False,
+        ),
+        train("j4", 1, {"a100": 0.5}, types=("a100",), locality="node"),
+    ]
+    current = [place("j1", ("n2", 1)), place("j3", ("n3", 1))]
+    p = problem(nodes, workloads, current=current)
+    r = plan(p, "throughput", PlanOptions(time_limit_s=3))
+    assert verify(p, r, "throughput").ok
+    placed = {x.workload_id: x for x in r.placements}
+    assert placed["j1"].shards == place("j1", ("n2", 1)).shards
+    assert placed["j3"].shards == place("j3", ("n3", 1)).shards
