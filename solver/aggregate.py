@@ -50,6 +50,7 @@ __all__ = [
     "WorkloadClass",
     "build_index",
     "effective_weight",
+    "options_by_type",
     "usable_service_types",
     "usable_training_types",
 ]
@@ -161,6 +162,14 @@ class Index:
 
 def effective_weight(w: Workload, tenant_weight: Mapping[str, float]) -> float:
     return w.weight * tenant_weight.get(w.tenant, 1.0)
+
+
+def options_by_type(c: WorkloadClass) -> dict[str, list[Option]]:
+    """A class's options grouped by GPU type, each group in option order."""
+    out: dict[str, list[Option]] = {}
+    for o in c.options:
+        out.setdefault(o.gpu_type, []).append(o)
+    return out
 
 
 def usable_training_types(w: Workload, types: Mapping[str, GpuType]) -> list[str]:

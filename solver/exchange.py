@@ -29,10 +29,10 @@ import math
 import time
 from collections.abc import Mapping, Sequence
 
-from solver.aggregate import Index, Option, OptionKind
+from solver.aggregate import Index, Option, OptionKind, WorkloadClass, options_by_type
 from solver.greedy import replicas_wanted
 from solver.model import Placement, Spread, Workload
-from solver.packing import Ledger, served_fraction, spread_fits, spread_unit
+from solver.packing import Ledger, lowest_priority_by_type, served_fraction, spread_fits, spread_unit
 
 __all__ = ["exchange_services", "raise_minimum"]
 
@@ -67,21 +67,10 @@ def exchange_services(
     def dollars(p: Placement) -> float:
         return price.get(p.gpu_type or "", 0.0) * sum(s.gpus for s in p.shards)
 
-    # Lowest priority of the work on nodes of each type: a service may be taken out
-    # only where no lower-priority work sits on a type it could use.
-    lowest: dict[str, int] = {}
-    for wid, p in out.items():
-        pr = index.workloads[wid].priority
-        for s in p.shards:
-            t = index.nodes[s.node_id].gpu_type
-            lowest[t] = min(lowest.get(t, pr), pr)
+    lowest = lowest_priority_by_type(index, out)
 
-    def options_by_type(w: Workload) -> dict[str, list[Option]]:
-        c = index.classes[index.workload_class[w.id]]
-        by_type: dict[str, list[Option]] = {}
-        for o in c.options:
-            by_type.setdefault(o.gpu_type, []).append(o)
-        return by_type
+    def by_type_of(w: Workload) -> dict[str, list[Option]]:
+        return options_by_type(index.classes[index.workload_class[w.id]])
 
     services = [
         w
@@ -97,7 +86,7 @@ def exchange_services(
         f = served(w.id)
         if held is None or f <= 0:
             continue
-        if any(lowest.get(t, w.priority) < w.priority for t in options_by_type(w)):
+        if any(lowest.get(t, w.priority) < w.priority for t in by_type_of(w)):
             continue
         unit = sum(g.get(w.id, 0.0) for g in gains) * f
         droppable.append((-dollars(held) / unit, w.id))
@@ -128,7 +117,7 @@ def exchange_services(
         if cur is not None and (now >= 1.0 or not cur.shards or cur.gpu_type is None):
             return None
         best: tuple[float, str, str, int, bool] | None = None
-        for t, opts in options_by_type(x).items():
+        for t, opts in by_type_of(x).items():
             if cur is not None and t == cur.gpu_type:
                 # one more replica where it runs
                 spec = x.inference
@@ -183,7 +172,7 @@ def exchange_services(
             _r, xid, t, want, whole = best
             x = index.workloads[xid]
             c = index.classes[index.workload_class[xid]]
-            opts = options_by_type(x)[t]
+            opts = by_type_of(x)[t]
             before = out.get(xid)
             f_before = served(xid)
             spec = x.inference
@@ -293,24 +282,22 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
             return swap(wid, now)
         spec = w.inference
         assert spec is not None
-        by_type: dict[str, list[Option]] = {}
-        for o in c.options:
-            by_type.setdefault(o.gpu_type, []).append(o)
+        by_type = options_by_type(c)
         # More replicas where it runs, as many as fit (up to what it wants).
         here = by_type.get(old.gpu_type or "", [])
-        if here:
-            want = replicas_wanted(w, here[0].value, 0)
-            if want > len(old.shards):
-                more = ledger.try_service(w, here, want, c.spread_units, True, None, old.shards)
-                if more:
-                    out[wid] = Placement(wid, (*old.shards, *more), old.gpu_type)
-                    if value(wid) > now + 1e-12:
-                        return True
-                    ledger.release(w, Placement(wid, tuple(more), old.gpu_type))
-                    out[wid] = old
-        # Else room for one more where it runs, made by moving one-node jobs.
-        if here and (make_room(wid, now, here) or take_replicas(wid, now, here)):
-            return True
+        want = replicas_wanted(w, here[0].value, 0) if here else 0
+        if want > len(old.shards):
+            more = ledger.try_service(w, here, want, c.spread_units, True, None, old.shards)
+            if more:
+                out[wid] = Placement(wid, (*old.shards, *more), old.gpu_type)
+                if value(wid) > now + 1e-12:
+                    return True
+                ledger.release(w, Placement(wid, tuple(more), old.gpu_type))
+                out[wid] = old
+            # Else room for one more where it runs: made by moving one-node jobs, or
+            # taken from a service that can spare a replica.
+            if make_room(w, c, old, now, here) or take_replicas(w, c, old, now, here):
+                return True
         # Else the whole service elsewhere: most served first, then fewest GPUs.
         plans = []
         for t, opts in by_type.items():
@@ -333,20 +320,17 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
         ledger.place(w, old)
         return False
 
-    def make_room(wid: str, now: float, here: list[Option]) -> bool:
-        """One more replica for service ``wid`` (at the minimum ``now``) on its type,
-        on a node whose one-node training jobs that do not run now move elsewhere,
-        each to an option above the minimum; everything is undone if one of them
-        finds no such room. The service's served fraction rises and no workload
-        ends at or below ``now``, so the minimum rises (or has fewer at it)."""
-        w = index.workloads[wid]
+    def make_room(w: Workload, c: WorkloadClass, old: Placement, now: float, here: list[Option]) -> bool:
+        """One more replica for service ``w`` (at the minimum ``now``, placed as
+        ``old``, wanting more) on its type, on a node whose one-node training jobs
+        that do not run now move elsewhere, each to an option above the minimum;
+        everything is undone if one of them finds no such room. The service's served
+        fraction rises and no workload ends at or below ``now``, so the minimum rises
+        (or has fewer at it)."""
         spec = w.inference
         assert spec is not None
-        c = index.classes[index.workload_class[wid]]
-        old = out[wid]
+        wid = w.id
         t, g, k = old.gpu_type or "", here[0].gpus, len(old.shards)
-        if k + 1 > replicas_wanted(w, here[0].value, 0):
-            return False
         if min(1.0, (k + 1) * here[0].value / spec.target_rps) / c.weight <= now + 1e-12:
             return False
         units = c.spread_units.get(t, 0)
@@ -420,19 +404,14 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
                     ledger.place(index.workloads[j], before[j])
         return False
 
-    def take_replicas(wid: str, now: float, here: list[Option]) -> bool:
-        """One more replica for service ``wid`` (at the minimum ``now``) on its type,
-        in the room of one replica of another service of the same priority that does
-        not run now, when that one stays above the minimum and loses no more weighted
-        served fraction than ``wid`` gains (so the tier's coverage does not drop)."""
-        w = index.workloads[wid]
-        spec = w.inference
-        assert spec is not None
-        c = index.classes[index.workload_class[wid]]
-        old = out[wid]
+    def take_replicas(w: Workload, c: WorkloadClass, old: Placement, now: float, here: list[Option]) -> bool:
+        """One more replica for service ``w`` (at the minimum ``now``, placed as
+        ``old``, wanting more) on its type, in the room of one replica of another
+        service of the same priority that does not run now, when that one stays
+        above the minimum and loses no more weighted served fraction than ``w``
+        gains (so the tier's coverage does not drop)."""
+        wid = w.id
         t, g, k = old.gpu_type or "", here[0].gpus, len(old.shards)
-        if k + 1 > replicas_wanted(w, here[0].value, 0):
-            return False
         gain = c.weight * (served_fraction(w, t, k + 1) - served_fraction(w, t, k))
         if gain <= 0 or served_fraction(w, t, k + 1) / c.weight <= now + 1e-12:
             return False

@@ -25,7 +25,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 
-from solver.aggregate import Index, Option, OptionKind, WorkloadClass
+from solver.aggregate import Index, Option, OptionKind, WorkloadClass, options_by_type
 from solver.model import NodeState, Placement, Workload
 from solver.packing import Ledger
 
@@ -166,9 +166,7 @@ def place_service(
     """The type with the most requests/s per GPU (or, with ``prefer="cost"``, per $)."""
     spec = w.inference
     assert spec is not None
-    by_type: dict[str, list[Option]] = {}
-    for o in c.options:
-        by_type.setdefault(o.gpu_type, []).append(o)
+    by_type = options_by_type(c)
     if prefer == "cost":
         # The $/hour of the whole replicas it takes (not per request/s: 8.8 req/s on
         # 4.3 req/s replicas takes 3 of them), then requests/s per $.

@@ -18,7 +18,15 @@ from dataclasses import dataclass
 from solver.aggregate import Index, Option, OptionKind, scope_of_nodes
 from solver.model import Node, Placement, Shard, Spread, Workload
 
-__all__ = ["Ledger", "Quota", "in_scope", "served_fraction", "spread_fits", "spread_unit"]
+__all__ = [
+    "Ledger",
+    "Quota",
+    "in_scope",
+    "lowest_priority_by_type",
+    "served_fraction",
+    "spread_fits",
+    "spread_unit",
+]
 
 
 @dataclass
@@ -338,6 +346,20 @@ class Ledger:
                 hs.remove((workload.id, shard.gpus))
         self.quota.used[workload.tenant] -= placement.gpus
         self.quota.used_type[workload.tenant, node_type] -= placement.gpus
+
+
+def lowest_priority_by_type(index: Index, placed: Mapping[str, Placement]) -> dict[str, int]:
+    """The lowest priority of the work on the nodes of each GPU type. A service may
+    be taken out or made smaller only where no lower-priority work sits on a type
+    it could use: else the verifier's strict-priority rule, which looks for room
+    that lower tiers hold, could object."""
+    lowest: dict[str, int] = {}
+    for wid, p in placed.items():
+        pr = index.workloads[wid].priority
+        for s in p.shards:
+            t = index.nodes[s.node_id].gpu_type
+            lowest[t] = min(lowest.get(t, pr), pr)
+    return lowest
 
 
 def served_fraction(workload: Workload, gpu_type: str, replicas: int, resolution: int = 1000) -> float:

@@ -202,6 +202,11 @@ def _level_bound(
     return bound, None if feasible is None else held_below(feasible)
 
 
+def _tier_floors(stages: list[Stage], floors: list[float]) -> dict[int, float]:
+    """The floor set so far on each priority tier's coverage, by tier."""
+    return {x.tier: f for x, f in zip(stages, floors, strict=False) if x.tier is not None}
+
+
 def _lex_better(a: list[float], b: list[float]) -> bool:
     """Whether stage values ``a`` beat ``b`` lexicographically (with a tolerance)."""
     for x, y in zip(a, b, strict=True):
@@ -464,8 +469,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                 # First on the type-level relaxation (a small LP: about 1-2 s at 10k
                 # workloads; it gets up to 10% of the limit past the stage's end, like
                 # the primary LP), then on the whole model below what that proved.
-                tier_floors = {x.tier: f for x, f in zip(stages, floors, strict=False) if x.tier is not None}
-                small, small_holds = type_level_model(index, tier_floors)
+                small, small_holds = type_level_model(index, _tier_floors(stages, floors))
                 with timer.stage("lp"):
                     level_bound, _ = _level_bound(
                         small,
@@ -714,8 +718,9 @@ def _level_plan(
     jobs could meet the verifier's strict-priority rule differently: the caller
     keeps ``placed`` to fall back on if the final plan fails verification."""
     index = form.index
-    tier_floors = {x.tier: f for x, f in zip(stages, floors, strict=False) if x.tier is not None}
-    candidate = level_plan(index, placed, tier_floors, 1000, get_backend(options.backend), deadline)
+    candidate = level_plan(
+        index, placed, _tier_floors(stages, floors), 1000, get_backend(options.backend), deadline
+    )
     if candidate is None:
         return placed
     old = _stage_values(form, stages, form.hint(placed.values()))

@@ -62,12 +62,12 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence, Set
 
-from solver.aggregate import Index, Option
+from solver.aggregate import Index, Option, options_by_type
 from solver.backends import Backend
 from solver.greedy import replicas_wanted
 from solver.linear import LinearModel, Sense, SolveStatus, Var
 from solver.model import Placement, Shard, Spread, Workload
-from solver.packing import Ledger, served_fraction, spread_unit
+from solver.packing import Ledger, lowest_priority_by_type, served_fraction, spread_unit
 
 __all__ = ["reassign_services"]
 
@@ -98,21 +98,15 @@ def reassign_services(
             return 0.0
         return price.get(p.gpu_type or "", 0.0) * sum(s.gpus for s in p.shards)
 
-    def by_type(w: Workload) -> dict[str, list[Option]]:
-        c = index.classes[index.workload_class[w.id]]
-        out: dict[str, list[Option]] = {}
-        for o in c.options:
-            out.setdefault(o.gpu_type, []).append(o)
-        return out
+    grouped: dict[str, dict[str, list[Option]]] = {}  # asked for again and again below
 
-    # Lowest priority of the work on each type: a service may change only where no
-    # lower-priority work sits on a type it could use.
-    lowest: dict[str, int] = {}
-    for wid, p in original.items():
-        pr = index.workloads[wid].priority
-        for s in p.shards:
-            t = index.nodes[s.node_id].gpu_type
-            lowest[t] = min(lowest.get(t, pr), pr)
+    def by_type(w: Workload) -> dict[str, list[Option]]:
+        got = grouped.get(w.id)
+        if got is None:
+            got = grouped[w.id] = options_by_type(index.classes[index.workload_class[w.id]])
+        return got
+
+    lowest = lowest_priority_by_type(index, original)
     movable: list[Workload] = []
     for w in index.problem.workloads:
         if (
