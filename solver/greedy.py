@@ -219,13 +219,17 @@ def greedy_place(
 
 
 def complete(
-    index: Index, placed: dict[str, Placement], prefer: str = "value", tier: int | None = None
+    index: Index,
+    placed: dict[str, Placement],
+    prefer: str = "value",
+    tier: int | None = None,
+    order_name: str = "best-fit",
 ) -> dict[str, Placement]:
-    """Keep ``placed`` and, in best-fit order (priority first), add every other
-    workload (of priority ``tier`` only, if given) that fits in what is left and
-    give services below their target the replicas that fit. Turns a stage's
-    solution (which ignores lower tiers) into a full hint, and fills what
-    packing or a time limit left free."""
+    """Keep ``placed`` and, in best-fit order (priority first; or another of
+    ``BASELINE_ORDERS``), add every other workload (of priority ``tier`` only, if
+    given) that fits in what is left and give services below their target the
+    replicas that fit. Turns a stage's solution (which ignores lower tiers) into
+    a full hint, and fills what packing or a time limit left free."""
     ledger = Ledger(index)
     out = dict(placed)
     for wid, held in sorted(out.items()):
@@ -235,7 +239,7 @@ def complete(
     # re-placing it elsewhere would be a migration for nothing.
     others = frozenset(w.id for w in index.problem.workloads if tier is not None and w.priority != tier)
     out.update(keep_running(index, ledger, skip=frozenset(out) | others))
-    order, best_fit = BASELINE_ORDERS["best-fit"]
+    order, best_fit = BASELINE_ORDERS[order_name]
     for w in order(workloads):
         c = index.classes[index.workload_class[w.id]]
         p = out.get(w.id)

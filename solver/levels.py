@@ -59,7 +59,7 @@ from solver.linear import LinearModel, Sense, SolveStatus, Var
 from solver.model import Placement, Workload
 from solver.packing import Ledger, served_fraction
 
-__all__ = ["level_plan", "type_level_model"]
+__all__ = ["job_floors", "level_plan", "type_level_model"]
 
 
 def _choices(c: WorkloadClass) -> dict[tuple[str, int], list[Option]]:
@@ -72,14 +72,16 @@ def _choices(c: WorkloadClass) -> dict[tuple[str, int], list[Option]]:
 
 
 def type_level_model(
-    index: Index, tier_floors: Mapping[int, float]
+    index: Index, tier_floors: Mapping[int, float], job_floors: Mapping[int, float] | None = None
 ) -> tuple[LinearModel, list[tuple[float, list[int]]]]:
     """The relaxation above (no objective) and its holds: (v, variables that a plan
-    whose minimum is >= tau holds at 0 for every tau > v)."""
+    whose minimum is >= tau holds at 0 for every tau > v). ``job_floors``: per
+    tier, the least Σ w over its running training jobs (see ``job_floors``)."""
     lp = LinearModel()
     holds: list[tuple[float, list[int]]] = []
     gpus: dict[str, list[tuple[Var, float]]] = defaultdict(list)
     coverage: dict[int, list[tuple[Var, float]]] = defaultdict(list)
+    jobs: dict[int, list[tuple[Var, float]]] = defaultdict(list)
     capacity: dict[str, int] = defaultdict(int)
     for shape in index.shapes:
         capacity[shape.gpu_type] += shape.gpus * len(shape.node_ids)
@@ -91,6 +93,7 @@ def type_level_model(
                 own.append(n)
                 gpus[t].append((n, float(g)))
                 coverage[c.tier].append((n, c.weight))
+                jobs[c.tier].append((n, c.weight))
                 holds.append((max(o.value for o in opts) / c.weight, [n.index]))
             if own:
                 lp.add([(n, 1.0) for n in own], Sense.LE, float(c.count), f"count[{c.index}]")
@@ -117,7 +120,22 @@ def type_level_model(
         lp.add(terms, Sense.LE, float(capacity.get(t, 0)), f"gpus[{t}]")
     for tier, floor in sorted(tier_floors.items()):
         lp.add(coverage.get(tier, []), Sense.GE, floor, f"floor[{tier}]")
+    for tier, floor in sorted((job_floors or {}).items()):
+        lp.add(jobs.get(tier, []), Sense.GE, floor, f"jobs[{tier}]")
     return lp, holds
+
+
+def job_floors(index: Index, placed: Mapping[str, Placement]) -> dict[int, float]:
+    """Per priority tier but the lowest, Σ w over the training jobs that ``placed``
+    runs: what the max-min keeps of each tier's jobs (see above)."""
+    out: dict[int, float] = {}
+    lowest = min(index.tiers, default=0)
+    for wid in placed:
+        w = index.workloads[wid]
+        c = index.classes[index.workload_class[wid]]
+        if w.training is not None and c.tier != lowest:
+            out[c.tier] = out.get(c.tier, 0.0) + c.weight
+    return out
 
 
 def level_plan(
@@ -127,10 +145,13 @@ def level_plan(
     resolution: int,
     backend: Backend,
     deadline: float,
+    jobs_floors: Mapping[int, float] | None = None,
 ) -> dict[str, Placement] | None:
     """Every training job that does not run now chosen again at the highest level
-    the LP over (class, type, GPUs) allows, keeping each tier's coverage floor
-    (see above); None if no plan that keeps the floors was found in time."""
+    the LP over (class, type, GPUs) allows, keeping each tier's coverage floor and
+    ``jobs_floors`` (see above); None if no plan that keeps the floors was found
+    in time."""
+    jobs_floors = jobs_floors or {}
     if time.perf_counter() > deadline:
         return None
 
@@ -150,11 +171,14 @@ def level_plan(
 
     fixed = fixed_ledger()
     fixed_cover: dict[int, float] = defaultdict(float)
+    fixed_jobs: dict[int, float] = defaultdict(float)
     for wid, p in placed.items():
         if wid not in moving:
             w = index.workloads[wid]
             c = index.classes[index.workload_class[wid]]
             fixed_cover[c.tier] += c.weight * (frac(w, p) if w.inference is not None else 1.0)
+            if w.inference is None:
+                fixed_jobs[c.tier] += c.weight
     free: dict[str, list[int]] = defaultdict(list)
     for shape in index.shapes:
         for nid in shape.node_ids:
@@ -213,6 +237,8 @@ def level_plan(
             lp.add(terms, Sense.LE, float(room), f"gpus[{t},{v}]")
     for tier, floor in sorted(tier_floors.items()):
         lp.add(cover.get(tier, []), Sense.GE, floor - fixed_cover.get(tier, 0.0), f"floor[{tier}]")
+    for tier, floor in sorted(jobs_floors.items()):
+        lp.add(cover.get(tier, []), Sense.GE, floor - fixed_jobs.get(tier, 0.0), f"jobs[{tier}]")
     for tenant, lim in fixed.quota.limits.items():
         if lim.max_gpus is not None and tenants.get(tenant):
             left = float(lim.max_gpus - fixed.quota.used[tenant])
@@ -269,12 +295,15 @@ def level_plan(
         out = _round_and_pack(index, placed, movable, job_cols, sol.values, tau, ledger, deadline)
         if out is None:
             return None
-        got = dict(fixed_cover)
+        got, got_jobs = dict(fixed_cover), dict(fixed_jobs)
         for wid in out:
             if wid in moving:
                 c = index.classes[index.workload_class[wid]]
                 got[c.tier] = got.get(c.tier, 0.0) + c.weight
-        if all(got.get(t, 0.0) >= f - 1e-9 * max(1.0, abs(f)) for t, f in tier_floors.items()):
+                got_jobs[c.tier] = got_jobs.get(c.tier, 0.0) + c.weight
+        if all(got.get(t, 0.0) >= f - 1e-9 * max(1.0, abs(f)) for t, f in tier_floors.items()) and all(
+            got_jobs.get(t, 0.0) >= f - 1e-9 * max(1.0, abs(f)) for t, f in jobs_floors.items()
+        ):
             return out
     return None
 
