@@ -12,25 +12,30 @@ each distinct (type, GPUs) a training class can run as, with
 sum_{t,g} n_{c,t,g} <= count_c; for each service, f_i in [0, 1] and replicas
 r_{i,t} >= 0 with target_i f_i <= sum_t rps_{i,t} r_{i,t}; per GPU type, the GPUs
 they take <= the GPUs of its ready nodes; per priority tier, its coverage
-(sum w n + sum w f) >= the floor that the tier's stage set. Every solution of
+(sum w n + sum w f) >= the floor that the tier's stage set, and for every tier
+but the lowest, sum w n over its jobs >= what the coverage stages' plan runs of
+them (:func:`job_floors`: strict priority inside the max-min, see
+``solver.policies.fairness``). Every solution of
 the aggregated model's LP maps onto this one (sum its per-shape and per-scope
 counts; its GPU rows per shape add up to these; its floors are these), so it is
 a relaxation: if it is infeasible with everything of value below tau held at 0
 (an option of rho/w < tau; a service of 1/w < tau), so is the aggregated LP,
 and no plan has a minimum >= tau. The pipeline bisects on tau with it first
-(measured at 10k: about 10 LPs in 0.4 s, one warm GLOP model; it proved the
-same 0.1625 that the bisection on the whole model proved in about 11 s), then,
-with what time is left, on the whole model below that.
+(measured at 10k: about 10 LPs in 0.4 s, one warm GLOP model; without the job
+floors it proved the same 0.1625 that the bisection on the whole model proved
+in about 11 s; with them 0.1196, which the plan reaches), then, with what time
+is left, on the whole model below that.
 
 **Plan** (:func:`level_plan`). The same kind of model for the training jobs of
 a plan, the rest where it is: the services and the jobs that run now are fixed
 (the coverage stages packed the services' spread replicas; moving them lost
 coverage in every try at 10k), and each class's jobs that do not run now may
 run as any (type, GPUs) again, as many of them as the tiers' coverage floors
-need (they count the jobs, by weight, not which ones). The rows are the GPUs
-free per type in chunks of each item size (sum over items of v GPUs or more of
-their GPUs <= sum over nodes of v * floor(free / v), where every such size is a
-multiple of v) and the tenant quotas. The highest level tau at which the LP is
+need (they count the jobs, by weight, not which ones). The rows are each
+tier's coverage floor and job floor (as above), the GPUs free per type in
+chunks of each item size (sum over items of v GPUs or more of their GPUs <=
+sum over nodes of v * floor(free / v), where every such size is a multiple of
+v) and the tenant quotas. The highest level tau at which the LP is
 feasible is found by bisection; the LP there, maximizing coverage (then
 throughput, then what stays where it is), is rounded (a class's total up, its
 choices by largest remainder) and packed on the nodes, highest priority first

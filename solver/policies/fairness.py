@@ -10,6 +10,17 @@ of time on each type (an LP); Apportion plans whole GPUs, so:
    migration penalty;
 3. tie-break: the throughput objective with t kept.
 
+Strict priority holds inside stage 2 too: besides every tier's coverage floor,
+the Σ w of the training jobs that the coverage stages run in each tier but the
+lowest is kept (``solver.levels.job_floors``). A tier's coverage counts its
+services' served demand as well, so under its floor alone the max-min could
+leave out a higher tier's jobs whose options are slow, make up the coverage
+with its services, and give the GPUs to lower tiers' jobs: a higher-priority
+workload left out so that lower ones run better, which the verifier's
+strict-priority rule rejects wherever lower-priority work holds room the job
+fits in (at 10k: the bound 0.1625 needed 31 such top-tier jobs out; every plan
+that tried failed verification). The bound is of the problem with that rule.
+
 Gavel's LP optimum bounds stage 2 from above when every job fits; the
 benchmark reports both.
 """

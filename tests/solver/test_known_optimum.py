@@ -427,3 +427,24 @@ def test_job_larger_than_its_tenant_quota_is_proven_optimal() -> None:
     )
     r = solve(p, "throughput", 0.0)
     assert r.best_bound == pytest.approx(0.0, abs=1e-6)
+
+
+# A tier's coverage stage with no time for its LP keeps what the incumbent covers;
+# the incumbent's lower tiers were completed largest first. Priority 1: A (8 GPUs,
+# weight 5) or four 2-GPU jobs B on the a100 node (the largest-first seed runs A:
+# 5 > 4). Priority 0 on the l4 node (4 GPUs): C (4 GPUs) or four 1-GPU jobs D; the
+# seed ran C. Smallest first the lowest tier covers 4, not 1, and that is tried
+# before its floor is set (every stage out of time at once with a limit of 1 ms).
+@pytest.mark.parametrize("policy", ["fairness", "throughput", "cost"])
+def test_a_coverage_stage_out_of_time_places_its_tier_smallest_first(policy: str) -> None:
+    p = problem(
+        nodes=[node("a1", "a100", 8), node("l1", "l4", 4)],
+        workloads=[
+            train("A", 8, {"a100": 1.0}, types=("a100",), priority=1, weight=5.0),
+            *(train(f"B{i}", 2, {"a100": 1.0}, types=("a100",), priority=1) for i in range(4)),
+            train("C", 4, {"l4": 1.0}, types=("l4",)),
+            *(train(f"D{i}", 1, {"l4": 1.0}, types=("l4",)) for i in range(4)),
+        ],
+    )
+    r = plan(p, policy, PlanOptions(time_limit_s=0.001))
+    assert sorted(x.workload_id for x in r.placements) == ["A", "D0", "D1", "D2", "D3"]

@@ -11,11 +11,11 @@ from solver import PlanOptions, plan
 from solver.aggregate import build_index
 from solver.backends import get_backend
 from solver.exchange import raise_minimum
-from solver.levels import level_plan, type_level_model
-from solver.model import Placement, Problem, Shard
+from solver.levels import job_floors, level_plan, type_level_model
+from solver.model import Placement, Plan, PlanStatus, Problem, Shard, Unplaced
 from solver.pipeline import _level_bound
 from solver.policies.fairness import FairnessPolicy
-from solver.verify import objective
+from solver.verify import objective, verify
 from tests.builders import gpu_type, node, problem, serve, train
 
 # Four 1-GPU nodes: k1, k2 (k80), v1, v2 (v100). Jobs of 1 GPU, weight 1, one tier:
@@ -207,3 +207,66 @@ def test_a_donor_service_keeps_its_spread_rule() -> None:
     }
     out = raise_minimum(build_index(p), placed, math.inf)
     assert out == placed
+
+
+# Strict priority inside the max-min. Nodes k1 (k80), v1 (v100), 1 GPU each; a1
+# (a100, 2 GPUs) for the service. Priority 1: job hi (v100 1.0, k80 0.1) and
+# service s (weight 2, 10 req/s per replica, target 20: f = 1 with 2 replicas).
+# Priority 0: job lo (v100 1.0, k80 0.2). The floors: priority 1 covers 2
+# (hi + 2 * 0.5, say, as a coverage stage cut short left it), priority 0 covers 1.
+# With s at f = 1 the tier's floor holds without hi, and then lo has the v100:
+# minimum min(1.0, f/w = 0.5) = 0.5 -- but hi is left out while lo holds v1,
+# where hi fits: the verifier's strict-priority rule rejects it. With hi kept
+# (its job floor), the best minimum is hi on v1 and lo on k1: 0.2.
+
+
+def _traded() -> Problem:
+    return problem(
+        nodes=[node("k1", "k80", 1), node("v1", "v100", 1), node("a1", "a100", 2)],
+        workloads=[
+            train("hi", 1, {"v100": 1.0, "k80": 0.1}, types=("v100", "k80"), priority=1),
+            train("lo", 1, {"v100": 1.0, "k80": 0.2}, types=("v100", "k80")),
+            serve("s", 1, 10.0, 20.0, types=("a100",), priority=1, weight=2.0),
+        ],
+        gpu_types=[gpu_type("k80", 12.0, 0.45), gpu_type("v100", 16.0, 2.48), gpu_type("a100", 80.0, 2.0)],
+    )
+
+
+def test_job_floors_keep_the_higher_tiers_jobs_in_the_bound() -> None:
+    index = build_index(_traded())
+    floors = {1: 2.0 - 1e-5, 0: 1.0 - 1e-5}
+    values = [0.0, 0.1, 0.2, 0.5, 1.0]
+
+    def below(tau: float) -> float:
+        return max(v for v in values if v < tau)
+
+    def bound(jobs: dict[int, float] | None) -> float | None:
+        lp, holds = type_level_model(index, floors, jobs)
+        got, _ = _level_bound(lp, get_backend("ortools"), holds, below, 0.0, frozenset(), 0.1, 1.0, math.inf)
+        return got
+
+    assert bound(None) == pytest.approx(0.5)  # hi traded for s's served demand
+    assert bound({1: 1.0}) == pytest.approx(0.2)
+
+
+def test_the_level_plan_keeps_the_job_floors() -> None:
+    p = _traded()
+    index = build_index(p)
+    placed = {
+        "hi": Placement("hi", (Shard("k1", 1),), "k80"),
+        "lo": Placement("lo", (Shard("v1", 1),), "v100"),
+        "s": Placement("s", (Shard("a1", 1), Shard("a1", 1)), "a100"),
+    }
+    assert job_floors(index, placed) == {1: 1.0}  # the lowest tier has none
+    floors = {1: 2.0 - 1e-5, 0: 1.0 - 1e-5}
+    backend = get_backend("ortools")
+    # Without the job floor: hi out so that lo runs on the v100 (minimum 0.5).
+    traded = level_plan(index, placed, floors, 1000, backend, math.inf)
+    assert traded is not None and "hi" not in traded and traded["lo"].gpu_type == "v100"
+    assert objective(p, list(traded.values()), "fairness") == pytest.approx(0.5)
+    kept = level_plan(index, placed, floors, 1000, backend, math.inf, job_floors(index, placed))
+    assert kept is not None and kept["hi"].gpu_type == "v100" and kept["lo"].gpu_type == "k80"
+    assert objective(p, list(kept.values()), "fairness") == pytest.approx(0.2)
+    unplaced = tuple(Unplaced(w.id, ()) for w in p.workloads if w.id not in kept)
+    draft = Plan(PlanStatus.FEASIBLE, "fairness", 0.0, None, None, tuple(kept.values()), unplaced)
+    assert verify(p, draft, "fairness").ok
