@@ -273,6 +273,8 @@ class _Track:
     gpu_type: str = ""
     gpus: int = 0
     base: tuple[float, float] | None = None  # (step, monotonic time)
+    # samples/s reported since ``base``, weighted by the time each report covers
+    sampled: tuple[float, float, float] = (0.0, 0.0, 0.0)  # (Σ rate·dt, Σ dt, time of the last report)
     work_per_s: float = 0.0
     rate_samples_per_s: float = 0.0
     measured_s: float = 0.0
@@ -295,19 +297,30 @@ class _Track:
             return  # nothing done yet (a fresh launch reports 0 before its first progress line)
         if self.base is None or step < self.base[0]:
             self.base = (step, now)  # the first progress of a (re)launch: startup and resume not counted
+            self.sampled = (0.0, 0.0, now)
             return
+        # The runtime's samples/s covers only its last progress interval (a stall there
+        # -- two ranks and a server on 2 cores -- reads as a rate 4x too low): over the
+        # window it is the mean of the reports, each weighted by the time since the one
+        # before, as the work rate is over the same window.
+        acc, span, last = self.sampled
+        dt = max(0.0, now - last)
+        self.sampled = (acc + samples_per_s * dt, span + dt, now)
         steps, seconds = step - self.base[0], now - self.base[1]
         if seconds < RATE_WINDOW_S or steps <= 0:
             return
         rate = steps / seconds
+        acc, span, _last = self.sampled
+        window_samples = acc / span if span > 0 else samples_per_s
         if self.measured_s <= 0:
-            self.work_per_s, self.rate_samples_per_s = rate, samples_per_s
+            self.work_per_s, self.rate_samples_per_s = rate, window_samples
         else:
             alpha = 1.0 - math.exp(-seconds / SMOOTHING_S)
             self.work_per_s += alpha * (rate - self.work_per_s)
-            self.rate_samples_per_s += alpha * (samples_per_s - self.rate_samples_per_s)
+            self.rate_samples_per_s += alpha * (window_samples - self.rate_samples_per_s)
         self.measured_s += seconds
         self.base = (step, now)
+        self.sampled = (0.0, 0.0, now)
 
     def observation(self) -> Observation | None:
         if self.kind != "training" or self.step <= 0:

@@ -235,6 +235,19 @@ def _inventory(data: dict[str, Any]) -> Any:
     return json_format.ParseDict(data, apb.UpsertNodesRequest())
 
 
+def test_the_samples_rate_of_a_window_is_the_time_weighted_mean_of_its_reports() -> None:
+    # The runtime's samples/s covers its last progress interval only: one stalled
+    # interval at the end of a window must not stand for the whole window (CI saw
+    # 172 samples/s reported against 94 steps/s x 8 samples per step).
+    track = _Track(kind="training", gpu_type="h100-80g", gpus=2)
+    track.restart_rate({})
+    track.measure(100, 0.0, 10.0)  # the base
+    track.measure(110, 800.0, 10.5)  # 0.5 s at 800/s: the window is still open
+    track.measure(120, 160.0, 11.2)  # 0.7 s at 160/s (a stall): closes a 1.2 s window
+    assert abs(track.rate_samples_per_s - (800.0 * 0.5 + 160.0 * 0.7) / 1.2) < 1e-9
+    assert abs(track.work_per_s - 20 / 1.2) < 1e-9
+
+
 def test_the_dispatcher_measures_steps_over_time_without_start_up() -> None:
     track = _Track(kind="training", gpu_type="h100-80g", gpus=2)
     track.restart_rate({})
