@@ -290,17 +290,17 @@ def _training_options(w: Workload, shapes: Sequence[NodeShape], types: Mapping[s
     return options
 
 
-def spread_units(w: Workload, nodes: Sequence[Node], types: Mapping[str, GpuType]) -> dict[str, int]:
+def spread_units(
+    w: Workload, ready_by_type: Mapping[str, Sequence[Node]], types: Mapping[str, GpuType]
+) -> dict[str, int]:
     """Per usable GPU type, the failure units (zones, domains or nodes) that have a
-    ready node of that type, carrying the selector's labels, with GPUs for one replica.
-    A service runs on one type, so its spread counts the units of that type."""
+    ready node of that type (``ready_by_type``: the ready nodes of each type),
+    carrying the selector's labels, with GPUs for one replica. A service runs on
+    one type, so its spread counts the units of that type."""
     spec = w.inference
     assert spec is not None
-    usable = set(usable_service_types(w, types))
     units: dict[str, set[tuple[str, ...]]] = defaultdict(set)
-    for n in nodes:
-        if n.state is not NodeState.READY or n.gpu_type not in usable:
-            continue
+    for n in (n for t in usable_service_types(w, types) for n in ready_by_type.get(t, ())):
         if n.gpus < spec.gpus_per_replica[n.gpu_type]:
             continue
         if not all(n.labels.get(k) == v for k, v in w.node_selector.items()):
@@ -461,6 +461,10 @@ def build_index(problem: Problem) -> Index:
     """Group nodes into shapes and workloads into classes with their options."""
     types = {t.name: t for t in problem.gpu_types}
     nodes = {n.id: n for n in problem.nodes}
+    ready_by_type: dict[str, list[Node]] = defaultdict(list)
+    for n in problem.nodes:
+        if n.state is NodeState.READY:
+            ready_by_type[n.gpu_type].append(n)
     selected = frozenset(pair for w in problem.workloads for pair in w.node_selector.items())
     shapes, node_shape = _node_shapes(problem.nodes, selected)
     tenant_weight = {t.name: t.weight for t in problem.tenants}
@@ -539,7 +543,7 @@ def build_index(problem: Problem) -> Index:
                 options=opts,
                 tier=w.priority,
                 weight=effective_weight(w, tenant_weight),
-                spread_units=spread_units(w, problem.nodes, types)
+                spread_units=spread_units(w, ready_by_type, types)
                 if w.inference.spread is not Spread.NONE
                 else {},
             )
