@@ -27,7 +27,7 @@ from __future__ import annotations
 import heapq
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 from solver.aggregate import Index, Option, OptionKind, WorkloadClass, options_by_type
 from solver.greedy import replicas_wanted
@@ -49,9 +49,7 @@ def exchange_services(
     floored stage j; ``slack[j]``: how far the plan is above that floor now. Returns
     the plan after the exchanges (``placed`` itself is not changed)."""
     out = dict(placed)
-    ledger = Ledger(index)
-    for wid, p in sorted(out.items()):
-        ledger.place(index.workloads[wid], p)
+    ledger = Ledger.holding(index, out)
     slack = list(slack)
     price = {t: gt.cost_per_hour or 0.0 for t, gt in index.types.items()}
 
@@ -242,9 +240,12 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
     coverage of every tier never drops; the minimum rises or the search stops
     (when some workload at the minimum cannot improve)."""
     out = dict(placed)
-    ledger = Ledger(index)
-    for wid, p in sorted(out.items()):
-        ledger.place(index.workloads[wid], p)
+    ledger = Ledger.holding(index, out)
+
+    def nodes_of(t: str) -> Iterator[str]:
+        for shape in index.shapes:
+            if shape.gpu_type == t:
+                yield from shape.node_ids
 
     def value(wid: str) -> float:
         p = out[wid]
@@ -342,66 +343,63 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
         taken: dict[tuple[str, ...], int] = {}
         for sh in old.shards:
             taken[unit(sh.node_id)] = taken.get(unit(sh.node_id), 0) + 1
-        for shape in index.shapes:
-            if shape.gpu_type != t:
+        for nid in nodes_of(t):
+            if time.perf_counter() >= deadline:
+                return False
+            if nid in ledger.exclusive or taken.get(unit(nid), 0) >= cap:
                 continue
-            for nid in shape.node_ids:
-                if time.perf_counter() >= deadline:
-                    return False
-                if nid in ledger.exclusive or taken.get(unit(nid), 0) >= cap:
-                    continue
-                room = ledger.free[nid].gpus
-                jobs = sorted(
-                    (gpus, j)
-                    for j, gpus in ledger.holders[nid]
-                    if j in movable and index.workloads[j].training is not None and len(out[j].shards) == 1
-                )
-                pick: list[str] = []
-                for gpus, j in jobs:
-                    if room >= g:
+            room = ledger.free[nid].gpus
+            jobs = sorted(
+                (gpus, j)
+                for j, gpus in ledger.holders[nid]
+                if j in movable and index.workloads[j].training is not None and len(out[j].shards) == 1
+            )
+            pick: list[str] = []
+            for gpus, j in jobs:
+                if room >= g:
+                    break
+                pick.append(j)
+                room += gpus
+            if room < g or not pick:
+                continue
+            before = {j: out[j] for j in pick}
+            for j in pick:
+                ledger.release(index.workloads[j], before[j])
+            more = ledger.try_service(w, here, k + 1, c.spread_units, True, None, old.shards)
+            moved: dict[str, Placement] = {}
+            if more:
+                for j in pick:
+                    wj = index.workloads[j]
+                    cj = index.classes[index.workload_class[j]]
+                    cands = sorted(
+                        (
+                            o
+                            for o in cj.options
+                            if o.kind in (OptionKind.SINGLE, OptionKind.GANG)
+                            and o.value / cj.weight > now + 1e-12
+                        ),
+                        key=lambda o: (-o.value, o.gpus),
+                    )
+                    got = next(
+                        (p for p in (ledger.try_training(wj, o) for o in cands) if p is not None), None
+                    )
+                    if got is None:
                         break
-                    pick.append(j)
-                    room += gpus
-                if room < g or not pick:
-                    continue
-                before = {j: out[j] for j in pick}
-                for j in pick:
-                    ledger.release(index.workloads[j], before[j])
-                more = ledger.try_service(w, here, k + 1, c.spread_units, True, None, old.shards)
-                moved: dict[str, Placement] = {}
-                if more:
-                    for j in pick:
-                        wj = index.workloads[j]
-                        cj = index.classes[index.workload_class[j]]
-                        cands = sorted(
-                            (
-                                o
-                                for o in cj.options
-                                if o.kind in (OptionKind.SINGLE, OptionKind.GANG)
-                                and o.value / cj.weight > now + 1e-12
-                            ),
-                            key=lambda o: (-o.value, o.gpus),
-                        )
-                        got = next(
-                            (p for p in (ledger.try_training(wj, o) for o in cands) if p is not None), None
-                        )
-                        if got is None:
-                            break
-                        moved[j] = got
-                if more and len(moved) == len(pick):
-                    out[wid] = Placement(wid, (*old.shards, *more), t)
-                    for j, p in moved.items():
-                        out[j] = p
-                        by_size.get(before[j].gpus, {}).get(t_of(before[j]), set()).discard(j)
-                        if len(p.shards) == 1:
-                            by_size.setdefault(p.gpus, {}).setdefault(t_of(p), set()).add(j)
-                    return True
+                    moved[j] = got
+            if more and len(moved) == len(pick):
+                out[wid] = Placement(wid, (*old.shards, *more), t)
                 for j, p in moved.items():
-                    ledger.release(index.workloads[j], p)
-                if more:
-                    ledger.release(w, Placement(wid, tuple(more), t))
-                for j in pick:
-                    ledger.place(index.workloads[j], before[j])
+                    out[j] = p
+                    by_size.get(before[j].gpus, {}).get(t_of(before[j]), set()).discard(j)
+                    if len(p.shards) == 1:
+                        by_size.setdefault(p.gpus, {}).setdefault(t_of(p), set()).add(j)
+                return True
+            for j, p in moved.items():
+                ledger.release(index.workloads[j], p)
+            if more:
+                ledger.release(w, Placement(wid, tuple(more), t))
+            for j in pick:
+                ledger.place(index.workloads[j], before[j])
         return False
 
     def take_replicas(w: Workload, c: WorkloadClass, old: Placement, now: float, here: list[Option]) -> bool:
@@ -415,41 +413,38 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
         gain = c.weight * (served_fraction(w, t, k + 1) - served_fraction(w, t, k))
         if gain <= 0 or served_fraction(w, t, k + 1) / c.weight <= now + 1e-12:
             return False
-        for shape in index.shapes:
-            if shape.gpu_type != t:
+        for nid in nodes_of(t):
+            if time.perf_counter() >= deadline:
+                return False
+            if nid in ledger.exclusive:
                 continue
-            for nid in shape.node_ids:
-                if time.perf_counter() >= deadline:
-                    return False
-                if nid in ledger.exclusive:
+            for did, dg in list(ledger.holders[nid]):
+                if did == wid or did not in movable or ledger.free[nid].gpus + dg < g:
                     continue
-                for did, dg in list(ledger.holders[nid]):
-                    if did == wid or did not in movable or ledger.free[nid].gpus + dg < g:
-                        continue
-                    d = index.workloads[did]
-                    if d.inference is None or d.priority != w.priority:
-                        continue
-                    dc = index.classes[index.workload_class[did]]
-                    dp = out[did]
-                    dt, dk = dp.gpu_type or "", len(dp.shards)
-                    if dk - 1 < max(1, d.inference.min_replicas):
-                        continue
-                    after = served_fraction(d, dt, dk - 1)
-                    loss = dc.weight * (served_fraction(d, dt, dk) - after)
-                    if loss > gain + 1e-12 or after / dc.weight <= now + 1e-12:
-                        continue
-                    shard = next(sh for sh in dp.shards if sh.node_id == nid and sh.gpus == dg)
-                    rest = list(dp.shards)
-                    rest.remove(shard)
-                    if not spread_fits(index, d, dt, rest):
-                        continue
-                    ledger.release(d, Placement(did, (shard,), dt))
-                    more = ledger.try_service(w, here, k + 1, c.spread_units, True, None, old.shards)
-                    if more:
-                        out[did] = Placement(did, tuple(rest), dt)
-                        out[wid] = Placement(wid, (*old.shards, *more), t)
-                        return True
-                    ledger.place(d, Placement(did, (shard,), dt))
+                d = index.workloads[did]
+                if d.inference is None or d.priority != w.priority:
+                    continue
+                dc = index.classes[index.workload_class[did]]
+                dp = out[did]
+                dt, dk = dp.gpu_type or "", len(dp.shards)
+                if dk - 1 < max(1, d.inference.min_replicas):
+                    continue
+                after = served_fraction(d, dt, dk - 1)
+                loss = dc.weight * (served_fraction(d, dt, dk) - after)
+                if loss > gain + 1e-12 or after / dc.weight <= now + 1e-12:
+                    continue
+                shard = next(sh for sh in dp.shards if sh.node_id == nid and sh.gpus == dg)
+                rest = list(dp.shards)
+                rest.remove(shard)
+                if not spread_fits(index, d, dt, rest):
+                    continue
+                ledger.release(d, Placement(did, (shard,), dt))
+                more = ledger.try_service(w, here, k + 1, c.spread_units, True, None, old.shards)
+                if more:
+                    out[did] = Placement(did, tuple(rest), dt)
+                    out[wid] = Placement(wid, (*old.shards, *more), t)
+                    return True
+                ledger.place(d, Placement(did, (shard,), dt))
         return False
 
     def single(wid: str) -> Option | None:

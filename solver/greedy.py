@@ -230,10 +230,8 @@ def complete(
     given) that fits in what is left and give services below their target the
     replicas that fit. Turns a stage's solution (which ignores lower tiers) into
     a full hint, and fills what packing or a time limit left free."""
-    ledger = Ledger(index)
     out = dict(placed)
-    for wid, held in sorted(out.items()):
-        ledger.place(index.workloads[wid], held)
+    ledger = Ledger.holding(index, out)
     workloads = [w for w in index.problem.workloads if tier is None or w.priority == tier]
     # What runs now and is not placed yet goes back where it runs, if that is free:
     # re-placing it elsewhere would be a migration for nothing.
@@ -267,9 +265,7 @@ def repair_priority(
     non-preemptible running job. A safety net for plans cut short by the time
     limit or by packing; an optimal plan needs no repair."""
     out = dict(placed)
-    ledger = Ledger(index)
-    for wid, p in sorted(out.items()):
-        ledger.place(index.workloads[wid], p)
+    ledger = Ledger.holding(index, out)
 
     def evictable(holder: str, below: int) -> bool:
         w = index.workloads[holder]
@@ -329,10 +325,8 @@ def improve(
     migration), worst first, moves to a better option of its own where room is
     free: higher normalized throughput, or with ``prefer="cost"`` a lower $/hour.
     Coverage, demand and priorities are unchanged; only the objective can rise."""
-    ledger = Ledger(index)
     out = dict(placed)
-    for wid, held in sorted(out.items()):
-        ledger.place(index.workloads[wid], held)
+    ledger = Ledger.holding(index, out)
 
     def score(o: Option) -> float:
         return -_price(ledger, o) if prefer == "cost" else o.value

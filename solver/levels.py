@@ -56,7 +56,7 @@ import bisect
 import math
 import time
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from solver.aggregate import Index, Option, OptionKind, WorkloadClass
 from solver.backends import Backend
@@ -64,7 +64,7 @@ from solver.linear import LinearModel, Sense, SolveStatus, Var
 from solver.model import Placement, Workload
 from solver.packing import Ledger, served_fraction
 
-__all__ = ["job_floors", "level_plan", "type_level_model"]
+__all__ = ["bisect_levels", "job_floors", "level_plan", "type_level_model"]
 
 
 def _choices(c: WorkloadClass) -> dict[tuple[str, int], list[Option]]:
@@ -128,6 +128,23 @@ def type_level_model(
     for tier, floor in sorted((job_floors or {}).items()):
         lp.add(jobs.get(tier, []), Sense.GE, floor, f"jobs[{tier}]")
     return lp, holds
+
+
+def bisect_levels(lo: int, hi: int, feasible: Callable[[int], bool | None]) -> tuple[int, int]:
+    """Bisection over level indices between ``lo`` (feasible, or -1) and ``hi``
+    (infeasible, or past the last): the highest index found feasible and the
+    lowest found infeasible. Feasibility is monotone (a higher level holds more at
+    0); an answer of None (out of time) stops the search where it is."""
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        answer = feasible(mid)
+        if answer is None:
+            break
+        if answer:
+            lo = mid
+        else:
+            hi = mid
+    return lo, hi
 
 
 def job_floors(index: Index, placed: Mapping[str, Placement]) -> dict[int, float]:
@@ -267,16 +284,7 @@ def level_plan(
             return False
         return True if sol.status is SolveStatus.OPTIMAL else None
 
-    lo, hi = -1, len(levels)
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        answer = feasible(mid)
-        if answer is None:
-            break
-        if answer:
-            lo = mid
-        else:
-            hi = mid
+    lo, _hi = bisect_levels(-1, len(levels), feasible)
     # Round and pack at the highest level, then lower (the LP at the highest level
     # is tight on coverage, so what packing loses breaks a floor; below it the LP,
     # maximizing coverage, leaves slack for that): the first plan that keeps every

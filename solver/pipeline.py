@@ -47,7 +47,7 @@ from solver.exchange import exchange_services, raise_minimum
 from solver.explain import Explainer
 from solver.formulation import Formulation, build_formulation, option_values, round_down
 from solver.greedy import complete, greedy_place, improve, repair_priority
-from solver.levels import job_floors, level_plan, type_level_model
+from solver.levels import bisect_levels, job_floors, level_plan, type_level_model
 from solver.linear import LinearModel, Solution, SolveStatus
 from solver.model import (
     Placement,
@@ -177,9 +177,9 @@ def _level_bound(
             return True
         return False if sol.status is SolveStatus.OPTIMAL else None
 
-    hi, proven, feasible = top, None, None
     if lo + 1 >= top:
         return None, None
+    start = lo
     if cap - rest <= (current - rest) * 1.05 + 1e-9:
         # The incumbent is close to the bound: try the value just above it first
         # (one LP, and often the proof that the incumbent is optimal).
@@ -188,18 +188,10 @@ def _level_bound(
             return None, None
         if answer:
             return below_value(values[lo + 1]) + rest, None
-        lo = feasible = lo + 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        answer = infeasible(mid)
-        if answer is None:
-            break
-        if answer:
-            hi = proven = mid
-        else:
-            lo = feasible = mid
-    bound = None if proven is None else below_value(values[proven]) + rest
-    return bound, None if feasible is None else held_below(feasible)
+        lo += 1
+    lo, hi = bisect_levels(lo, top, lambda i: None if (a := infeasible(i)) is None else not a)
+    bound = below_value(values[hi]) + rest if hi < top else None
+    return bound, held_below(lo) if lo > start else None
 
 
 def _tier_floors(stages: list[Stage], floors: list[float]) -> dict[int, float]:
