@@ -86,6 +86,9 @@ class ApportionServer:
         auth.check_listen(config.listen, insecure=config.insecure, tls=tls, tokens=config.tokens is not None)
         self.config = config
         authenticator = auth.Authenticator.from_file(config.tokens)
+        loose = None if config.tokens is None else auth.loose_permissions(config.tokens)
+        if loose is not None:
+            log.warning(f"the tokens file: {loose}", extra={"tokens": str(config.tokens)})
         credentials = (
             auth.server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
             if config.tls_cert is not None and config.tls_key is not None

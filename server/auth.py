@@ -2,15 +2,24 @@
 
 Principals
     Every call runs as a :class:`Principal`: a tenant (sees and changes only its own
-    workloads) or the admin (sees everything; the only one who may change nodes,
-    quotas and drains). The servicers ask :meth:`Principal.can_see`,
-    :meth:`Principal.require_tenant` and :meth:`Principal.require_admin`.
+    workloads), a node (a worker agent: may register, stream and move checkpoints
+    for its own node id and the workloads placed on it, and nothing else; it sees no
+    workload, plan or node through ``Allocator``), or the admin (sees everything; the
+    only one who may change nodes, quotas and drains). The servicers ask
+    :meth:`Principal.can_see`, :meth:`Principal.require_tenant`,
+    :meth:`Principal.require_node` and :meth:`Principal.require_admin`.
+
+    Workers should run with a node token: a worker's credential is within reach of
+    whoever controls the machine it runs on, and a node token lets that reach no
+    further than the node itself (an admin token still works for a worker, for
+    single-operator set-ups and for ``--insecure`` on loopback).
 
 The tokens file (``--tokens FILE``)
-    A YAML mapping from bearer token to exactly one of ``{tenant: NAME}`` or
-    ``{role: admin}``::
+    A YAML mapping from bearer token to exactly one of ``{tenant: NAME}``,
+    ``{node: NODE_ID}`` or ``{role: admin}``::
 
         "3c1f0e9a7b2d44c5a8e6f1b0d9c2a7e4": {tenant: research}
+        "5d2e8f1a0b3c4d5e6f708192a3b4c5d6": {node: gpu-node-7}
         "9b8a7c6d5e4f30211f2e3d4c5b6a7988": {role: admin}
 
     Rules, each refused by :func:`load_tokens` with a :class:`TokenFileError` that
@@ -21,13 +30,16 @@ The tokens file (``--tokens FILE``)
       least :data:`MIN_TOKEN_LENGTH` (16) printable ASCII characters without spaces
       (it travels in an ``authorization: Bearer TOKEN`` header);
     - no token appears twice (YAML would silently keep the last one);
-    - each entry is a mapping with exactly one key, ``tenant`` (a non-empty name) or
-      ``role`` (only ``admin`` exists); any other key is an error.
+    - each entry is a mapping with exactly one key, ``tenant`` (a non-empty name),
+      ``node`` (a non-empty node id) or ``role`` (only ``admin`` exists); any other
+      key is an error;
+    - a file that others than its owner may read is accepted with a warning
+      (:func:`loose_permissions`): a token in it is a password.
 
     Tokens are kept only as their SHA-256 digests: :class:`Authenticator` hashes the
     presented token and looks the digest up, so the lookup's timing does not depend on
     how much of a secret token a caller guessed. A principal's ``name`` (for logs and
-    rate limits) is ``tenant:NAME#FPRINT`` or ``admin#FPRINT``, FPRINT being the first 8
+    rate limits) is ``tenant:NAME#FPRINT``, ``node:ID#FPRINT`` or ``admin#FPRINT``, FPRINT being the first 8
     hex digits of the digest: two tokens of one tenant are told apart, and the
     token itself never reaches a log.
 
@@ -98,11 +110,13 @@ class TokenFileError(ValueError):
 
 @dataclass(frozen=True)
 class Principal:
-    """The caller of one request: a tenant, or the admin (``tenant`` None, ``admin`` True)."""
+    """The caller of one request: a tenant, a node (``node`` its id; neither tenant nor
+    admin), or the admin (``tenant`` None, ``admin`` True)."""
 
     name: str
     tenant: str | None
     admin: bool
+    node: str | None = None
 
     def can_see(self, tenant: str) -> bool:
         """Whether this principal may see and change ``tenant``'s data."""
@@ -112,6 +126,15 @@ class Principal:
         """Raise :class:`PermissionDenied` unless this principal is the admin."""
         if not self.admin:
             raise PermissionDenied(f"{action} needs the admin role; the caller is {self.name}")
+
+    def require_node(self, node_id: str, action: str = "this call") -> None:
+        """Raise :class:`PermissionDenied` unless this principal is the admin or the node
+        ``node_id`` itself."""
+        if not (self.admin or (self.node is not None and self.node == node_id)):
+            raise PermissionDenied(
+                f"{action} concerns node {node_id!r}; the caller is {self.name} and may act only "
+                f"for {'node ' + repr(self.node) if self.node is not None else 'its own workloads'}"
+            )
 
     def require_tenant(self, tenant: str, action: str = "this call") -> None:
         """Raise :class:`PermissionDenied` unless this principal may act for ``tenant``."""
@@ -198,17 +221,23 @@ def _check_token(token: object, where: str) -> str:
 def _principal(token: str, entry: object, where: str) -> Principal:
     fp = fingerprint(token)
     if not isinstance(entry, dict) or len(entry) != 1:
-        raise TokenFileError(f"{where}: expected exactly one of {{tenant: NAME}} or {{role: admin}}")
+        raise TokenFileError(
+            f"{where}: expected exactly one of {{tenant: NAME}}, {{node: NODE_ID}} or {{role: admin}}"
+        )
     ((key, value),) = entry.items()
     if key == "tenant":
         if not isinstance(value, str) or not value.strip():
             raise TokenFileError(f"{where}: tenant must be a non-empty name")
         return Principal(name=f"tenant:{value}#{fp}", tenant=value, admin=False)
+    if key == "node":
+        if not isinstance(value, str) or not value.strip():
+            raise TokenFileError(f"{where}: node must be a non-empty node id")
+        return Principal(name=f"node:{value}#{fp}", tenant=None, admin=False, node=value)
     if key == "role":
         if value != "admin":
             raise TokenFileError(f"{where}: unknown role {value!r}; the only role is 'admin'")
         return Principal(name=f"admin#{fp}", tenant=None, admin=True)
-    raise TokenFileError(f"{where}: unknown key {key!r}; expected 'tenant' or 'role'")
+    raise TokenFileError(f"{where}: unknown key {key!r}; expected 'tenant', 'node' or 'role'")
 
 
 def load_tokens(path: str | Path) -> dict[str, Principal]:
@@ -231,7 +260,8 @@ def load_tokens(path: str | Path) -> dict[str, Principal]:
         raise TokenFileError(f"{path}: the tokens file defines no tokens")
     if not isinstance(data, dict):
         raise TokenFileError(
-            f"{path}: expected a mapping of TOKEN: {{tenant: NAME}} or TOKEN: {{role: admin}}"
+            f"{path}: expected a mapping of TOKEN: {{tenant: NAME}}, TOKEN: {{node: NODE_ID}} "
+            f"or TOKEN: {{role: admin}}"
         )
     if not data:
         raise TokenFileError(f"{path}: the tokens file defines no tokens")
@@ -241,6 +271,17 @@ def load_tokens(path: str | Path) -> dict[str, Principal]:
         checked = _check_token(token, where)
         tokens[checked] = _principal(checked, entry, where)
     return tokens
+
+
+def loose_permissions(path: str | Path) -> str | None:
+    """Why a credential file is readable by others than its owner (``mode 0644``), or None."""
+    try:
+        mode = Path(path).stat().st_mode
+    except OSError:
+        return None
+    if mode & 0o077:
+        return f"{path} is readable by others than its owner (mode {mode & 0o777:04o}); chmod 600 it"
+    return None
 
 
 # --- authentication ----------------------------------------------------------------------

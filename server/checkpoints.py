@@ -42,8 +42,11 @@ Decisions:
   no quota over all workloads.
 * What may be stored. Only a training workload the store knows (NOT_FOUND
   otherwise; an inference workload is FAILED_PRECONDITION) that is not
-  CANCELLED. Both RPCs need the admin role, as ``Register`` and ``Connect``
-  do (the workers' token).
+  CANCELLED. Who: the admin, or a node (its node token) for the workloads the
+  dispatcher sent it: it uploads only those whose shards it was sent, and
+  downloads only those and the training workload a service it runs serves from
+  (a training workload of the service's own tenant; see :mod:`server.workers`).
+  Anyone else is PERMISSION_DENIED, whether the checkpoint exists or not.
 * Deletion. A checkpoint is deleted when its workload is CANCELLED (the user
   asked for the job to be dropped: its half-trained model goes with it) or is
   no longer in the store. A SUCCEEDED workload keeps its checkpoint (it is
@@ -76,7 +79,7 @@ import grpc
 
 from apportion.v1 import workers_pb2 as wpb
 from server.auth import Principal
-from server.errors import FailedPrecondition, NotFound, ResourceExhausted, Upstream
+from server.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted, Upstream
 from server.service import Shared, _stream, _unary
 from server.store import CANCELLED
 from server.workers import Dispatcher, WorkersServicer
@@ -361,10 +364,14 @@ class CheckpointsServicer(WorkersServicer):
     def PutCheckpoint(
         self, request_iterator: Iterator[wpb.CheckpointChunk], context: grpc.ServicerContext, who: Principal
     ) -> wpb.PutCheckpointResponse:
-        who.require_admin("storing a checkpoint")
         header = next(request_iterator, None)
         if header is None:
             raise ValidationError([Violation("", "an upload needs at least its header")])
+        if not self.dispatcher.may_upload(who, header.workload_id):
+            raise PermissionDenied(
+                f"storing a checkpoint of {header.workload_id!r} needs the admin or the node running it; "
+                f"the caller is {who.name}"
+            )
         self._check_workload(header.workload_id)
         step = self.checkpoints.put(header, request_iterator)
         return wpb.PutCheckpointResponse(step=step)
@@ -373,7 +380,11 @@ class CheckpointsServicer(WorkersServicer):
     def GetCheckpoint(
         self, request: wpb.GetCheckpointRequest, context: grpc.ServicerContext, who: Principal
     ) -> Iterator[wpb.CheckpointChunk]:
-        who.require_admin("reading a checkpoint")
+        if not self.dispatcher.may_download(who, request.workload_id):
+            raise PermissionDenied(
+                f"reading the checkpoint of {request.workload_id!r} needs the admin or a node running it "
+                f"(or a service of its tenant that serves from it); the caller is {who.name}"
+            )
         opened = self.checkpoints.open(request.workload_id)
         if opened is None:
             raise NotFound(f"no checkpoint of workload {request.workload_id!r}")

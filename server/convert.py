@@ -1249,3 +1249,23 @@ def problem_to_messages(problem: Problem) -> tuple[pb.Inventory, pb.WorkloadList
             wm.inference.memory_gib_per_replica = svc.memory_gib_per_replica
             wm.inference.spread = svc.spread.value
     return inventory, workloads
+
+
+# ----- a service's checkpoint source
+
+SERVE_FROM = "APPORTION_SERVE_FROM"  # a service's env: the training workload (or path) it serves from
+
+
+def checkpoint_name(value: str) -> str | None:
+    """The training workload an ``APPORTION_SERVE_FROM`` value names (a bare name, not a
+    path, as the agent reads it), else None."""
+    if value and "/" not in value and value not in (".", ".."):
+        return value
+    return None
+
+
+def serve_from(workload: pb.Workload) -> str | None:
+    """The training workload whose checkpoints a service's replicas load, if it names one."""
+    if workload.WhichOneof("spec") != "inference":
+        return None
+    return checkpoint_name(workload.runtime.env.get(SERVE_FROM, ""))

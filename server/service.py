@@ -51,7 +51,7 @@ from apportion.v1 import types_pb2 as pb
 from server import control, convert
 from server.auth import Authenticator, Principal, RateLimiter
 from server.control import ControlLoop
-from server.errors import NotFound, status_code
+from server.errors import NotFound, PermissionDenied, status_code
 from server.metrics import Metrics
 from server.solving import SolverPool
 from server.store import STATES, TERMINAL, Store
@@ -110,6 +110,16 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> grpc.StatusCode
     return code
 
 
+def _caller(servicer: Any, context: grpc.ServicerContext) -> Principal:
+    """The authenticated, rate-limited caller. A node's token opens only the servicers that
+    say ``NODES_ALLOWED`` (the worker protocol): a worker's credential reads nothing."""
+    principal: Principal = servicer.shared.auth.authenticate(context.invocation_metadata())
+    servicer.shared.limiter.check(principal.name)
+    if principal.node is not None and not getattr(servicer, "NODES_ALLOWED", False):
+        raise PermissionDenied(f"{principal.name} is a node's token: it may only run the worker protocol")
+    return principal
+
+
 def _unary(
     method: Callable[[Any, Req, grpc.ServicerContext, Principal], Resp],
 ) -> Callable[[Any, Req, grpc.ServicerContext], Resp]:
@@ -121,8 +131,7 @@ def _unary(
         code = grpc.StatusCode.OK
         principal: Principal | None = None
         try:
-            principal = self.shared.auth.authenticate(context.invocation_metadata())
-            self.shared.limiter.check(principal.name)
+            principal = _caller(self, context)
             return method(self, request, context, principal)
         except Exception as exc:
             code = _code_of(exc)
@@ -145,8 +154,7 @@ def _stream(
         code = grpc.StatusCode.OK
         principal: Principal | None = None
         try:
-            principal = self.shared.auth.authenticate(context.invocation_metadata())
-            self.shared.limiter.check(principal.name)
+            principal = _caller(self, context)
             yield from method(self, request, context, principal)
         except Exception as exc:
             code = _code_of(exc)
@@ -276,6 +284,27 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         if checker is None or checker.gpu_types != gpu_types or checker.tenants != tenants:
             checker = self._checker = convert.WorkloadChecker(gpu_types, tenants)
         checker.check(workload)
+        self._check_serve_from(workload)
+
+    def _check_serve_from(self, workload: pb.Workload) -> None:
+        """A service may serve from a training workload of its own tenant only (one that
+        does not exist yet is allowed: the dispatcher checks again at each launch)."""
+        name = convert.serve_from(workload)
+        if name is None:
+            return
+        try:
+            source = self.store.get_workload(name)
+        except NotFound:
+            return
+        if source.kind != "training" or source.tenant != workload.tenant:
+            raise ValidationError(
+                [
+                    Violation(
+                        f"workload.runtime.env[{convert.SERVE_FROM}]",
+                        f'must name a training workload of tenant "{workload.tenant}"',
+                    )
+                ]
+            )
 
     @_unary
     def SubmitWorkload(

@@ -9,10 +9,22 @@ into workload states.
 
 Decisions (DESIGN.md is silent on them):
 
-* Auth. ``Register`` and ``Connect`` need the admin role when the server has a
-  tokens file (a worker changes the inventory, as ``UpsertNodes`` does); there
-  is no separate worker role yet. Without tokens (``--insecure`` on loopback)
+* Auth. ``Register`` and ``Connect`` need a node token for the node registered
+  (``{node: ID}`` in the tokens file; :mod:`server.auth`) or the admin role.
+  A node token can register only the node it names and attach only to that
+  node's session; it cannot read or change anything through ``Allocator``. On
+  the stream, a worker's statuses and log lines count only for shards its
+  session was sent (or reported running when it registered): a worker cannot
+  report for, or write into the logs of, a workload placed elsewhere. Its
+  checkpoint uploads and downloads are limited the same way
+  (:mod:`server.checkpoints`). Without tokens (``--insecure`` on loopback)
   every caller is the admin.
+* ``APPORTION_SERVE_FROM``. A service's runtime env may name a training
+  workload whose checkpoints it serves. The Launch carries it only when that
+  workload is a training workload of the service's own tenant; otherwise it is
+  dropped from the Launch (the replica starts a fresh model, as when the
+  trainer has no checkpoint yet) and a warning is logged. Submission refuses
+  such a name outright where it can tell (:mod:`server.service`).
 * Register upserts the node with state ``ready`` (a node an admin drained stays
   ``draining``) and the label :data:`WORKER_LABEL` (the worker's advertised
   address), and answers a fresh session id; the previous session of the same
@@ -142,7 +154,8 @@ from apportion.v1 import workers_pb2_grpc
 from server import convert
 from server.auth import Principal
 from server.control import FEEDBACK_MIN_S
-from server.errors import FailedPrecondition, NotFound, ServiceError
+from server.convert import SERVE_FROM, checkpoint_name, serve_from
+from server.errors import FailedPrecondition, NotFound, PermissionDenied, ServiceError
 from server.service import Shared, _stream, _unary
 from server.store import FAILED, PLACED, RUNNING, SUCCEEDED, TERMINAL, Observation, Store, WorkloadRow
 
@@ -219,6 +232,9 @@ class Session:
         self.retiring: dict[str, list[Any]] = {}
         self.stopping: dict[str, float] = {}  # shard key -> when a Stop was last sent
         self.usage = wpb.Heartbeat()
+        self.known: set[str] = set(running)  # shard keys sent or reported at registration: reports count
+        self.workloads: set[str] = {k.rsplit("/", 1)[0] for k in running}  # may upload their checkpoints
+        self.readable: set[str] = set(self.workloads)  # workloads whose checkpoints it may download
 
 
 @dataclass(frozen=True)
@@ -405,6 +421,7 @@ class Dispatcher:
         self._seen_revision = -1
         self._rows: list[WorkloadRow] = []
         self._node_gpus: dict[str, int] = {}
+        self._serve_from_ok: dict[str, bool] = {}  # service -> may it serve the training workload it names
         self._started = time.monotonic()
         self._orphans_checked = False
         self._stopped = threading.Event()
@@ -474,11 +491,12 @@ class Dispatcher:
         self.notify()
         return session
 
-    def attach(self, session_id: str) -> tuple[Session, int]:
+    def attach(self, session_id: str, who: Principal) -> tuple[Session, int]:
         with self._lock:
             session = self._by_id.get(session_id)
             if session is None or session.closed:
                 raise FailedPrecondition("unknown or expired session: register again")
+            who.require_node(session.node_id, "connecting a worker")  # before it displaces a stream
             session.stream += 1
             session.connected = True
             session.last_seen = time.monotonic()
@@ -535,14 +553,43 @@ class Dispatcher:
         if body == "heartbeat":
             session.usage = msg.heartbeat
         elif body == "status":
-            self._on_status(session, msg.status)
-        elif body == "log":
+            if self._reported_by(session, msg.status.workload_id, msg.status.shard_index):
+                self._on_status(session, msg.status)
+        elif body == "log" and self._reported_by(session, msg.log.workload_id, msg.log.shard_index):
             self.log_buffer.add(msg.log)
             with self._lock:
                 track = self._tracks.get(msg.log.workload_id)
                 if track is not None:
                     for line in msg.log.text.splitlines():
                         track.logs.append(f"[{msg.log.shard_index}:{msg.log.rank}] {line}")
+
+    def _reported_by(self, session: Session, workload_id: str, shard_index: int) -> bool:
+        """Whether ``session``'s worker may report for this shard (it was sent it)."""
+        key = shard_key(workload_id, shard_index)
+        with self._lock:
+            if key in session.known:
+                return True
+        log.warning("a report for a shard this worker was never sent: ignored",
+                    extra={"node": session.node_id, "shard": key})  # fmt: skip
+        return False
+
+    def may_upload(self, who: Principal, workload_id: str) -> bool:
+        """Whether ``who`` may store a checkpoint of ``workload_id``: the admin, or the node
+        whose current session was sent one of its shards."""
+        if who.admin:
+            return True
+        with self._lock:
+            session = self._sessions.get(who.node or "")
+            return session is not None and workload_id in session.workloads
+
+    def may_download(self, who: Principal, workload_id: str) -> bool:
+        """Whether ``who`` may read ``workload_id``'s checkpoint: the admin, or the node
+        running one of its shards or a service of the same tenant that serves from it."""
+        if who.admin:
+            return True
+        with self._lock:
+            session = self._sessions.get(who.node or "")
+            return session is not None and workload_id in session.readable
 
     def _on_status(self, session: Session, status: wpb.ShardStatus) -> None:
         key = shard_key(status.workload_id, status.shard_index)
@@ -648,6 +695,8 @@ class Dispatcher:
                 continue
             shards = placement.get("shards") or []
             workload = convert.workload_from_dict(spec)
+            if not self._serve_from_ok.get(row.id, True) and SERVE_FROM in workload.runtime.env:
+                del workload.runtime.env[SERVE_FROM]  # another tenant's (or no) training workload
             gpu_type = str(placement.get("gpu_type", ""))
             if row.kind == "training":
                 out += self._gang(row.id, version, workload, gpu_type, shards, advertise)
@@ -699,6 +748,7 @@ class Dispatcher:
         if revision != self._seen_revision:
             self._seen_revision = revision
             self._rows = [r for r in self.store.active_workloads() if r.state in (PLACED, RUNNING)]
+            self._serve_from_ok = self._serve_from_allowed(self._rows)
             self._node_gpus = {n.id: int(n.spec.get("gpus", 0)) for n in self.store.all_nodes()}
             self._sync_tracks(self._rows)
         rows = self._rows
@@ -778,12 +828,48 @@ class Dispatcher:
                         if replaced:  # the worker replaces the process: its endpoint goes with it
                             track.drop_endpoint(w.launch.shard_index, node_id)
                     session.sent[key] = sig
+                    self._grant(session, w.launch)
                     session.outbox.put(wpb.ServerMessage(launch=w.launch))
                     log.info(
                         "launch", extra={"node": node_id, "shard": key, "world_size": w.launch.world_size}
                     )
             self._roll(sessions, wants, blocked, held)
             self._update_states(rows, wants, now)
+
+    @staticmethod
+    def _grant(session: Session, launch: wpb.Launch) -> None:
+        """What a Launch lets its worker report, upload and download (under the lock)."""
+        session.known.add(shard_key(launch.workload_id, launch.shard_index))
+        session.workloads.add(launch.workload_id)
+        session.readable.add(launch.workload_id)
+        source = serve_from(launch.workload)
+        if source is not None:  # already checked against the service's tenant (_serve_from_allowed)
+            session.readable.add(source)
+
+    def _serve_from_allowed(self, rows: list[WorkloadRow]) -> dict[str, bool]:
+        """Service id -> whether the training workload its APPORTION_SERVE_FROM names is
+        one of its own tenant's (services naming none are left out)."""
+        allowed: dict[str, bool] = {}
+        for row in rows:
+            if row.kind == "training":
+                continue
+            env = (row.spec.get("runtime") or {}).get("env") or {}
+            name = checkpoint_name(str(env.get(SERVE_FROM, "")))
+            if name is None:
+                continue
+            try:
+                source = self.store.get_workload(name)
+            except NotFound:
+                allowed[row.id] = False
+                continue
+            allowed[row.id] = source.kind == "training" and source.tenant == row.tenant
+            if not allowed[row.id]:
+                log.warning(
+                    f"{row.id}: {SERVE_FROM} names {name!r}, not a training workload of tenant "
+                    f"{row.tenant!r}: the replicas start without it",
+                    extra={"workload": row.id},
+                )
+        return allowed
 
     # -- moves of training jobs -----------------------------------------------------------
 
@@ -1045,6 +1131,8 @@ class Dispatcher:
 
 
 class WorkersServicer(workers_pb2_grpc.WorkersServicer):
+    NODES_ALLOWED = True  # the worker protocol: node tokens may call it (each method checks which node)
+
     def __init__(self, shared: Shared, dispatcher: Dispatcher) -> None:
         self.shared = shared
         self.dispatcher = dispatcher
@@ -1053,7 +1141,7 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
     def Register(
         self, request: wpb.RegisterRequest, context: grpc.ServicerContext, who: Principal
     ) -> wpb.RegisterResponse:
-        who.require_admin("registering a worker")
+        who.require_node(request.node.id, "registering a worker")
         session = self.dispatcher.register(request.node, request.advertise_address, list(request.running))
         config = self.dispatcher.config
         return wpb.RegisterResponse(
@@ -1066,14 +1154,15 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
     def Connect(
         self, request_iterator: Iterator[wpb.WorkerMessage], context: grpc.ServicerContext, who: Principal
     ) -> Iterator[wpb.ServerMessage]:
-        who.require_admin("connecting a worker")
+        if not (who.admin or who.node):
+            raise PermissionDenied(f"connecting a worker needs a node token; the caller is {who.name}")
         try:
             first = next(request_iterator)
         except StopIteration:
             return
         if not first.session_id:
             raise FailedPrecondition("the first message must carry the session id from Register")
-        session, generation = self.dispatcher.attach(first.session_id)
+        session, generation = self.dispatcher.attach(first.session_id, who)
         self.dispatcher.on_message(session, first)
         done = threading.Event()
 

@@ -8,7 +8,9 @@ with the server's ``Workers`` service, keeps one ``Connect`` stream
 imports torch: the runtimes do (``worker.runtimes``).
 
 Processes. A shard runs one process per GPU (one if it has none), each in its
-own process group (``start_new_session``), with the torchrun environment:
+own session and process group (``start_new_session``), with a clean environment
+(of the agent's only what :data:`PASSED_ENV` and ``--pass-env`` name, never an
+``APPORTION_*`` variable; ``HOME`` is its run directory) and the torchrun environment:
 RANK (rank_offset + local rank), WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE,
 GROUP_RANK (node_rank), MASTER_ADDR, MASTER_PORT, CUDA_VISIBLE_DEVICES (the
 local GPU given to that rank; empty for simulated GPUs), and APPORTION_WORKLOAD_ID,
@@ -66,14 +68,27 @@ server is unavailable.
 
 GPU type. The node's GPU type must exist on the server; if it does not, the
 agent adds it (``UpsertNodes``) with ``--gpu-memory-gib`` (or the memory
-``nvidia-smi`` reports). Registering needs the admin token when the server has
-tokens (``--token`` or ``$APPORTION_TOKEN``).
+``nvidia-smi`` reports) when its token may (the admin's; with a node token the
+admin adds the type, and Register says when it is missing).
+
+The credential, and what a job can reach. Registering needs, when the server has
+tokens, a node token for this node (``{node: ID}``) or the admin's, read from
+``--token-file`` or ``$APPORTION_TOKEN`` (removed from the agent's environment at
+once); ``--token`` is refused, as a command line is readable by every process on
+the machine. The agent marks itself not dumpable, so processes of its user read
+neither its ``/proc/PID/environ`` nor its memory. With ``--job-uids FIRST-LAST``
+(the agent as root) each shard runs as a user id of its own from that range, in a
+fresh run directory (mode 0700) that also holds its checkpoint directory and
+what it serves from; the id's processes are all killed before it is used again.
+As root with a credential and no ``--job-uids`` the agent refuses to start, unless
+``--allow-root-jobs``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import json
 import logging
 import os
@@ -81,12 +96,13 @@ import queue
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -108,6 +124,8 @@ PROGRESS_EVERY_S = 0.5  # least time between two progress statuses of one shard
 TAIL_LINES = 20
 OUTBOX_LIMIT = 10_000  # queued messages; log lines beyond are dropped (statuses never are)
 GIB = 1024**3
+TOKEN_ENV = "APPORTION_TOKEN"
+PR_SET_DUMPABLE = 4  # prctl(2)
 
 
 class AgentError(Exception):
@@ -225,19 +243,57 @@ def runtime_argv(runtime: pb.Runtime, python: str = sys.executable) -> list[str]
     raise AgentError("the workload's runtime names no builtin, entrypoint or command")
 
 
+PASSED_ENV = (
+    "PATH", "PYTHONPATH", "LANG", "LANGUAGE", "LC_*", "TZ", "LD_LIBRARY_PATH", "OPENBLAS_*", "OMP_*",
+    "MKL_*", "NCCL_*", "CUDA_HOME", "CUDA_PATH", "NVIDIA_*",
+)  # fmt: skip
+"""What a job gets of the agent's own environment (``*``: any name with that prefix);
+``--pass-env NAME`` adds names. Nothing else of it, and never an ``APPORTION_*``
+variable (the agent's credential, ``$APPORTION_TOKEN``, among them)."""
+
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+
+
+def passed_env(environ: Mapping[str, str], names: Sequence[str] = PASSED_ENV) -> dict[str, str]:
+    """The variables of ``environ`` a job may see: those ``names`` allows (``X*`` is a
+    prefix), never ``APPORTION_*``."""
+    exact = {n for n in names if not n.endswith("*")}
+    prefixes = tuple(n[:-1] for n in names if n.endswith("*"))
+    return {
+        k: v
+        for k, v in environ.items()
+        if not k.startswith("APPORTION_") and (k in exact or (prefixes and k.startswith(prefixes)))
+    }
+
+
+@dataclass(frozen=True)
+class ShardDirs:
+    """Where one shard runs: its working directory (also its HOME and TMPDIR's parent),
+    the checkpoint directory it writes, and where a service's training checkpoint is
+    fetched to (None: it names none)."""
+
+    run: Path
+    checkpoints: Path
+    serve_from: Path | None = None
+
+
 def shard_env(
     launch: wpb.Launch,
     local_rank: int,
     procs: int,
     devices: str,
-    checkpoint_dir: Path,
+    dirs: ShardDirs,
     base: dict[str, str] | None = None,
 ) -> dict[str, str]:
-    """The environment of one process of a shard."""
-    env = dict(os.environ if base is None else base)
+    """The environment of one process of a shard: ``base`` (default: what
+    :func:`passed_env` keeps of the agent's), the torchrun and APPORTION_* contract,
+    then the workload's own env."""
+    env = dict(passed_env(os.environ) if base is None else base)
+    env.setdefault("PATH", DEFAULT_PATH)
     paths = [*package_roots(), *[p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]]
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
+    env["HOME"] = str(dirs.run)
     training = launch.workload.training
     env.update(
         RANK=str(launch.rank_offset + local_rank),
@@ -253,7 +309,7 @@ def shard_env(
         APPORTION_WORKLOAD_ID=launch.workload_id,
         APPORTION_SHARD_INDEX=str(launch.shard_index),
         APPORTION_VERSION=str(launch.version),
-        APPORTION_CHECKPOINT_DIR=str(checkpoint_dir),
+        APPORTION_CHECKPOINT_DIR=str(dirs.checkpoints),
         APPORTION_TOTAL_STEPS=str(int(training.remaining_work))
         if training.HasField("remaining_work")
         else "0",
@@ -264,8 +320,8 @@ def shard_env(
         env["APPORTION_SERVE_HOST"] = launch.master_addr or "127.0.0.1"
     env.update(launch.workload.runtime.env)
     serve_from = checkpoint_sync.serve_from_workload(env.get("APPORTION_SERVE_FROM", ""))
-    if serve_from is not None:  # a training workload's id: its checkpoint directory on this machine
-        env["APPORTION_SERVE_FROM"] = str(checkpoint_dir.parent / serve_from)
+    if serve_from is not None:  # a training workload's id: where its checkpoint is on this machine
+        env["APPORTION_SERVE_FROM"] = str(dirs.serve_from or dirs.checkpoints.parent / serve_from)
     return env
 
 
@@ -309,6 +365,129 @@ def kill_leftovers(pid_dir: Path) -> list[int]:
     return killed
 
 
+# ----------------------------------------------------------------------------- isolation
+
+
+def make_undumpable() -> bool:
+    """Mark this process not dumpable (``prctl(PR_SET_DUMPABLE, 0)``): processes of the same
+    user can then read neither its ``/proc/PID/environ`` nor its memory, nor trace it. Its
+    children are dumpable again once they exec. False where it is not supported."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return int(libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def read_credential(token_file: Path | None, environ: MutableMapping[str, str]) -> str | None:
+    """The agent's bearer token: the first line of ``token_file``, else ``$APPORTION_TOKEN``,
+    which is removed from ``environ`` so nothing started later inherits it."""
+    from_env = environ.pop(TOKEN_ENV, None)
+    if token_file is None:
+        return from_env or None
+    try:
+        lines = token_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AgentError(f"cannot read --token-file {token_file}: {exc}") from None
+    token = lines[0].strip() if lines else ""
+    if not token:
+        raise AgentError(f"--token-file {token_file} is empty; its first line is the token")
+    return token
+
+
+def parse_uid_range(text: str) -> tuple[int, int]:
+    """``--job-uids FIRST-LAST`` (e.g. ``60000-60999``): the user ids jobs run as."""
+    first_text, sep, last_text = text.partition("-")
+    try:
+        first, last = int(first_text), int(last_text if sep else first_text)
+    except ValueError:
+        raise AgentError(f"--job-uids must be FIRST-LAST (e.g. 60000-60999), not {text!r}") from None
+    if not 1000 <= first <= last < 2**31 - 1:
+        raise AgentError(f"--job-uids {text}: ids must be in 1000..2147483646 and FIRST ≤ LAST")
+    return first, last
+
+
+def processes_of(uid: int) -> list[int]:
+    """The pids of the live processes (not zombies) whose real or effective user id is ``uid``."""
+    pids = []
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(x.split(":", 1) for x in status.read_text().splitlines() if ":" in x)
+        except OSError:
+            continue
+        if str(uid) in fields.get("Uid", "").split()[:2] and not fields.get("State", "").strip().startswith(
+            "Z"
+        ):
+            pids.append(int(status.parent.name))
+    return pids
+
+
+def kill_user(uid: int) -> list[int]:
+    """SIGKILL every process of ``uid`` (whatever left its shard's process group); the pids."""
+    killed = []
+    for _ in range(3):  # a fork between the scan and the kill is caught by the next scan
+        pids = processes_of(uid)
+        if not pids:
+            break
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+        time.sleep(0.05)
+    return killed
+
+
+class UidPool:
+    """The user ids jobs run as (``--job-uids``): each running shard has one of its own,
+    so two shards on a machine cannot read each other's files or processes. An id is
+    handed out only after every process still running as it has been killed."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self._free = set(range(first, last + 1))
+        self._lock = threading.Lock()
+
+    def take(self) -> int:
+        with self._lock:
+            if not self._free:
+                raise AgentError("every --job-uids id is in use: give the agent a larger range")
+            uid = min(self._free)
+            self._free.discard(uid)
+        kill_user(uid)
+        return uid
+
+    def give(self, uid: int) -> None:
+        kill_user(uid)
+        with self._lock:
+            self._free.add(uid)
+
+
+def hand_over(directory: Path, uid: int) -> None:
+    """Make ``directory`` and what the agent put in it ``uid``'s (mode 0700). Called only
+    before the job starts, so nothing in it is the job's (no link it planted is followed)."""
+    os.lchown(directory, uid, uid)
+    os.chmod(directory, 0o700)
+    for root, dirs, files in os.walk(directory):
+        for name in dirs + files:
+            os.lchown(os.path.join(root, name), uid, uid)
+
+
+def check_traversable(directory: Path) -> None:
+    """Jobs under ``--job-uids`` reach their run directory through ``directory``: it and
+    every directory above it must be searchable by others (``o+x``)."""
+    for d in (directory, *directory.parents):
+        if not d.stat().st_mode & stat.S_IXOTH:
+            raise AgentError(
+                f"--job-uids: jobs cannot reach {directory}: {d} is not searchable by others "
+                f"(chmod o+x {d}, or choose another --work-dir)"
+            )
+
+
+def inside(base: Path, relative: str) -> Path | None:
+    """``base / relative`` if that stays inside ``base`` (no absolute path, no ``..`` out)."""
+    path = Path(os.path.normpath(base / relative))
+    return path if not Path(relative).is_absolute() and path.is_relative_to(base) else None
+
+
 # ----------------------------------------------------------------------------- shards
 
 
@@ -334,6 +513,7 @@ class _Shard:
     reported_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
     uploader: checkpoint_sync.Uploader | None = None  # rank 0 of a train-lm job: its checkpoints go up
+    uid: int | None = None  # the user id its processes run as (--job-uids), None: the agent's
 
     @property
     def key(self) -> str:
@@ -371,6 +551,9 @@ class AgentConfig:
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    job_uids: tuple[int, int] | None = None  # jobs run as these user ids, one per shard (agent as root)
+    allow_root_jobs: bool = False  # as root with a credential and no job_uids: run jobs as root anyway
+    pass_env: tuple[str, ...] = ()  # more of the agent's environment variables a job may see
 
 
 class Agent:
@@ -380,6 +563,8 @@ class Agent:
         self.node_id = config.node_id or socket.gethostname()
         self.advertise = config.advertise or "127.0.0.1"
         self.work_dir = config.work_dir.resolve()
+        self.uids = self._job_users(config)
+        self.passed_env = passed_env(os.environ, (*PASSED_ENV, *config.pass_env))
         self.pid_dir = self.work_dir / "pids" / self.node_id
         self.client = Client(
             config.server, token=config.token, ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key
@@ -397,6 +582,23 @@ class Agent:
         self._interval = 2.0
         self._call: Any = None
 
+    @staticmethod
+    def _job_users(config: AgentConfig) -> UidPool | None:
+        """The pool of job user ids, or None (jobs run as the agent's user); refuses to run
+        tenants' jobs as root beside the agent's credential unless told to."""
+        root = os.geteuid() == 0
+        if config.job_uids is not None:
+            if not root:
+                raise AgentError("--job-uids needs the agent to run as root (it starts jobs as those ids)")
+            return UidPool(*config.job_uids)
+        if root and config.token and not config.allow_root_jobs:
+            raise AgentError(
+                "the agent runs as root with a credential: jobs would run as root and could read it. "
+                "Give --job-uids FIRST-LAST (unused user ids, one per running shard), or "
+                "--allow-root-jobs to run them as root anyway"
+            )
+        return None
+
     # -- the node --------------------------------------------------------------
 
     def node(self) -> pb.Node:
@@ -412,7 +614,12 @@ class Agent:
         )
 
     def ensure_gpu_type(self) -> None:
-        _, types, _ = self.client.nodes()
+        try:
+            _, types, _ = self.client.nodes()
+        except ApportionError as exc:
+            if exc.code != grpc.StatusCode.PERMISSION_DENIED:
+                raise
+            return  # a node token: the admin defines GPU types; Register says if this one is missing
         if any(t.name == self.gpus.gpu_type for t in types):
             return
         if self.gpus.memory_gib is None:
@@ -495,6 +702,8 @@ class Agent:
 
     def run(self) -> int:
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.uids is not None:
+            check_traversable(self.work_dir)
         killed = kill_leftovers(self.pid_dir)
         if killed:
             log.warning("killed processes left by a previous agent", extra={"pids": killed})
@@ -602,34 +811,37 @@ class Agent:
             self._shards[key] = shard
         try:
             argv = runtime_argv(launch.workload.runtime)
-        except AgentError as exc:
+            if self.uids is not None:
+                shard.uid = self.uids.take()
+            dirs = self._prepare_dirs(launch, shard.uid)
+        except (AgentError, OSError) as exc:
             self._release(shard)
             shard.done.set()
             self.report(shard, "FAILED", exit_code=-1, message=str(exc))
             return
-        run_dir = self.work_dir / "runs" / f"{launch.workload_id}.{launch.shard_index}"
         log_dir = self.work_dir / "logs" / launch.workload_id
-        checkpoint_dir = self.work_dir / "checkpoints" / launch.workload_id
-        for d in (run_dir, log_dir, checkpoint_dir):
-            d.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(parents=True, exist_ok=True)
         log_file = (log_dir / f"shard-{launch.shard_index}.log").open("a", encoding="utf-8")
         self.report(shard, "STARTING")
-        shard.uploader = self._sync_checkpoints(launch, checkpoint_dir, run_dir)
+        shard.uploader = self._sync_checkpoints(launch, dirs)
+        if shard.uid is not None:
+            hand_over(dirs.run, shard.uid)
         try:
             with shard.lock:
                 for local in range(procs):
                     if shard.stop_requested:  # a Stop came while the checkpoint was fetched: start nothing
                         break
                     devices_text = "" if self.gpus.simulated or not devices else str(devices[local])
-                    env = shard_env(launch, local, procs, devices_text, checkpoint_dir)
+                    env = shard_env(launch, local, procs, devices_text, dirs, base=self.passed_env)
                     proc = subprocess.Popen(
                         argv,
-                        cwd=run_dir,
+                        cwd=dirs.run,
                         env=env,
                         stdin=subprocess.DEVNULL,
                         stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT,
                         start_new_session=True,
+                        **self._as_job_user(shard.uid),
                     )
                     pid_file = self.pid_dir / f"{launch.workload_id}.{launch.shard_index}.{local}.pid"
                     pid_file.write_text(f"{proc.pid} {_start_time(proc.pid)}\n")
@@ -652,22 +864,49 @@ class Agent:
             t.start()
         threading.Thread(target=self._watch, args=(shard, readers, procs, log_file), daemon=True).start()
 
-    def _sync_checkpoints(
-        self, launch: wpb.Launch, checkpoint_dir: Path, run_dir: Path
-    ) -> checkpoint_sync.Uploader | None:
+    @staticmethod
+    def _as_job_user(uid: int | None) -> dict[str, Any]:
+        """Popen's arguments that start a process as ``uid`` (its own group, no other)."""
+        if uid is None:
+            return {}
+        return {"user": uid, "group": uid, "extra_groups": [], "umask": 0o077}
+
+    def _prepare_dirs(self, launch: wpb.Launch, uid: int | None) -> ShardDirs:
+        """The shard's directories, created. Jobs as the agent's user share
+        ``<work-dir>/checkpoints/<id>`` with the other shards of the machine; a job under
+        ``--job-uids`` gets a fresh run directory of its own (the previous launch's is
+        deleted) holding its checkpoint directory and what it serves from, and its
+        ``APPORTION_CHECKPOINT_DIR`` may only be a relative path inside it."""
+        run = self.work_dir / "runs" / f"{launch.workload_id}.{launch.shard_index}"
+        runtime = launch.workload.runtime
+        named = checkpoint_sync.serve_from_workload(runtime.env.get("APPORTION_SERVE_FROM", ""))
+        own = runtime.env.get("APPORTION_CHECKPOINT_DIR", "")
+        if uid is None:
+            shared = self.work_dir / "checkpoints"
+            checkpoints = (run / own) if own else shared / launch.workload_id
+            dirs = ShardDirs(run, checkpoints, None if named is None else shared / named)
+        else:
+            checkpoints_in = inside(run, own) if own else run / "checkpoint"
+            if checkpoints_in is None:
+                raise AgentError(f"APPORTION_CHECKPOINT_DIR must be a relative path inside the job's "
+                                 f"directory, not {own!r}")  # fmt: skip
+            shutil.rmtree(run, ignore_errors=True)
+            dirs = ShardDirs(run, checkpoints_in, None if named is None else run / "serve-from")
+        for d in (dirs.run, dirs.checkpoints, *([dirs.serve_from] if dirs.serve_from else [])):
+            d.mkdir(parents=True, exist_ok=True)
+        return dirs
+
+    def _sync_checkpoints(self, launch: wpb.Launch, dirs: ShardDirs) -> checkpoint_sync.Uploader | None:
         """Before a launch: download the server's checkpoint of a train-lm job (or of the
         training workload a serve-lm loads) when it is newer than the local one; for the
         shard with global rank 0 of a train-lm job, the uploader of its new checkpoints."""
         runtime = launch.workload.runtime
         if runtime.builtin == "train-lm":
-            source = launch.workload_id
-            own = runtime.env.get("APPORTION_CHECKPOINT_DIR")  # the runtime's env may name its own
-            directory = run_dir / own if own else checkpoint_dir
-        elif runtime.builtin == "serve-lm":
+            source, directory = launch.workload_id, dirs.checkpoints
+        elif runtime.builtin == "serve-lm" and dirs.serve_from is not None:
             named = checkpoint_sync.serve_from_workload(runtime.env.get("APPORTION_SERVE_FROM", ""))
-            if named is None:
-                return None
-            source, directory = named, checkpoint_dir.parent / named  # as shard_env points it
+            assert named is not None  # dirs.serve_from is set only then
+            source, directory = named, dirs.serve_from
         else:
             return None
         server_step = -1
@@ -745,6 +984,8 @@ class Agent:
         log_file.close()
         for path in shard.pid_files:
             path.unlink(missing_ok=True)
+        if shard.uid is not None and self.uids is not None:
+            self.uids.give(shard.uid)  # also kills what the job left outside its process group
         self._release(shard)
         if shard.uploader is not None:  # its last checkpoint is on the server before its end is reported
             shard.uploader.finish(self.config.upload_finish_s)
@@ -814,7 +1055,30 @@ class Agent:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``apportion worker`` (server.cli adds the subcommand)."""
     parser.add_argument("--server", metavar="ADDR", help="the server (default: $APPORTION_SERVER)")
-    parser.add_argument("--token", metavar="TOKEN", help="bearer token, admin (default: $APPORTION_TOKEN)")
+    parser.add_argument("--token", help=argparse.SUPPRESS)  # refused: a command line is public
+    parser.add_argument(
+        "--token-file",
+        type=Path,
+        metavar="FILE",
+        help="file whose first line is this node's bearer token (default: $APPORTION_TOKEN); chmod 600",
+    )
+    parser.add_argument(
+        "--job-uids",
+        metavar="FIRST-LAST",
+        help="run each job as its own user id from this range (agent as root; ids no one else uses)",
+    )
+    parser.add_argument(
+        "--allow-root-jobs",
+        action="store_true",
+        help="as root with a credential and no --job-uids: run jobs as root anyway (they can read it)",
+    )
+    parser.add_argument(
+        "--pass-env",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="also give jobs this variable of the agent's environment (NAME* for a prefix; repeatable)",
+    )
     parser.add_argument("--tls-ca", type=Path, metavar="PEM", help="CA to trust")
     parser.add_argument("--tls-cert", type=Path, metavar="PEM", help="client certificate (mutual TLS)")
     parser.add_argument("--tls-key", type=Path, metavar="PEM", help="client private key (mutual TLS)")
@@ -859,9 +1123,25 @@ def run_command(args: argparse.Namespace) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.token is not None:
+        sys.stderr.write(
+            "apportion worker: --token is refused: a command line is readable by every process on "
+            "the machine, a tenant's job among them. Use --token-file FILE or $APPORTION_TOKEN\n"
+        )
+        return 2
+    if not make_undumpable():
+        log.warning("cannot mark the agent undumpable: same-user processes may read its memory")
+    try:
+        token = read_credential(args.token_file, os.environ)
+        job_uids = None if args.job_uids is None else parse_uid_range(args.job_uids)
+    except AgentError as exc:
+        sys.stderr.write(f"apportion worker: {exc}\n")
+        return 2
+    if args.token_file is not None and (loose := _loose(args.token_file)) is not None:
+        log.warning(f"--token-file: {loose}")
     config = AgentConfig(
         server=args.server or os.environ.get("APPORTION_SERVER", "127.0.0.1:50051"),
-        token=args.token or os.environ.get("APPORTION_TOKEN") or None,
+        token=token,
         node_id=args.node_id,
         zone=args.zone,
         domain=args.domain,
@@ -875,6 +1155,9 @@ def run_command(args: argparse.Namespace) -> int:
         tls_ca=args.tls_ca,
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
+        job_uids=job_uids,
+        allow_root_jobs=args.allow_root_jobs,
+        pass_env=tuple(args.pass_env),
     )
     try:
         agent = Agent(config)
@@ -903,6 +1186,19 @@ def run_command(args: argparse.Namespace) -> int:
         sys.stderr.write(f"apportion worker: the server refused: {exc}\n")
         agent.shutdown()
         return 1
+
+
+def _loose(path: Path) -> str | None:
+    """Why a credential file is readable by others than its owner, or None."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return None
+    return (
+        f"{path} is readable by others than its owner (mode {mode & 0o777:04o}); chmod 600 it"
+        if (mode & 0o077)
+        else None
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

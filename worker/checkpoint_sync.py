@@ -43,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -144,6 +145,20 @@ def _data(header: wpb.CheckpointChunk, rest: Iterator[wpb.CheckpointChunk]) -> I
         yield chunk.data
 
 
+def open_regular(path: Path) -> IO[bytes]:
+    """``path`` opened for reading if it is a regular file itself, not a symbolic link or a
+    device: the directory belongs to the job, which could otherwise point a checkpoint at a
+    file only the agent may read and have the agent upload it (OSError otherwise)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def upload(
     stub: workers_pb2_grpc.WorkersStub,
     metadata: Metadata,
@@ -154,7 +169,7 @@ def upload(
 ) -> int:
     """Send checkpoint file ``path`` (``ckpt-STEP.pt``) to the server; the step it stored."""
     step = ckpt_files.step_of(path)
-    with path.open("rb") as f:  # open once: a prune that deletes the file does not cut it short
+    with open_regular(path) as f:  # open once: a prune that deletes the file does not cut it short
         h = hashlib.sha256()
         size = 0
         while block := f.read(CHUNK_BYTES):

@@ -38,10 +38,14 @@ FAST_LOOP = LoopConfig(time_limit_s=2.0, debounce_s=0.05, max_delay_s=0.5)
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 RESEARCH_TOKEN = "research-token-0123456789abcdef"
 PRODUCT_TOKEN = "product-token-0123456789abcdef"
+NODE1_TOKEN = "node-1-token-0123456789abcdef"  # a worker's: node n1 only
+NODE2_TOKEN = "node-2-token-0123456789abcdef"
 TOKENS_YAML = f"""\
 {ADMIN_TOKEN}: {{role: admin}}
 {RESEARCH_TOKEN}: {{tenant: research}}
 {PRODUCT_TOKEN}: {{tenant: product}}
+{NODE1_TOKEN}: {{node: n1}}
+{NODE2_TOKEN}: {{node: n2}}
 """
 
 

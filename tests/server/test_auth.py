@@ -28,6 +28,7 @@ from server.auth import (
     fingerprint,
     is_loopback,
     load_tokens,
+    loose_permissions,
     server_credentials,
 )
 from tests.server.conftest import Certs
@@ -107,6 +108,8 @@ def test_load_tokens(tmp_path: Path) -> None:
         ("abcdefghij0123456789: {tenant: ''}\n", "non-empty name"),
         ("abcdefghij0123456789: {tenant: [a]}\n", "non-empty name"),
         ("abcdefghij0123456789: {tenant: a\n", "not valid YAML"),
+        ("abcdefghij0123456789: {node: ''}\n", "non-empty node id"),
+        ("abcdefghij0123456789: {node: n1, role: admin}\n", "exactly one of"),
     ],
 )  # fmt: skip
 def test_load_tokens_refuses(tmp_path: Path, text: str, message: str) -> None:
@@ -128,6 +131,29 @@ def test_load_tokens_unreadable(tmp_path: Path) -> None:
     missing = tmp_path / "nope.yaml"
     with pytest.raises(TokenFileError, match=f"{missing}: cannot read the tokens file"):
         load_tokens(missing)
+
+
+def test_a_node_token_is_neither_tenant_nor_admin(tmp_path: Path) -> None:
+    token = "node-token-abcdefghij0123456789"
+    node = load_tokens(write(tmp_path, f"{token}: {{node: gpu-7}}\n"))[token]
+    assert node == Principal(f"node:gpu-7#{fingerprint(token)}", None, False, node="gpu-7")
+    assert not node.can_see("") and not node.can_see("research")
+    node.require_node("gpu-7")
+    with pytest.raises(errors.PermissionDenied, match=r"concerns node 'gpu-8'.*only for node 'gpu-7'"):
+        node.require_node("gpu-8")
+    with pytest.raises(errors.PermissionDenied):
+        node.require_admin()
+    Principal("admin#00000000", None, True).require_node("gpu-8")
+    with pytest.raises(errors.PermissionDenied):
+        Principal("tenant:research#00000000", "research", False).require_node("gpu-7")
+
+
+def test_loose_permissions_of_a_credential_file(tmp_path: Path) -> None:
+    path = write(tmp_path, TOKENS_YAML)
+    path.chmod(0o644)
+    assert "readable by others than its owner (mode 0644)" in (loose_permissions(path) or "")
+    path.chmod(0o600)
+    assert loose_permissions(path) is None
 
 
 # --- principals and authentication -------------------------------------------------------

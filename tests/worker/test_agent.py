@@ -40,7 +40,9 @@ def test_the_environment_of_a_rank() -> None:
             runtime=pb.Runtime(command=["x"], env={"EXTRA": "1", "LOCAL_RANK": "overridden"}),
         ),
     )  # fmt: skip
-    env = agent.shard_env(launch, 1, 2, "3", Path("/ckpt/job"), base={"PYTHONPATH": "/mine"})
+    env = agent.shard_env(
+        launch, 1, 2, "3", agent.ShardDirs(Path("/run"), Path("/ckpt/job")), base={"PYTHONPATH": "/mine"}
+    )
     assert env["RANK"] == "3" and env["WORLD_SIZE"] == "4" and env["LOCAL_WORLD_SIZE"] == "2"
     assert env["MASTER_ADDR"] == "10.0.0.1" and env["MASTER_PORT"] == "29601"
     assert env["CUDA_VISIBLE_DEVICES"] == "3" and env["GROUP_RANK"] == "1"
@@ -55,11 +57,11 @@ def test_a_replica_listens_on_its_workers_advertised_address() -> None:
     service = pb.Workload(id="chat", runtime=pb.Runtime(builtin="serve-lm"))
     service.inference.target_rps = 10
     launch = wpb.Launch(workload_id="chat", shard_index=2, gpus=1, master_addr="10.0.0.7", workload=service)
-    env = agent.shard_env(launch, 0, 1, "", Path("/ckpt/chat"), base={})
+    env = agent.shard_env(launch, 0, 1, "", agent.ShardDirs(Path("/run"), Path("/ckpt/chat")), base={})
     assert env["APPORTION_SERVE_HOST"] == "10.0.0.7" and env["APPORTION_REPLICA_ID"] == "2"
     assert "APPORTION_SERVE_HOST" not in agent.shard_env(
         wpb.Launch(workload_id="job", workload=pb.Workload(id="job", training=pb.TrainingSpec(gpus=1))),
-        0, 1, "", Path("/ckpt/job"), base={},
+        0, 1, "", agent.ShardDirs(Path("/run"), Path("/ckpt/job")), base={},
     )  # fmt: skip
 
 
@@ -70,7 +72,8 @@ def test_serve_from_a_training_workloads_id_is_its_checkpoint_directory() -> Non
         )
         service.inference.target_rps = 10
         launch = wpb.Launch(workload_id="chat", gpus=1, workload=service)
-        return agent.shard_env(launch, 0, 1, "", Path("/w/checkpoints/chat"), base={})["APPORTION_SERVE_FROM"]
+        dirs = agent.ShardDirs(Path("/w/runs/chat.0"), Path("/w/checkpoints/chat"))
+        return agent.shard_env(launch, 0, 1, "", dirs, base={})["APPORTION_SERVE_FROM"]
 
     assert serve_from("trainer") == str(Path("/w/checkpoints/trainer"))
     assert serve_from("/data/ckpt") == "/data/ckpt"
@@ -164,3 +167,87 @@ def test_a_replicas_requests_per_s_and_latency_reach_its_statuses(tmp_path: Path
     for s in (reported[0], statuses[-1]):
         assert (s.requests_per_s, s.latency_p50_s, s.latency_p99_s) == (41.5, 0.021, 0.05)
     assert statuses[0].latency_p50_s == 0.0  # nothing measured before the first progress line
+
+
+def test_a_job_sees_only_the_passed_part_of_the_agents_environment() -> None:
+    agent_env = {
+        "PATH": "/bin", "LANG": "C.UTF-8", "LC_ALL": "C", "NCCL_DEBUG": "INFO", "HOME": "/root",
+        "APPORTION_TOKEN": "secret-token-0123456789", "APPORTION_SERVER": "10.0.0.1:50051",
+        "AWS_SECRET_ACCESS_KEY": "aws", "MY_SETTING": "1", "MY_OTHER": "2",
+    }  # fmt: skip
+    passed = agent.passed_env(agent_env)
+    assert passed == {"PATH": "/bin", "LANG": "C.UTF-8", "LC_ALL": "C", "NCCL_DEBUG": "INFO"}
+    more = agent.passed_env(agent_env, (*agent.PASSED_ENV, "MY_*", "APPORTION_TOKEN"))
+    assert more["MY_SETTING"] == "1" and more["MY_OTHER"] == "2" and "APPORTION_TOKEN" not in more
+    launch = wpb.Launch(workload_id="job", workload=pb.Workload(id="job", training=pb.TrainingSpec(gpus=1)))
+    env = agent.shard_env(launch, 0, 1, "", agent.ShardDirs(Path("/w/runs/job.0"), Path("/c")), base=passed)
+    assert "APPORTION_TOKEN" not in env and "AWS_SECRET_ACCESS_KEY" not in env
+    assert env["HOME"] == "/w/runs/job.0" and env["PATH"] == "/bin"
+
+
+def test_the_credential_comes_from_a_file_or_the_environment_and_leaves_it(tmp_path: Path) -> None:
+    environ = {"APPORTION_TOKEN": "from-env-0123456789abcdef", "PATH": "/bin"}
+    assert agent.read_credential(None, environ) == "from-env-0123456789abcdef"
+    assert "APPORTION_TOKEN" not in environ and environ == {"PATH": "/bin"}
+    token_file = tmp_path / "token"
+    token_file.write_text("from-file-0123456789abcdef\n")
+    environ["APPORTION_TOKEN"] = "ignored-0123456789abcdef"
+    assert agent.read_credential(token_file, environ) == "from-file-0123456789abcdef"
+    assert "APPORTION_TOKEN" not in environ
+    token_file.write_text("\n")
+    with pytest.raises(agent.AgentError, match="is empty"):
+        agent.read_credential(token_file, {})
+    with pytest.raises(agent.AgentError, match="cannot read --token-file"):
+        agent.read_credential(tmp_path / "missing", {})
+
+
+def test_job_uid_ranges_and_paths_inside_a_run_directory() -> None:
+    assert agent.parse_uid_range("60000-60999") == (60000, 60999)
+    assert agent.parse_uid_range("61000") == (61000, 61000)
+    for bad in ("0-10", "60000-59999", "a-b", "60000-"):
+        with pytest.raises(agent.AgentError):
+            agent.parse_uid_range(bad)
+    run = Path("/w/runs/job.0")
+    assert agent.inside(run, "ckpt") == run / "ckpt"
+    assert agent.inside(run, "a/../b") == run / "b"
+    for escape in ("/etc", "../other.0", "a/../../x", ".."):
+        assert agent.inside(run, escape) is None
+
+
+def test_an_upload_reads_only_regular_files(tmp_path: Path) -> None:
+    from worker import checkpoint_sync
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"the agent's")
+    planted = tmp_path / "ckpt-99.pt"
+    planted.symlink_to(secret)
+    with pytest.raises(OSError):
+        checkpoint_sync.open_regular(planted)
+    fifo = tmp_path / "ckpt-98.pt"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="not a regular file"):
+        checkpoint_sync.open_regular(fifo)
+    with checkpoint_sync.open_regular(secret) as f:
+        assert f.read() == b"the agent's"
+
+
+def test_the_agent_is_not_dumpable_once_it_says_so() -> None:
+    code = (
+        "import ctypes; from worker import agent; ok = agent.make_undumpable(); "
+        "print(ok, ctypes.CDLL(None).prctl(3, 0, 0, 0, 0))"  # PR_GET_DUMPABLE
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "0"]
+    if os.geteuid() == 0:  # root reads any process's environ: the same-user read is for other users
+        return
+    holder = "from worker import agent; agent.make_undumpable(); import time; time.sleep(5)"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", holder], env={**os.environ, "APPORTION_TOKEN": "s-0123456789"}
+    )
+    try:
+        time.sleep(1.0)
+        reader = subprocess.run(["cat", f"/proc/{proc.pid}/environ"], capture_output=True, check=False)
+        assert reader.returncode != 0 and b"s-0123456789" not in reader.stdout
+    finally:
+        proc.kill()
+        proc.wait()

@@ -343,11 +343,11 @@ def test_which_launches_download_and_which_upload(tmp_path: Path) -> None:
                 return wpb.Launch(workload_id=workload_id, rank_offset=rank_offset, workload=spec)
 
             def sync(x: wpb.Launch) -> checkpoint_sync.Uploader | None:
-                return node._sync_checkpoints(x, ckpts / x.workload_id, tmp_path / "run")
+                return node._sync_checkpoints(x, node._prepare_dirs(x, None))
 
             # a command runtime: nothing fetched, nothing uploaded
             assert sync(launch("job", pb.Runtime(command=["true"]))) is None
-            assert not (ckpts / "job").exists()
+            assert not any((ckpts / "job").iterdir())
             # a train-lm shard without rank 0: the checkpoint comes down, nothing goes up
             assert sync(launch("job", pb.Runtime(builtin="train-lm"), rank_offset=2)) is None
             assert (ckpts / "job" / "ckpt-40.pt").read_bytes() == b"forty"
@@ -355,7 +355,9 @@ def test_which_launches_download_and_which_upload(tmp_path: Path) -> None:
             serve = pb.Runtime(builtin="serve-lm", env={"APPORTION_SERVE_FROM": "job"})
             shutil.rmtree(ckpts / "job")
             assert sync(launch("chat", serve)) is None
-            assert (ckpts / "job" / "ckpt-40.pt").read_bytes() == b"forty" and not (ckpts / "chat").exists()
+            assert (ckpts / "job" / "ckpt-40.pt").read_bytes() == b"forty" and not any(
+                (ckpts / "chat").iterdir()
+            )
             assert (
                 sync(launch("chat", pb.Runtime(builtin="serve-lm", env={"APPORTION_SERVE_FROM": "/a/path"})))
                 is None
