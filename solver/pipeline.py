@@ -646,7 +646,8 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                 # The plan's own tiers' jobs where it runs more of them than the bound
                 # assumed (repair, completion): fewer would fail the verifier's rule.
                 now_jobs = job_floors(index, placed)
-                least_jobs = {t: max(v, kept_jobs.get(t, 0.0)) for t, v in now_jobs.items()}
+                tiers = now_jobs.keys() | kept_jobs.keys()
+                least_jobs = {t: max(now_jobs.get(t, 0.0), kept_jobs.get(t, 0.0)) for t in tiers}
                 leveled = _level_plan(form, stages, floors, placed, polish_until, options, least_jobs)
                 if leveled is not placed:
                     fallback, placed = placed, leveled
