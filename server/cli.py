@@ -101,6 +101,7 @@ from apportion.v1 import allocator_pb2 as apb
 from apportion.v1 import types_pb2 as pb
 from server import convert, render
 from solver import PlanOptions, PlanStatus, Problem, ValidationError, Violation
+from solver.backends import BACKENDS
 
 if TYPE_CHECKING:
     from server import app
@@ -287,9 +288,9 @@ def _inputs_parser(*, required: bool) -> _Parser:
     )
     solve.add_argument(
         "--backend",
-        choices=("ortools", "pulp"),
+        choices=BACKENDS,
         default=PlanOptions.backend,
-        help="solver backend (default: ortools)",
+        help=f"solver backend (default: {PlanOptions.backend}; ortools: CP-SAT, pulp: CBC)",
     )
     solve.add_argument(
         "--num-workers",

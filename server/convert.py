@@ -86,6 +86,7 @@ from solver import (
     Violation,
     Workload,
 )
+from solver.backends import BACKENDS
 
 __all__ = [
     "check_document",
@@ -108,8 +109,14 @@ M = TypeVar("M", bound=Message)
 # Reading files
 
 
-class _Loader(yaml.SafeLoader):
-    """safe_load, plus duplicate-key detection and YAML 1.2 floats like ``1e5``."""
+_Base: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # libyaml's C parser
+
+
+class _Loader(_Base):  # type: ignore[valid-type, misc]
+    """safe_load, plus duplicate-key detection and YAML 1.2 floats like ``1e5``. Parsed by
+    libyaml's C parser where PyYAML has it (``yaml.CSafeLoader``: 10,000 training
+    workloads in 1.8 s instead of 7.0 s, measured on the 2-core VM while a benchmark ran),
+    else the pure-Python one; the same documents either way."""
 
     def __init__(self, stream: str) -> None:
         super().__init__(stream)
@@ -131,7 +138,7 @@ def _construct_mapping(loader: _Loader, node: yaml.MappingNode) -> dict[Any, Any
             loader.duplicates.append(
                 f"line {mark.line + 1}, column {mark.column + 1}: duplicate key {_describe(key)}"
             )
-    return loader.construct_mapping(node, deep=True)
+    return cast(dict[Any, Any], loader.construct_mapping(node, deep=True))
 
 
 _Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
@@ -993,8 +1000,10 @@ def plan_options(msg: apb.PlanOptions, *, deadline_s: float | None = None) -> Pl
     if msg.HasField("num_workers") and msg.num_workers < 0:
         out.append(Violation("options.num_workers", "must be ≥ 0"))
     backend = msg.backend or defaults.backend
-    if backend not in ("ortools", "pulp"):
-        out.append(Violation("options.backend", f"must be one of ortools, pulp; got {json.dumps(backend)}"))
+    if backend not in BACKENDS:
+        out.append(
+            Violation("options.backend", f"must be one of {', '.join(BACKENDS)}; got {json.dumps(backend)}")
+        )
     _raise_if(out)
     if deadline_s is not None:
         time_limit = max(0.05, min(time_limit, deadline_s))

@@ -390,7 +390,7 @@ class PlanOptions:
         seed: random seed for the solver (same seed, same input: same plan
             whenever the solve finishes inside the time limit).
         relative_gap: stop once the plan is proven this close to the bound.
-        backend: ``ortools`` (CP-SAT + GLOP) or ``pulp`` (CBC).
+        backend: ``highs`` (HiGHS + GLOP), ``ortools`` (CP-SAT + GLOP) or ``pulp`` (CBC).
         max_migrations: most running workloads that may be moved or stopped.
         migration_penalty: objective cost of moving or stopping one running workload,
             in the policy's objective units.
@@ -401,7 +401,7 @@ class PlanOptions:
     time_limit_s: float = 10.0
     seed: int = 0
     relative_gap: float = 1e-4
-    backend: str = "ortools"
+    backend: str = "highs"
     max_migrations: int | None = None
     migration_penalty: float = 0.05
     num_workers: int = 1

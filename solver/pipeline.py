@@ -93,12 +93,6 @@ def _stage_values(form: Formulation, stages: list[Stage], values: Mapping[int, f
     return [sum(a * values.get(v.index, 0.0) for v, a in st.terms) + st.constant for st in stages]
 
 
-#: Above this many variables CP-SAT overran its time limits in presolve and never
-#: improved on LP rounding within a 20 s budget (measured on the 10k-workload /
-#: 4k-node benchmark, 27k variables): the LP bound and rounding carry the plan.
-_CPSAT_MAX_VARS = 15_000
-
-
 def _upper(form: Formulation, st: Stage) -> float:
     """A trivial upper bound of a stage: every variable at its most favourable bound."""
     model = form.model
@@ -427,14 +421,8 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         # every lower tier), which keeps early models small.
         fixed = frozenset() if st.primary and k == len(stages) - 1 else form.idle_classes(objective_vars)
         early_left = sum(1 for x in stages[k:] if not x.primary)
-        # An early stage may use what the early stages have left (an LP cut short is
-        # lost), its CP-SAT search only its even share of it.
         stage_end = deadline if st.primary else early_until
-        search_end = (
-            deadline
-            if st.primary
-            else (time.perf_counter() + max(0.0, early_until - time.perf_counter()) / max(1, early_left))
-        )
+        stage_start = time.perf_counter()
         current = form.model.objective_value(vector(values))
         tol = 1e-9 * max(1.0, abs(current))
         if not st.primary and time.perf_counter() >= early_until:
@@ -464,6 +452,11 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                 form.model, time_limit_s=max(least_lp, stage_end - time.perf_counter()), fixed_zero=fixed
             )
         lp_bound = lp.objective if lp.status is SolveStatus.OPTIMAL else math.inf
+        if lp.status is not SolveStatus.OPTIMAL and st.primary:
+            # Every optimizing plan carries a bound: without the LP's (out of time on a
+            # large instance), the stage's trivial one, every variable at its best bound
+            # (a solver's proven bound replaces it below when it is tighter).
+            bound = _upper(form, st)
         if lp.status is not SolveStatus.OPTIMAL and not st.primary:
             # The LP ran out of time: as above, where the stage found none.
             found = refilled(k, st)
@@ -568,20 +561,22 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         target = options.relative_gap if st.primary else 0.0
         proven = lp_bound - current <= max(target * max(abs(lp_bound), 1e-9), 1e-9 * max(1.0, abs(current)))
         left = deadline - time.perf_counter()
-        # CP-SAT needs its presolve before it can improve anything (measured: about
-        # 0.4 s for 5k variables, over 1 s for 25k; on a loaded machine a 0.56 s budget
-        # took 1.09 s at 4.6k variables), and then time to search: on the 1k `cost`
-        # benchmark (4.6k variables) it needed 1.8-2.0 s to improve the bound; with
-        # 0.7-0.8 s it never changed the plan, and once overran that budget by 2.5 s
-        # (which left the cost exchange no time). Below that, do not start it.
-        least = 0.3 + 3e-4 * nvars
-        search_left = (deadline if st.primary else search_end) - time.perf_counter()
+        # An early stage's search may use the early stages' time that is left, less what
+        # the early stages after it need for their LP and rounding (as long as this
+        # one's took, at least 0.2 s each): the MIP stops as soon as the stage is
+        # proven, and a coverage stage left short sets a floor that later stages
+        # cannot make up for (measured on slow_fleet at 1k: the lowest tier's coverage
+        # needed 2.7 s of HiGHS to reach 741 from the rounding's 695; with an even
+        # share it got none, and the cost plan filled the rest greedily at twice the
+        # cost the bound allowed).
+        reserve = (early_left - 1) * max(0.2, time.perf_counter() - stage_start)
+        search_end = deadline if st.primary else max(time.perf_counter(), early_until - reserve)
+        search_left = search_end - time.perf_counter()
         sol: Solution | None = None
-        if not proven and left > 0.05 and search_left > least and nvars <= _CPSAT_MAX_VARS:
+        if not proven and left > 0.05 and backend.mip_worth_starting(nvars, search_left):
             later = len(stages) - k - 1
             budget = left / (later + 1) if st.primary and later else search_end - time.perf_counter()
-            # CP-SAT overshoots its limit (building the model, presolve), more so when large.
-            budget -= min(0.1 + 5e-5 * nvars, 0.5 * budget)
+            budget -= backend.mip_overshoot_s(nvars, budget)
             with timer.stage(f"solve: {st.name}"):
                 sol = backend.solve_mip(
                     form.model,

@@ -3,9 +3,13 @@
 its LP relaxation (``solve_lp``, which also returns duals). ``fixed_zero``
 names variables held at 0 for that solve (classes a stage cannot use).
 
-``ortools`` (CP-SAT for the integer model, GLOP for the LP) is the default;
+``highs`` (HiGHS for the integer model, GLOP for the LP; both bundled with
+OR-Tools) is the default; ``ortools`` uses CP-SAT for the integer model instead;
 ``pulp`` (the CBC bundled with pulp) solves the same models and is used to
 cross-check. Backends import their solver library lazily, on first solve.
+``mip_worth_starting`` and ``mip_overshoot_s`` say how a backend's integer
+solver spends a budget (what it needs before it can gain anything, and how far
+it overruns a limit).
 """
 
 from __future__ import annotations
@@ -37,11 +41,19 @@ class Backend(Protocol):
         self, model: LinearModel, *, time_limit_s: float, fixed_zero: frozenset[int] = frozenset()
     ) -> Solution: ...
 
+    def mip_worth_starting(self, nvars: int, seconds: float) -> bool: ...
 
-BACKENDS = ("ortools", "pulp")
+    def mip_overshoot_s(self, nvars: int, budget: float) -> float: ...
+
+
+BACKENDS = ("highs", "ortools", "pulp")
 
 
 def get_backend(name: str) -> Backend:
+    if name == "highs":
+        from solver.backends.ortools_backend import HighsBackend
+
+        return HighsBackend()
     if name == "ortools":
         from solver.backends.ortools_backend import OrToolsBackend
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import time
 
+from solver.backends.ortools_backend import OrToolsBackend
 from solver.linear import LinearModel, Sense, Solution, SolveStatus
 
 __all__ = ["PulpBackend"]
@@ -25,6 +26,9 @@ def _cbc(**options: object) -> object:
 
 
 class PulpBackend:
+    # The gating measured for CP-SAT, which CBC shared before backends said their own.
+    mip_worth_starting = OrToolsBackend.mip_worth_starting
+    mip_overshoot_s = OrToolsBackend.mip_overshoot_s
     name = "pulp"
 
     def _build(
