@@ -894,6 +894,7 @@ class WorkloadChecker:
         workload = _workload(msg, "workloads[0]", out)
         problem = Problem(gpu_types=self._types, nodes=(), tenants=self._tenants, workloads=(workload,))
         out += _semantic_extra(problem, out)
+        out += check_runtime(msg.runtime, "workloads[0].runtime") if msg.HasField("runtime") else []
         _raise_if(_rebase(_in_file_order(out), "workloads[0]", path))
 
 
@@ -1278,3 +1279,52 @@ def serve_from(workload: pb.Workload) -> str | None:
     if workload.WhichOneof("spec") != "inference":
         return None
     return checkpoint_name(workload.runtime.env.get(SERVE_FROM, ""))
+
+
+# ----- a workload's runtime (what the workers run)
+
+BUILTINS = ("train-lm", "serve-lm")
+RUNTIME_LIMITS = {"argv": 256, "arg_chars": 4096, "env": 256, "env_name_chars": 256, "env_value_chars": 65536}
+"""At most 256 ``command`` and 256 ``args`` entries of 4,096 characters each, 256 ``env``
+entries with names of at most 256 characters and values of at most 64 KiB."""
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_ENTRYPOINT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_runtime(runtime: pb.Runtime, path: str) -> list[Violation]:
+    """The violations of a workload's runtime: exactly one of ``builtin`` (a known one),
+    ``entrypoint`` (``module:function``) or ``command``; bounded ``command``, ``args`` and
+    ``env`` (:data:`RUNTIME_LIMITS`); no NUL anywhere (it cannot reach a process)."""
+    out: list[Violation] = []
+    given = [k for k in ("builtin", "entrypoint", "command") if getattr(runtime, k)]
+    if len(given) != 1:
+        what = "none" if not given else " and ".join(given)
+        out.append(Violation(path, f"needs exactly one of builtin, entrypoint or command (got {what})"))
+    if runtime.builtin and runtime.builtin not in BUILTINS:
+        out.append(Violation(f"{path}.builtin", f"must be one of {', '.join(BUILTINS)}"))
+    if runtime.entrypoint and not _ENTRYPOINT.fullmatch(runtime.entrypoint):
+        out.append(Violation(f"{path}.entrypoint", 'must be "module:function" (Python identifiers)'))
+    for field in ("command", "args"):
+        items = getattr(runtime, field)
+        if len(items) > RUNTIME_LIMITS["argv"]:
+            out.append(Violation(f"{path}.{field}", f"must have at most {RUNTIME_LIMITS['argv']} entries"))
+            continue
+        for i, item in enumerate(items):
+            if len(item) > RUNTIME_LIMITS["arg_chars"] or "\x00" in item:
+                out.append(
+                    Violation(
+                        f"{path}.{field}[{i}]",
+                        f"must be at most {RUNTIME_LIMITS['arg_chars']} characters, no NUL",
+                    )
+                )
+    if len(runtime.env) > RUNTIME_LIMITS["env"]:
+        out.append(Violation(f"{path}.env", f"must have at most {RUNTIME_LIMITS['env']} entries"))
+        return out
+    for name, value in sorted(runtime.env.items()):
+        if len(name) > RUNTIME_LIMITS["env_name_chars"] or not _ENV_NAME.fullmatch(name):
+            out.append(
+                Violation(f"{path}.env", "names must be letters, digits and _, not starting with a digit")
+            )
+        elif len(value) > RUNTIME_LIMITS["env_value_chars"] or "\x00" in value:
+            out.append(Violation(f'{path}.env["{name}"]', "must be at most 64 KiB, no NUL"))
+    return out

@@ -93,13 +93,25 @@ class Shared:
         self.stopping = False
 
 
+MAX_VIOLATIONS = 20  # field violations listed in one INVALID_ARGUMENT (then "... and N more")
+MAX_MESSAGE_CHARS = 1024  # of its message (both travel in trailers, 8 KiB at most by default)
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> grpc.StatusCode:
     """Answer ``exc`` with its status (never returns: ``context.abort`` raises)."""
     if isinstance(exc, ValidationError):
         count = len(exc.violations)
         head = f"invalid input ({count} problem{'s' if count != 1 else ''}): "
-        message = head + "; ".join(str(v) for v in exc.violations)
-        context.abort_with_status(rpc_status.to_status(convert.bad_request_status(exc.violations, message)))
+        # At most MAX_VIOLATIONS are listed: 100,000 of them (one per unknown GPU type)
+        # made trailers larger than gRPC's metadata limit, and the client saw only
+        # "Stream removed".
+        shown = list(exc.violations[:MAX_VIOLATIONS])
+        if count > len(shown):
+            shown.append(Violation("", f"... and {count - len(shown)} more"))
+        message = head + "; ".join(str(v) for v in shown)
+        if len(message) > MAX_MESSAGE_CHARS:
+            message = message[:MAX_MESSAGE_CHARS] + "…"
+        context.abort_with_status(rpc_status.to_status(convert.bad_request_status(shown, message)))
         return grpc.StatusCode.INVALID_ARGUMENT
     code = status_code(exc)
     if code is None:

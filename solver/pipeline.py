@@ -283,6 +283,13 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         pinned = {key: n for key, n in counts.items() if index.classes[key[0]].pinned}
         if pinned:
             placed_t, _ = disaggregate(index, pinned, placed_t)
+        # Then every tier's jobs that the counts keep where they run: a higher tier's
+        # gang packed first could take their node, and a job moved to another node of
+        # the same shape is a migration the aggregated model does not see (found by
+        # Hypothesis: two migrations under max_migrations 1).
+        staying = {key: n for key, n in counts.items() if index.classes[key[0]].current_option == key[1]}
+        if staying:
+            placed_t, _ = disaggregate(index, staying, placed_t)
         for tier in index.tiers:
             part = {key: n for key, n in counts.items() if index.classes[key[0]].tier == tier}
             placed_t, _ = disaggregate(index, part, placed_t)

@@ -93,6 +93,7 @@ import json
 import logging
 import os
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -125,6 +126,7 @@ TAIL_LINES = 20
 OUTBOX_LIMIT = 10_000  # queued messages; log lines beyond are dropped (statuses never are)
 GIB = 1024**3
 TOKEN_ENV = "APPORTION_TOKEN"
+SAFE_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,251}[A-Za-z0-9])?")  # solver.validate.NAME_RULE
 PR_SET_DUMPABLE = 4  # prctl(2)
 
 
@@ -877,6 +879,8 @@ class Agent:
         ``--job-uids`` gets a fresh run directory of its own (the previous launch's is
         deleted) holding its checkpoint directory and what it serves from, and its
         ``APPORTION_CHECKPOINT_DIR`` may only be a relative path inside it."""
+        if not SAFE_NAME.fullmatch(launch.workload_id):  # the server checks; paths are built only after
+            raise AgentError(f"workload id {launch.workload_id[:40]!r} is not a safe name: not run")
         run = self.work_dir / "runs" / f"{launch.workload_id}.{launch.shard_index}"
         runtime = launch.workload.runtime
         named = checkpoint_sync.serve_from_workload(runtime.env.get("APPORTION_SERVE_FROM", ""))

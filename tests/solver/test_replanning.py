@@ -475,3 +475,25 @@ def test_a_higher_tier_gang_never_moves_a_pinned_job_of_a_lower_tier() -> None:
     placed = {x.workload_id: x for x in r.placements}
     assert placed["j1"].shards == place("j1", ("n2", 1)).shards
     assert placed["j3"].shards == place("j3", ("n3", 1)).shards
+
+
+@pytest.mark.parametrize("policy", OPTIMIZING)
+def test_a_higher_tiers_gang_does_not_push_a_staying_job_to_a_node_of_the_same_shape(policy: str) -> None:
+    # Found by Hypothesis (test_brute_force, replanning): j1 (priority 1) and j2 run on
+    # n1; with one migration allowed, the rounding moves j1 to a 4-GPU gang over n1 and
+    # n2 (its one migration) and keeps j2 on its shape. Packed tier by tier, the gang
+    # took n1 first and j2 landed on n3 (same shape, so the aggregated model saw no
+    # move): two migrations, and the plan failed verification.
+    p = problem(
+        [node("n1", gpus=3, zone="z1", domain="r1"), node("n2", gpus=3, zone="z1", domain="r1"),
+         node("n3", gpus=3, zone="z1", domain="r2")],
+        [
+            train("j1", shapes={1: {"a100": 0.5}, 4: {"a100": 1.0, "h100": 0.5}}, priority=1,
+                  locality="domain"),
+            train("j2", 1, {"a100": 0.5}, locality="node"),
+            train("j3", 1, {"h100": 0.5}, types=("h100",), locality="node"),
+        ],
+        current=[place("j1", ("n1", 1)), place("j2", ("n1", 1))],
+    )  # fmt: skip
+    r = checked(p, policy, dataclasses.replace(OPTIONS, max_migrations=1))
+    assert len([w for w in ("j1", "j2") if shards(r).get(w) != [("n1", 1)]]) <= 1

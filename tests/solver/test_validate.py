@@ -219,7 +219,7 @@ def test_inference() -> None:
         'workloads[0].inference.gpus_per_replica: unknown GPU type "h200"',
         'workloads[0].inference.gpus_per_replica["a100"]: must be ≥ 1',
         'workloads[0].inference.replica_rps: unknown GPU type "l5"',
-        'workloads[0].inference.replica_rps["a100"]: must be > 0',
+        'workloads[0].inference.replica_rps["a100"]: must be ≥ 1e-06',
         "workloads[0].inference.target_rps: must be > 0",
         "workloads[0].inference.min_replicas: must be ≥ 0",
         "workloads[0].inference.cpus_per_replica: must be ≥ 0",
@@ -273,3 +273,81 @@ def test_every_violation_is_reported_at_once_in_file_order() -> None:
         "current[0].shards[0].node_id",
     ]
     assert "workloads[0].inference.target_rps: must be > 0" in str(info.value)
+
+
+# --- names and ranges (hardening: ids that escape a directory, numbers that stop planning) ---
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from solver.validate import LIMITS, NAME_RULE  # noqa: E402
+
+GOOD_NAME = st.from_regex(NAME_RULE, fullmatch=True)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(min_size=1, max_size=300))
+def test_a_name_is_accepted_exactly_when_it_is_safe_as_a_file_name(name: str) -> None:
+    found = errors(problem([node("n1")], [train(name)]))
+    safe = (
+        len(name) <= 253
+        and name[0].isascii()
+        and name[0].isalnum()
+        and name[-1].isascii()
+        and name[-1].isalnum()
+        and all(c.isascii() and (c.isalnum() or c in "._-") for c in name)
+    )
+    assert (found == []) == safe, (name, found)
+    if not safe:
+        assert len(found) == 1 and found[0].startswith("workloads[0].id: must be 1-253 letters")
+        assert "\n" not in found[0] and "\x00" not in found[0] and len(found[0]) < 260
+
+
+@settings(max_examples=50, deadline=None)
+@given(GOOD_NAME)
+def test_every_name_of_the_grammar_passes(name: str) -> None:
+    assert errors(problem([node(name)], [train(name, tenant=name)], tenants=[tenant(name)])) == []
+
+
+@pytest.mark.parametrize(
+    "bad",
+    ["../../../escape-rel", "/abs/path", "..", ".", "a/b", "a\x00b", "a\nb", "\x1b[31mred", "a\u202eb",
+     "x" * 254, "-leading", "trailing.", "with space"],
+)  # fmt: skip
+def test_hostile_names_are_refused_everywhere(bad: str) -> None:
+    p = problem(
+        [node(bad)],
+        [train(bad, tenant=bad)],
+        gpu_types=[gpu_type("a100"), gpu_type(bad)],
+        tenants=[tenant(bad)],
+    )
+    paths = {e.split(":", 1)[0] for e in errors(p)}
+    assert {"gpu_types[1].name", "nodes[0].id", "workloads[0].id", "tenants[0].name"} <= paths
+
+
+@pytest.mark.parametrize(
+    ("workload", "path"),
+    [
+        (serve("s", target_rps=1e300), "workloads[0].inference.target_rps: must be ≤ 1e+09"),
+        (serve("s", target_rps=1e19), "workloads[0].inference.target_rps: must be ≤ 1e+09"),
+        (serve("s", rps={"a100": 1e-300}), 'workloads[0].inference.replica_rps["a100"]: must be ≥ 1e-06'),
+        (
+            serve("s", gpus={"a100": 2**31 - 1}),
+            'workloads[0].inference.gpus_per_replica["a100"]: must be ≤ 1024',
+        ),
+        (serve("s", min_replicas=10**9), "workloads[0].inference.min_replicas: must be ≤ 100000"),
+        (train("j", gpus=10**6), "workloads[0].training.gpus: must be ≤ 65536"),
+        (train("j", throughput={"a100": 1e300}), 'workloads[0].training.throughput["a100"]: must be ≤ 1e+12'),
+        (train("j", remaining_work=1e300), "workloads[0].training.remaining_work: must be ≤ 1e+15"),
+        (train("j", weight=1e300), "workloads[0].weight: must be ≤ 1e+06"),
+        (train("j", priority=2**31 - 1), "workloads[0].priority: must be between -1e+06 and 1e+06"),
+    ],
+)
+def test_numbers_out_of_range_are_refused(workload: Workload, path: str) -> None:
+    assert path in errors(problem([node("n1")], [workload]))
+
+
+def test_a_node_with_too_many_gpus_is_refused() -> None:
+    assert errors(problem([node("n1", gpus=2147483647)], [])) == [
+        f"nodes[0].gpus: must be ≤ {LIMITS['node_gpus']:g}"
+    ]

@@ -251,3 +251,19 @@ def test_the_agent_is_not_dumpable_once_it_says_so() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_launch_with_an_unsafe_id_builds_no_path(tmp_path: Path) -> None:
+    node = agent.Agent(
+        agent.AgentConfig(server="127.0.0.1:1", gpus="1", gpu_type="sim", work_dir=tmp_path / "w")
+    )
+    try:
+        for bad in ("../../escape", "/abs", "..", "a/b"):
+            launch = wpb.Launch(
+                workload_id=bad, workload=pb.Workload(id=bad, runtime=pb.Runtime(command=["x"]))
+            )
+            with pytest.raises(agent.AgentError, match="not a safe name"):
+                node._prepare_dirs(launch, None)
+        assert not (tmp_path / "escape").exists() and not (tmp_path / "w").exists()
+    finally:
+        node.client.close()
