@@ -363,3 +363,37 @@ def test_every_optimizing_plan_has_a_bound_even_when_no_lp_finishes(
     r = plan(p, policy, PlanOptions(time_limit_s=0.3, backend="ortools"))
     assert r.best_bound is not None and math.isfinite(r.best_bound) and r.gap is not None
     assert r.best_bound >= r.objective - 1e-9
+
+
+def test_the_bound_is_taken_again_at_the_final_plans_coverage() -> None:
+    """``pipeline._rebound``: where the final plan covers more of an earlier stage than its
+    floor (completion adds what fits), the primary bound at the plan's own coverage is
+    tighter and still at least the plan's value. Two jobs, one 8-GPU a100 node and one
+    h100 node; ``cost``: with the coverage floor at 1 job, the LP may run the cheaper one
+    only; at 2 jobs it must pay for both."""
+    import time
+
+    from solver.pipeline import _rebound, _stage_values
+    from solver.policies import get_policy
+
+    p = problem(
+        [node("a0", "a100", 8), node("h0", "h100", 8)],
+        [train("cheap", 8, {"a100": 1.0}), train("dear", 8, {"h100": 1.0}, types=("h100",))],
+    )
+    index = build_index(p)
+    form = build_formulation(index)
+    pol = get_policy("cost")
+    stages = pol.stages(form, PlanOptions())  # type: ignore[attr-defined]
+    backend = get_backend("highs")
+    floors = [form.set_floor(st.terms, st.constant, 1.0, f"floor[{st.name}]") for st in stages[:-1]]
+    form.model.maximize(stages[-1].terms, stages[-1].constant)
+    loose = backend.solve_lp(form.model, time_limit_s=5).objective
+    both = plan(p, "cost", PlanOptions(time_limit_s=5))
+    final = _stage_values(form, stages, form.hint(both.placements))
+    assert final[0] == pytest.approx(2.0) and len(both.placements) == 2
+    tight = _rebound(form, stages, floors, final, loose, backend, time.perf_counter() + 5)
+    price = {t.name: t.cost_per_hour or 0.0 for t in TYPES}
+    assert loose == pytest.approx(-8 * price["a100"], rel=1e-3)  # one job, the cheaper
+    assert tight == pytest.approx(-8 * (price["a100"] + price["h100"]), rel=1e-3)
+    assert tight < loose
+    assert tight >= final[-1] - 1e-6
