@@ -1,8 +1,8 @@
-"""Realistic planning instances built from the public data in ``shared/data``.
+"""Realistic planning instances built from the public data in ``data/``.
 
 Every number that the data has is taken from the data; everything else is
 assigned by a stated rule or with a fixed seed, and said so below. Sources
-(see ``shared/data/README.md`` for repositories, commits and licences):
+(see ``data/README.md`` for repositories, commits and licences):
 
 * Gavel (Narayanan et al., OSDI 2020; MIT): ``gavel/simulation_throughputs.json``
   and ``gavel/physical_cluster_throughputs.json`` - measured steps/s of 26 job
@@ -92,7 +92,7 @@ Tenants (:func:`make_tenants`)
     half of them also capped at 25 % of the H100 GPUs.
 
 Data location: the ``data`` argument, else the ``APPORTION_DATA`` environment
-variable, else ``<repo>/../shared/data``.
+variable, else ``<repo>/data``.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ __all__ = [
 ]
 
 DATA_ENV = "APPORTION_DATA"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data"  # the repository's copy (data/README.md)
 
 PathArg = str | os.PathLike[str] | None
 
@@ -203,13 +203,13 @@ def gpu_types(names: Sequence[str] | None = None) -> tuple[GpuType, ...]:
 
 
 def data_dir(data: PathArg = None) -> Path:
-    """Resolve the data folder: ``data``, else ``$APPORTION_DATA``, else ``<repo>/../shared/data``."""
+    """Resolve the data folder: ``data``, else ``$APPORTION_DATA``, else ``<repo>/data``."""
     env = os.environ.get(DATA_ENV)
     path = Path(data) if data is not None else Path(env) if env else DEFAULT_DATA_DIR
     if not path.is_dir():
         raise FileNotFoundError(
             f"data folder {path} not found: pass data=... or set {DATA_ENV} "
-            f"(default is <repo>/../shared/data)"
+            f"(default is <repo>/data)"
         )
     return path
 

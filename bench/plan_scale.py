@@ -4,7 +4,7 @@
     python bench/plan_scale.py --sizes 1k --policies throughput,best-fit
     python bench/plan_scale.py --quick --out /tmp/plan_scale.json   # smoke test
 
-Instances (``bench/instances.py``; the data in ``shared/data``):
+Instances (``bench/instances.py``; the data in ``data/``):
 
 * ``1k``    ``problem(1000, 1000, seed)``: 1,000 workloads on 1,000 nodes;
 * ``10k``   ``problem(10000, 4000, seed)``: 10,000 workloads on 4,000 nodes;

@@ -35,8 +35,6 @@ from solver.model import (
 DATA = inst.DEFAULT_DATA_DIR
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
-pytestmark = pytest.mark.skipif(not DATA.is_dir(), reason=f"shared data not found at {DATA}")
-
 
 def gavel_json(file: str = "simulation_throughputs.json") -> dict[tuple[str, int], dict[str, float]]:
     raw = json.loads((DATA / "gavel" / file).read_text())
@@ -64,7 +62,7 @@ def rel_close(a: float, b: float, tol: float = 1e-9) -> bool:
 def test_data_dir_default_env_and_argument(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(inst.DATA_ENV, raising=False)
     assert inst.data_dir() == DATA
-    assert Path(inst.__file__).resolve().parents[1].parent / "shared" / "data" == DATA
+    assert Path(inst.__file__).resolve().parents[1] / "data" == DATA  # the repository's copy
     monkeypatch.setenv(inst.DATA_ENV, str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match=inst.DATA_ENV):
         inst.data_dir()

@@ -7,7 +7,6 @@ import functools
 
 import pytest
 
-from bench.instances import DEFAULT_DATA_DIR
 from bench.instances import problem as bench_problem
 from solver import POLICIES, PlanOptions, Problem, UnknownPolicyError, plan, verify
 from solver.backends import BACKENDS, get_backend
@@ -52,18 +51,17 @@ def mixed() -> Problem:
 
 @functools.cache
 def instances() -> dict[str, Problem]:
-    out = {"hetero": hetero(), "mixed": mixed()}
-    if DEFAULT_DATA_DIR.is_dir():
-        out["bench-12x6"] = bench_problem(12, 6, seed=1)
-        out["bench-20x8"] = bench_problem(20, 8, seed=3)
-    return out
+    return {
+        "hetero": hetero(),
+        "mixed": mixed(),
+        "bench-12x6": bench_problem(12, 6, seed=1),
+        "bench-20x8": bench_problem(20, 8, seed=3),
+    }
 
 
 @pytest.mark.parametrize("policy", OPTIMIZING)
 @pytest.mark.parametrize("name", ["hetero", "mixed", "bench-12x6", "bench-20x8"])
 def test_the_backends_agree(name: str, policy: str) -> None:
-    if name not in instances():
-        pytest.skip("shared data not found")
     p = instances()[name]
     results = {b: plan(p, policy, PlanOptions(time_limit_s=5, backend=b)) for b in BACKENDS}
     for r in results.values():

@@ -15,14 +15,9 @@ from collections import defaultdict
 
 import pytest
 
-from bench.instances import DEFAULT_DATA_DIR
 from bench.instances import problem as bench_problem
 from solver import POLICIES, Plan, PlanOptions, PlanStatus, Problem, plan, policy_names, verify
 from tests.builders import node, problem, train
-
-pytestmark = pytest.mark.skipif(
-    not DEFAULT_DATA_DIR.is_dir(), reason=f"shared data not found at {DEFAULT_DATA_DIR}"
-)
 
 OPTIONS = PlanOptions(time_limit_s=5)
 OPTIMIZING = tuple(n for n in policy_names() if not POLICIES[n].heuristic)

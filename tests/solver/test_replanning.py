@@ -14,7 +14,6 @@ from collections import defaultdict
 
 import pytest
 
-from bench.instances import DEFAULT_DATA_DIR
 from bench.instances import problem as bench_problem
 from solver import (
     POLICIES,
@@ -31,10 +30,6 @@ from tests.builders import node, place, problem, serve, tenant, train
 
 OPTIONS = PlanOptions(time_limit_s=5)
 OPTIMIZING = tuple(n for n, p in POLICIES.items() if not p.heuristic)
-
-needs_data = pytest.mark.skipif(
-    not DEFAULT_DATA_DIR.is_dir(), reason=f"shared data not found at {DEFAULT_DATA_DIR}"
-)
 
 
 def checked(p: Problem, policy: str, options: PlanOptions = OPTIONS) -> Plan:
@@ -84,8 +79,8 @@ def small() -> Problem:
     ("instance", "policy"),
     [
         *[("small", x) for x in OPTIMIZING],
-        *[pytest.param("bench-60x40", x, marks=needs_data) for x in OPTIMIZING],
-        *[pytest.param("bench-30x8", x, marks=needs_data) for x in OPTIMIZING],
+        *[pytest.param("bench-60x40", x) for x in OPTIMIZING],
+        *[pytest.param("bench-30x8", x) for x in OPTIMIZING],
     ],
 )
 def test_replanning_unchanged_input_moves_nothing(instance: str, policy: str) -> None:
@@ -99,7 +94,6 @@ def test_replanning_unchanged_input_moves_nothing(instance: str, policy: str) ->
     assert again.objective == pytest.approx(first.objective, abs=1e-6)
 
 
-@needs_data
 @pytest.mark.parametrize("policy", OPTIMIZING)
 def test_a_new_small_job_disturbs_at_most_one_running_workload(policy: str) -> None:
     p = bench(60, 40, 0)  # everything fits, with GPUs to spare
@@ -133,7 +127,6 @@ def test_a_new_job_is_fitted_around_running_work() -> None:
 # The migration cap.
 
 
-@needs_data
 @pytest.mark.parametrize("policy", OPTIMIZING)
 def test_max_migrations_is_respected(policy: str) -> None:
     # Start from the fcfs baseline's plan (not what the optimizer would choose) and let
