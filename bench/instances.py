@@ -208,8 +208,7 @@ def data_dir(data: PathArg = None) -> Path:
     path = Path(data) if data is not None else Path(env) if env else DEFAULT_DATA_DIR
     if not path.is_dir():
         raise FileNotFoundError(
-            f"data folder {path} not found: pass data=... or set {DATA_ENV} "
-            f"(default is <repo>/data)"
+            f"data folder {path} not found: pass data=... or set {DATA_ENV} (default is <repo>/data)"
         )
     return path
 

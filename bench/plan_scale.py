@@ -110,6 +110,10 @@ def _build(builder: Sequence[Any], seed: int) -> Any:
         return instances.problem(int(builder[1]), int(builder[2]), seed)
     if builder[0] == "gavel":
         return instances.gavel_problem(str(builder[1]))
+    if builder[0] == "family":
+        from bench.families import FAMILIES
+
+        return FAMILIES[str(builder[1])](int(builder[2]), int(builder[3]), seed)
     raise ValueError(f"unknown builder {builder!r}")
 
 
@@ -129,7 +133,9 @@ def _run_one(spec: Mapping[str, Any]) -> dict[str, Any]:
     problem = _build(spec["builder"], spec["seed"])
     build_s = time.perf_counter() - t0
     rss_before = _maxrss_mib()
-    options = PlanOptions(time_limit_s=spec["time_limit_s"], seed=spec["seed"])
+    options = PlanOptions(
+        time_limit_s=spec["time_limit_s"], seed=spec["seed"], relative_gap=spec.get("relative_gap", 1e-4)
+    )
     t0 = time.perf_counter()
     result = plan(problem, spec["policy"], options)
     wall = time.perf_counter() - t0

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from solver.aggregate import Index, Option, OptionKind, WorkloadClass, options_by_type
 from solver.model import NodeState, Placement, Workload
@@ -192,6 +192,44 @@ def place_service(
     return None
 
 
+def _make_room_for_service(
+    index: Index,
+    w: Workload,
+    out: dict[str, Placement],
+    placed: Mapping[str, Placement],
+    ledger: Ledger,
+    evictable: Callable[[str, int], bool],
+) -> bool:
+    """Place service ``w`` (its minimum replicas, spread kept) by evicting strictly
+    lower-priority single-node work on nodes of its types, lowest priority and
+    largest first, one at a time until it fits; if it never does, nothing changes."""
+    c = index.classes[index.workload_class[w.id]]
+    shapes = {o.shape for o in c.options}
+    victims = sorted(
+        {
+            h
+            for s in shapes
+            for nid in index.shapes[s].node_ids
+            for h, _ in ledger.holders.get(nid, [])
+            if h in out and evictable(h, w.priority)
+        },
+        key=lambda h: (index.workloads[h].priority, -out[h].gpus, h),
+    )
+    evicted: list[str] = []
+    for victim in [None, *victims]:
+        if victim is not None:
+            ledger.release(index.workloads[victim], out.pop(victim))
+            evicted.append(victim)
+        p = place_service(ledger, w, c, best_fit=True)
+        if p is not None:
+            out[w.id] = p
+            return True
+    for h in evicted:
+        ledger.place(index.workloads[h], placed[h])
+        out[h] = placed[h]
+    return False
+
+
 def place_one(ledger: Ledger, w: Workload, best_fit: bool, prefer: str = "value") -> Placement | None:
     """Place one workload on what the ledger has free (and record it)."""
     if ledger.open_nodes <= 0:
@@ -260,10 +298,14 @@ def repair_priority(
 ) -> dict[str, Placement]:
     """Strict priority on concrete nodes: an unplaced training job that would fit
     on one node if strictly-lower-priority single-node work there were evicted
-    takes that node, and the evicted work is unplaced (the caller re-fills).
-    Running work is never evicted when a migration cap is set, nor is a
-    non-preemptible running job. A safety net for plans cut short by the time
-    limit or by packing; an optimal plan needs no repair."""
+    takes that node, and the evicted work is unplaced (the caller re-fills); an
+    unplaced service likewise gets its minimum replicas where evicting such work
+    makes room (:func:`_make_room_for_service`). Running work is never evicted when
+    a migration cap is set, nor is a non-preemptible running job. A safety net for
+    plans cut short by the time limit or by packing, and for a solver's solution
+    that keeps a tier's coverage by serving its other services more (found on the
+    ``trtllm`` family: a priority-10 service left out beside priority-0 jobs); an
+    optimal plan needs no repair."""
     out = dict(placed)
     ledger = Ledger.holding(index, out)
 
@@ -274,13 +316,16 @@ def repair_priority(
         return not (holder in index.current and (max_migrations is not None or not w.training.preemptible))
 
     pending = sorted(
-        (w for w in index.problem.workloads if w.id not in out and w.training is not None),
+        (w for w in index.problem.workloads if w.id not in out and w.id in index.workload_class),
         key=lambda w: (-w.priority, w.id),
     )
     for w in pending:
         if w.priority == min(index.tiers, default=0):
             break
         c = index.classes[index.workload_class[w.id]]
+        if w.inference is not None:
+            _make_room_for_service(index, w, out, placed, ledger, evictable)
+            continue
         for opt in sorted((o for o in c.options if o.kind is OptionKind.SINGLE), key=lambda o: -o.value):
             done = False
             for nid in index.shapes[opt.shape].node_ids:

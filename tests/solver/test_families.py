@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from bench.families import slow_fleet
+from bench.families import FAMILIES, slow_fleet
 from solver import PlanOptions, plan
 from solver.verify import verify
 
@@ -35,3 +35,13 @@ def test_the_slow_fleet_plan_serves_on_the_slow_cards_and_is_near_its_bound() ->
     slow_gpus = sum(n.gpus for n in p.nodes if n.gpu_type == "a10")
     assert used["a10"] >= 0.9 * slow_gpus  # was 160 of 568
     assert on_services["a10"] + on_services["t4"] > on_services["h200-141g"] + on_services["h100-80g"]
+
+
+def test_a_solvers_trade_inside_a_tier_does_not_leave_a_service_out_beside_lower_work() -> None:
+    # Found by bench/plan_families.py: on the trtllm family (services at priority 10, jobs
+    # at 0), HiGHS's max-min solution kept the tier's coverage by serving other services
+    # more and left one out while priority-0 jobs held room for it; the plan failed
+    # verification (no plan at all). repair_priority now makes room for services too.
+    p = FAMILIES["trtllm"](100, 100, 0)
+    r = plan(p, "fairness", PlanOptions(time_limit_s=2))
+    assert verify(p, r, "fairness").ok
