@@ -36,12 +36,14 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import logging
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 from grpc_status import rpc_status
 
 import solver
@@ -53,6 +55,7 @@ from server.auth import Authenticator, Principal, RateLimiter
 from server.control import ControlLoop
 from server.errors import NotFound, PermissionDenied, status_code
 from server.metrics import Metrics
+from server.redact import redact
 from server.solving import SolverPool
 from server.store import STATES, TERMINAL, Store
 from solver import ValidationError, Violation
@@ -70,6 +73,7 @@ LOGS_POLL_S = 0.5
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+M = TypeVar("M", bound="Message")
 
 
 class Shared:
@@ -120,6 +124,11 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> grpc.StatusCode
         return grpc.StatusCode.INTERNAL
     context.abort(code, str(exc))
     return code
+
+
+def _digest(msg: Message) -> str:
+    """What a request sent, for telling a retry from another request with the same id."""
+    return hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest()
 
 
 def _caller(servicer: Any, context: grpc.ServicerContext) -> Principal:
@@ -337,17 +346,18 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             convert.workload_kind(workload),
             convert.message_to_dict(workload),
             request_key=_request_key(who, request.request_id),
+            request_digest=_digest(request.workload),
         )
         if created:
             self.shared.loop.notify()
-            return convert.workload_status(row, workload=workload)  # what was stored, unparsed
-        return convert.workload_status(row)
+            return self._shown(who, convert.workload_status(row, workload=workload))  # as stored, unparsed
+        return self._shown(who, convert.workload_status(row))
 
     @_unary
     def GetWorkload(
         self, request: apb.GetWorkloadRequest, context: grpc.ServicerContext, who: Principal
     ) -> apb.WorkloadStatus:
-        return convert.workload_status(self._visible(who, request.id))
+        return self._shown(who, convert.workload_status(self._visible(who, request.id)))
 
     @_unary
     def ListWorkloads(
@@ -380,8 +390,11 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             limit=size + 1,
         )
         rows, token = _page(rows, size)
-        return apb.ListWorkloadsResponse(
-            workloads=[convert.workload_status(r) for r in rows], next_page_token=token
+        return self._shown(
+            who,
+            apb.ListWorkloadsResponse(
+                workloads=[convert.workload_status(r) for r in rows], next_page_token=token
+            ),
         )
 
     @_unary
@@ -392,7 +405,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         cancelled = self.store.cancel_workload(row.id)
         if cancelled.revision != row.revision:
             self.shared.loop.notify()
-        return convert.workload_status(cancelled)
+        return self._shown(who, convert.workload_status(cancelled))
 
     @_unary
     def UpdateWorkload(
@@ -419,11 +432,14 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             workload.submit_time_s = row.spec.get("submit_time_s", row.created_at)
         self._check(workload)
         updated = self.store.update_workload(
-            workload.id, convert.message_to_dict(workload), request_key=_request_key(who, request.request_id)
+            workload.id,
+            convert.message_to_dict(workload),
+            request_key=_request_key(who, request.request_id),
+            request_digest=_digest(request.workload),
         )
         if updated.revision != row.revision:
             self.shared.loop.notify()
-        return convert.workload_status(updated)
+        return self._shown(who, convert.workload_status(updated))
 
     # -- inventory -------------------------------------------------------
 
@@ -488,13 +504,19 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         if not who.admin:
             mine = self._tenant_ids(who.tenant or "")
             data = convert.plan_dict_for_tenant(data, mine.__contains__)
-        return convert.plan_record(
+        record = convert.plan_record(
             data,
             revision=latest.revision,
             based_on=latest.based_on,
             created_at=latest.created_at,
             solve_time_s=latest.solve_s,
         )
+        return self._shown(who, record)
+
+    def _shown(self, who: Principal, msg: M) -> M:
+        """``msg`` as ``who`` may see it: for a tenant, other tenants' workload ids in its
+        texts are replaced (:mod:`server.redact`)."""
+        return msg if who.admin else redact(msg, who.tenant or "", self.store)
 
     def _tenant_ids(self, tenant: str) -> set[str]:
         ids: set[str] = set()
@@ -512,7 +534,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
     ) -> apb.Explanation:
         self._visible(who, request.id)
         explanation, state = control.explain(self.shared.loop, self.store, request.id)
-        return convert.explanation_to_message(explanation, state)
+        return self._shown(who, convert.explanation_to_message(explanation, state))
 
     # -- watch -----------------------------------------------------------
 
@@ -537,7 +559,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
                 revision = event.revision
                 if event.kind == "workload" and tenant is not None and event.tenant != tenant:
                     continue
-                yield convert.event_message(event)
+                yield self._shown(who, convert.event_message(event))
 
     # -- logs ------------------------------------------------------------
 

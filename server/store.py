@@ -158,7 +158,7 @@ TERMINAL: Final = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE: Final = frozenset({PENDING, PLACED, RUNNING})
 KINDS: Final = ("training", "inference")
 
-SCHEMA_VERSION: Final = 2
+SCHEMA_VERSION: Final = 3
 MAX_BATCH: Final = 1024  # operations per writer transaction
 MAX_COMPACT: Final = 10_000  # events deleted per writer transaction
 
@@ -321,13 +321,14 @@ CREATE TABLE plans (
 );
 CREATE TABLE requests (
     request_key TEXT PRIMARY KEY, op TEXT NOT NULL, workload_id TEXT NOT NULL,
-    revision INTEGER NOT NULL, created_at REAL NOT NULL
+    revision INTEGER NOT NULL, created_at REAL NOT NULL, digest TEXT NOT NULL DEFAULT ''
 );
 """
 
 # Migrations from schema N to N + 1, run in the opening transaction.
 _MIGRATIONS: dict[int, str] = {
     1: "ALTER TABLE workloads ADD COLUMN observed TEXT NOT NULL DEFAULT '{}'",  # measured throughput
+    2: "ALTER TABLE requests ADD COLUMN digest TEXT NOT NULL DEFAULT ''",  # what a request id was sent with
 }
 
 _WORKLOAD_FIELDS = tuple(f.name for f in dataclasses.fields(WorkloadRow))
@@ -495,11 +496,13 @@ class _Tx:
         self.event("workload", action, row.id, row.tenant, data, row.updated_at)
         return row
 
-    def request(self, key: str | None, op: str, workload_id: str) -> WorkloadRow | None:
-        """The current row of the workload that request ``key`` was for, or None for a new key."""
+    def request(self, key: str | None, op: str, workload_id: str, digest: str = "") -> WorkloadRow | None:
+        """The current row of the workload that request ``key`` was for, or None for a new
+        key. The same key with another request (``digest`` of what was sent, where both
+        have one) is AlreadyExists: a retry must send what it sent."""
         if key is None:
             return None
-        seen = self.one("SELECT op, workload_id FROM requests WHERE request_key = ?", (key,))
+        seen = self.one("SELECT op, workload_id, digest FROM requests WHERE request_key = ?", (key,))
         if seen is None:
             return None
         if (seen[0], seen[1]) != (op, workload_id):
@@ -507,14 +510,19 @@ class _Tx:
                 f"request key {key!r} was already used to {seen[0]} workload {seen[1]!r}, "
                 f"not to {op} workload {workload_id!r}"
             )
+        if digest and seen[2] and digest != seen[2]:
+            raise AlreadyExists(
+                f"request id {key.rsplit('/', 1)[-1]!r} was already used to {op} workload {workload_id!r} "
+                f"with another spec: a retry sends the same request; a new request needs a new id"
+            )
         return self.workload(workload_id)
 
-    def remember(self, key: str | None, op: str, workload_id: str, now: float) -> None:
+    def remember(self, key: str | None, op: str, workload_id: str, now: float, digest: str = "") -> None:
         if key is not None:
             self.conn.execute(
-                "INSERT INTO requests (request_key, op, workload_id, revision, created_at) "
-                "VALUES (?, ?, ?, ?, ?)",
-                (key, op, workload_id, self.revision, now),
+                "INSERT INTO requests (request_key, op, workload_id, revision, created_at, digest) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key, op, workload_id, self.revision, now, digest),
             )
 
     # ---- nodes
@@ -795,6 +803,16 @@ class Store:
             raise NotFound(f"no workload {id!r}")
         return _workload(rows[0])
 
+    def tenants_of(self, ids: Iterable[str]) -> dict[str, str]:
+        """The tenant of each id that names a stored workload (others are left out)."""
+        wanted = sorted(set(ids))
+        out: dict[str, str] = {}
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            out.update(self._query(f"SELECT id, tenant FROM workloads WHERE id IN ({marks})", chunk))
+        return out
+
     def list_workloads(
         self,
         *,
@@ -911,19 +929,21 @@ class Store:
         spec: JSONDict,
         *,
         request_key: str | None,
+        request_digest: str = "",
         now: float | None = None,
     ) -> tuple[WorkloadRow, bool]:
         """Create workload ``id`` (PENDING, version 1); the row and whether it was created now.
 
         A ``request_key`` seen before returns the current row of the workload that request
-        created, and False. AlreadyExists if ``id`` is taken (in any state).
+        created, and False; with another ``request_digest`` (what the caller sent) it is
+        AlreadyExists. AlreadyExists if ``id`` is taken (in any state).
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         spec_json = _dumps(spec)  # fail early (in the caller) on a value JSON cannot hold
 
         def op(tx: _Tx) -> tuple[WorkloadRow, bool]:
-            seen = tx.request(request_key, "submit", id)
+            seen = tx.request(request_key, "submit", id, request_digest)
             if seen is not None:
                 return seen, False
             if tx.one("SELECT 1 FROM workloads WHERE id = ?", (id,)) is not None:
@@ -944,21 +964,24 @@ class Store:
                 revision=tx.next_revision,
             )
             tx.write_workload(row, "created", spec_json)
-            tx.remember(request_key, "submit", id, t)
+            tx.remember(request_key, "submit", id, t, request_digest)
             return row, True
 
         return self._write(op)
 
-    def update_workload(self, id: str, spec: JSONDict, *, request_key: str | None = None) -> WorkloadRow:
+    def update_workload(
+        self, id: str, spec: JSONDict, *, request_key: str | None = None, request_digest: str = ""
+    ) -> WorkloadRow:
         """A new version of workload ``id`` with ``spec``; state and placement are kept.
 
         NotFound; FailedPrecondition if it is terminal. A ``request_key`` seen before
-        returns the workload's current row and changes nothing.
+        returns the workload's current row and changes nothing (AlreadyExists with another
+        ``request_digest``).
         """
         spec_json = _dumps(spec)
 
         def op(tx: _Tx) -> WorkloadRow:
-            seen = tx.request(request_key, "update", id)
+            seen = tx.request(request_key, "update", id, request_digest)
             if seen is not None:
                 return seen
             old = tx.workload(id)
@@ -978,7 +1001,7 @@ class Store:
                 revision=tx.next_revision,
             )
             tx.write_workload(row, "updated")
-            tx.remember(request_key, "update", id, t)
+            tx.remember(request_key, "update", id, t, request_digest)
             return row
 
         return self._write(op)

@@ -100,3 +100,21 @@ def test_a_hundred_thousand_violations_still_make_a_readable_answer(tmp_path: Pa
         message, violations = refusal(srv, w)
         assert "invalid input (100000 problems)" in message
         assert len(violations) == 21 and violations[-1] == "... and 99980 more"
+
+
+def test_a_request_id_resent_with_another_spec_is_already_exists(tmp_path: Path) -> None:
+    with running_server(tmp_path) as srv:
+        srv.stub().UpsertNodes(inventory_request())
+        first = training("once")
+        srv.stub().SubmitWorkload(apb.SubmitWorkloadRequest(workload=first, request_id="req-1"), timeout=30)
+        again = srv.stub().SubmitWorkload(
+            apb.SubmitWorkloadRequest(workload=first, request_id="req-1"), timeout=30
+        )
+        assert again.workload.id == "once" and again.version == 1  # a retry: the same answer
+        other = training("once", **{"h100-80g": 2.0})
+        with pytest.raises(grpc.RpcError) as info:
+            srv.stub().SubmitWorkload(
+                apb.SubmitWorkloadRequest(workload=other, request_id="req-1"), timeout=30
+            )
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        assert "another spec" in str(info.value.details())

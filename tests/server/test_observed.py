@@ -85,6 +85,11 @@ def test_a_schema_1_store_is_migrated(tmp_path: Path) -> None:
         ALTER TABLE w1 RENAME TO workloads;
         CREATE INDEX workloads_tenant ON workloads (tenant, id);
         CREATE INDEX workloads_state ON workloads (state, id);
+        DROP TABLE requests;
+        CREATE TABLE requests (
+            request_key TEXT PRIMARY KEY, op TEXT NOT NULL, workload_id TEXT NOT NULL,
+            revision INTEGER NOT NULL, created_at REAL NOT NULL
+        );
         UPDATE meta SET value = '1' WHERE key = 'schema_version';
         """
     )

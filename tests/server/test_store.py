@@ -662,3 +662,19 @@ def test_gpu_types_and_tenants_are_cached_and_the_cache_follows_every_upsert(
     store.close()
     with Store(path) as again:
         assert again.gpu_types() == [{**h100, "memory_gib": 94}] and again.tenants() == [research]
+
+
+def test_a_request_key_resent_with_another_spec_is_already_exists(store: Store) -> None:
+    first, created = store.submit_workload(
+        "w1", "t", "training", SPEC, request_key="r1", request_digest="aaa"
+    )
+    assert created
+    again, created = store.submit_workload(
+        "w1", "t", "training", SPEC, request_key="r1", request_digest="aaa"
+    )
+    assert again == first and not created  # a retry
+    with pytest.raises(AlreadyExists, match="another spec"):
+        store.submit_workload("w1", "t", "training", {**SPEC, "x": 2}, request_key="r1", request_digest="bbb")
+    store.update_workload("w1", SPEC, request_key="u1", request_digest="ccc")
+    with pytest.raises(AlreadyExists, match="another spec"):
+        store.update_workload("w1", SPEC, request_key="u1", request_digest="ddd")
