@@ -45,7 +45,7 @@ OPTIMIZING = ("throughput", "cost", "fairness")
 BASELINES = ("priority", "first-fit", "best-fit")  # those that keep strict priority tiers
 LIMITS_S = {"small": 2.0, "1k": 5.0, "10k": 20.0}
 TARGET_GAP = {"small": 0.01, "1k": 0.01, "10k": 0.02}
-REFERENCE_LIMIT_S = {"small": 60.0, "1k": 300.0}
+REFERENCE_LIMIT_S = {"small": 30.0, "1k": 300.0}
 
 
 def _seeds(text: str) -> list[int]:

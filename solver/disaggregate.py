@@ -130,10 +130,10 @@ def disaggregate(
             else:
                 placed[w.id] = got
 
-    # 3. services bound to zones or domains, then the other services, largest replicas
-    # first (services are few, and their demand is a stage of its own: they pack
-    # before jobs); 4. gangs that may go anywhere; 5. single-node jobs, largest
-    # first (first-fit decreasing), then by tier.
+    # 3. services spread over nodes, then those bound to zones or domains, then the
+    # other services, largest replicas first (services are few, and their demand is a
+    # stage of its own: they pack before jobs); 4. gangs that may go anywhere;
+    # 5. single-node jobs, largest first (first-fit decreasing), then by tier.
     items: list[tuple[int, int, int, int, str, int, int, Workload | None]] = []
     for c in index.classes:
         if c.is_training:
@@ -142,16 +142,19 @@ def disaggregate(
         gpus = max((c.options[o].gpus for o in per), default=0)
         if per or service_kept.get(c.index):
             spread = c.members[0].inference.spread.value  # type: ignore[union-attr]
-            located = 0 if spread in ("zone", "domain") else 1
-            items.append(
-                (located, -gpus, 0 if spread == "node" else 1, -c.tier, c.members[0].id, c.index, -1, None)
-            )
+            # Most constrained first: replicas that need distinct nodes (a nearly full
+            # type leaves free GPUs on too few nodes once others have packed: measured
+            # on the trtllm family, 3 node-spread services lost behind zone-spread
+            # ones on a type whose GPUs the solution used to the last one), then
+            # replicas bound to a zone or domain, then the rest.
+            order = 0 if spread == "node" else 1 if spread in ("zone", "domain") else 2
+            items.append((order, -gpus, 0, -c.tier, c.members[0].id, c.index, -1, None))
     for tier, ci, o, w in wanted:
         opt = index.classes[ci].options[o]
         if opt.kind is OptionKind.SINGLE:
-            items.append((3, -opt.gpus, 1, -tier, w.id, ci, o, w))
+            items.append((4, -opt.gpus, 1, -tier, w.id, ci, o, w))
         elif opt.kind is OptionKind.GANG and opt.scope == ("any",):
-            items.append((2, -opt.gpus, 1, -tier, w.id, ci, o, w))
+            items.append((3, -opt.gpus, 1, -tier, w.id, ci, o, w))
     items.sort(key=lambda x: x[:5])
     for *_key, ci, o, member in items:
         if member is not None:

@@ -36,9 +36,9 @@ Constraints
          m_i >= (running replicas of i on o - r_{i,o}) / running replicas on o
 Objectives are supplied by the policies (``solver.policies``) as stages solved
 one after another; each stage's optimum becomes a floor for the next (11).
-    (12) (``cost`` only) valid inequalities: each service's $/hour is at least the
-         convex envelope of what whole replicas cost for the fraction it serves
-         (``Formulation.service_cost_cuts``, which proves them).
+    (12) valid inequalities: each service's GPUs (and, for ``cost``, its $/hour) are at
+         least the convex envelope of what whole replicas take for the fraction it
+         serves (``Formulation.service_envelope_cuts``, which proves them).
 """
 
 from __future__ import annotations
@@ -141,7 +141,20 @@ class Formulation:
         return terms
 
     def service_cost_cuts(self) -> int:
-        """Valid inequalities (12) that tie each service's $/hour to its served fraction.
+        """(12) with each type's $/GPU-hour: see :meth:`service_envelope_cuts`."""
+        return self.service_envelope_cuts(lambda t: self.index.types[t].cost_per_hour or 0.0, "svccost")
+
+    def service_gpu_cuts(self) -> int:
+        """(12) with every GPU at 1: each service holds at least the GPUs of the whole
+        replicas that serve its fraction on its thriftiest type. The LP otherwise serves a
+        service with fractional replicas and gives the GPUs it saves to training: on the
+        ``zonal`` family at 1k (400 services) the throughput bound was 28% above every
+        plan any solver found. See :meth:`service_envelope_cuts` for the proof."""
+        return self.service_envelope_cuts(lambda t: 1.0, "svcgpus")
+
+    def service_envelope_cuts(self, price_of: Callable[[str], float], prefix: str) -> int:
+        """Valid inequalities (12) that tie each service's priced GPUs (``price_of`` a
+        GPU of each type: $/hour, or 1 to count GPUs) to its served fraction.
 
         The LP relaxation serves a fraction f_i of a service with fractional
         replicas at (per unit of f) the price of its cheapest type, while an
@@ -185,7 +198,7 @@ class Formulation:
             points: set[tuple[float, float]] = {(0.0, 0.0)}
             seen: set[str] = set()
             for o, opt in enumerate(c.options):
-                price = self.index.types[opt.gpu_type].cost_per_hour or 0.0
+                price = price_of(opt.gpu_type)
                 if price:
                     cost_terms.append((self.n[c.index, o], price * opt.gpus))
                 if opt.gpu_type in seen:
@@ -205,7 +218,7 @@ class Formulation:
                     [*cost_terms, (self.f[c.index], -slope)],
                     Sense.GE,
                     icpt - 1e-3,
-                    f"svccost[{c.members[0].id},{added}]",
+                    f"{prefix}[{c.members[0].id},{added}]",
                 )
                 added += 1
         return added
@@ -518,6 +531,8 @@ def build_formulation(index: Index, max_migrations: int | None = None) -> Formul
     if max_migrations is not None and form.move_terms:
         allowed = max(float(max_migrations), form.forced_moves)
         model.add(form.move_terms, Sense.LE, allowed - form.move_constant, "migrations")
+    # Valid inequalities (12) on GPUs: whole replicas for the fraction served.
+    form.service_gpu_cuts()
     return form
 
 

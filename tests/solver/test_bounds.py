@@ -72,7 +72,9 @@ def test_service_cost_cuts_hold_at_every_integer_point(
     c = index.classes[0]
     if c.index not in form.f:
         return  # the service cannot run at all: no cuts, nothing to check
-    cuts = [k for k in form.model.constraints if k.name.startswith("svccost[")]
+    # The cost cuts and the GPU cuts build_formulation adds (the same envelope, every GPU at 1).
+    cuts = [k for k in form.model.constraints if k.name.startswith(("svccost[", "svcgpus["))]
+    assert any(k.name.startswith("svcgpus[") for k in cuts)
     lo, cap = max(1, min_replicas), form.max_replicas[c.index]
     first = {t: next(o for o, opt in enumerate(c.options) if opt.gpu_type == t) for t in gpus}
     points: list[tuple[str | None, int, float, float]] = [

@@ -34,3 +34,28 @@ def test_a_service_that_cannot_fit_even_so_changes_nothing() -> None:
     index = build_index(p)
     placed = {"j0": place("j0", ("n1", 2), type="a100")}
     assert repair_priority(index, placed, None) == placed  # a 4-GPU replica never fits a 2-GPU node
+
+
+def test_replicas_that_need_distinct_nodes_pack_first() -> None:
+    # Two 2-GPU nodes in one zone, full in the solution: "z" (2 replicas spread over
+    # zones: both may share a node here) and "n" (2 replicas on distinct nodes). Packed
+    # zone-spread first, best fit put both of z's replicas on one node and n found one
+    # node with room (found on the trtllm family: services lost, the solution wasted).
+    from solver.disaggregate import disaggregate
+
+    p = problem(
+        [node("n1", gpus=2, zone="z0", domain="r0"), node("n2", gpus=2, zone="z0", domain="r0")],
+        [
+            serve("z", 1, 10.0, 20.0, min_replicas=2, spread="zone", priority=10),
+            serve("n", 1, 10.0, 20.0, min_replicas=2, spread="node", priority=10),
+        ],
+    )
+    index = build_index(p)
+    counts = {}
+    for c in index.classes:
+        o = next(o for o, opt in enumerate(c.options) if opt.kind.value == "replica")
+        counts[c.index, o] = 2
+    placed, lost = disaggregate(index, counts)
+    assert not lost, lost
+    assert sorted(s.node_id for s in placed["n"].shards) == ["n1", "n2"]
+    assert len(placed["z"].shards) == 2
