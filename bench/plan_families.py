@@ -163,6 +163,9 @@ def _row(
     row["best_baseline"] = None if baseline is None else {"objective": baseline[0], "placed": baseline[1]}
     objective = float(out["objective"])
     row["vs_baseline"] = None if baseline is None else objective - baseline[0]
+    if ref is not None and ref.get("status") != "OPTIMAL":
+        ref = None  # not proven: no exact reference (the policies are lexicographic, so an
+        # unproven plan with other floors is no yardstick for this one's objective)
     if ref is not None:
         best = max(float(ref["objective"]), objective)
         row["reference"] = dict(ref)
