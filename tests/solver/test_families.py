@@ -5,7 +5,8 @@ one-GPU cards, with services that run on any type and jobs of which some need
 80 GiB cards, a good plan serves the services on the slow cards and keeps the fast
 ones for training. The planner used to serve every service on the fastest type
 (fewest GPUs) and leave the slow cards idle: 10.5% below its own bound at 1,000
-nodes (775.9 vs 866.7), where HiGHS on the aggregated model reaches 0.08%.
+nodes (775.9 vs 866.7, on the family's first version), where HiGHS on the
+aggregated model reaches 0.08%.
 """
 
 from __future__ import annotations
