@@ -270,3 +270,37 @@ def test_subprocess_missing_file(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "cannot read nope.yaml" in result.stderr and "cannot read nope2.yaml" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("deep.json", "[" * 100_000 + "]" * 100_000, "cannot be read: nested too deeply"),
+        ("bigint.json", '{"gpu_types": [{"name": "a", "memory_gib": ' + "9" * 5000 + "}]}", "4300 digits"),
+        ("nul.yaml", "gpu_types: []\x00\n", "not valid YAML or JSON"),
+        ("deep.yaml", "a: " + "[" * 100_000 + "]" * 100_000, "not valid YAML or JSON"),
+    ],
+)
+def test_hostile_files_exit_2_without_a_traceback(
+    name: str, content: str, message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    assert main(["plan", "--inventory", str(path), "--workloads", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_fifos_devices_and_huge_files_are_refused_unread(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)  # no writer: reading it would hang
+    for path in (fifo, Path("/dev/zero")):
+        assert main(["plan", "--inventory", str(path), "--workloads", str(path)]) == 2
+        assert f"cannot read {path}: not a regular file" in capsys.readouterr().err
+    big = tmp_path / "big.yaml"
+    big.write_bytes(b"#" * (2 * 1024 * 1024))
+    monkeypatch.setenv("APPORTION_MAX_INPUT_MIB", "1")
+    assert main(["plan", "--inventory", str(big), "--workloads", str(big)]) == 2
+    assert "larger than the input limit of 1 MiB (set APPORTION_MAX_INPUT_MIB" in capsys.readouterr().err
