@@ -32,6 +32,14 @@ Decisions (DESIGN.md is silent on them):
   stored inventory (its GPU type must exist: the agent adds a missing type
   through ``UpsertNodes`` first); violations are INVALID_ARGUMENT with paths
   under ``node``.
+* Fencing. The server answers every heartbeat with a Lease of
+  :attr:`WorkersConfig.lease_s` (the heartbeat timeout less a margin); the worker's watchdog
+  (``worker.watchdog``, a process of its own, so it acts also while the agent is
+  stopped) SIGKILLs the worker's shards when the last lease runs out. A worker cut
+  off from the server, or frozen, has therefore stopped its shards before the
+  server marks the node down and places them elsewhere: a job never runs twice.
+  MASTER_PORT is drawn per launch (the gang's nodes and its restarts count), so a
+  relaunch never collides with a copy that is still shutting down.
 * Liveness. Every message on the stream refreshes the session. A session
   silent for ``heartbeat_timeout_s`` is dropped and its node marked ``down``
   in the store, and the control loop re-plans (a down node's work counts as
@@ -46,7 +54,7 @@ Decisions (DESIGN.md is silent on them):
   shard ``i`` has node_rank ``i``, one process per GPU (at least one per
   shard), world_size the gang's processes, rank_offset the processes of the
   shards before it, MASTER_ADDR the advertised address of shard 0's worker and
-  MASTER_PORT ``29500 + crc32(id) % 1000``. A gang is launched only when every
+  MASTER_PORT ``29500 + crc32(id/version/nodes) % 1000``. A gang is launched only when every
   node it spans has a connected worker, and stopped as a whole when one of them
   is lost. An inference placement is one independent replica per shard (each
   its own little gang of one node, MASTER_ADDR its own worker). What a worker
@@ -172,6 +180,7 @@ RATE_WINDOW_S = 1.0  # the shortest interval a work rate is measured over
 SMOOTHING_S = 30.0  # time constant of the moving average of measured rates
 FEEDBACK_CHANGE = 0.1  # relative change of a measured rate that makes the control loop re-plan
 MOVE_MARGIN_S = 30.0  # beyond the stop grace, how long a moved training job waits for its old shards
+LEASE_MARGIN = 0.25  # the least share of the heartbeat timeout a lease ends before it
 
 
 @dataclass(frozen=True)
@@ -184,9 +193,20 @@ class WorkersConfig:
     progress_interval_s: float = 2.0
     tick_s: float = 0.25  # how often liveness and restart back-offs are checked
 
+    @property
+    def lease_s(self) -> float:
+        """How long a worker may run its shards after a heartbeat the server answered: the
+        heartbeat timeout less a margin (two heartbeat intervals, at least a quarter of
+        the timeout), so a cut-off worker has stopped them before the server marks its
+        node down and places them elsewhere (see "Fencing"); with the defaults 6 s."""
+        margin = max(2 * self.heartbeat_interval_s, LEASE_MARGIN * self.heartbeat_timeout_s)
+        return max(0.0, self.heartbeat_timeout_s - margin)
+
 
 def master_port(key: str) -> int:
-    """A deterministic port per gang (workload id, or ``id/shard`` for a replica)."""
+    """A deterministic port per launch of a gang (its id, version and nodes: a gang moved
+    elsewhere gets another port than the copy that may still be shutting down), or
+    ``id/shard`` for a replica."""
     return BASE_PORT + zlib.crc32(key.encode()) % 1000
 
 
@@ -552,6 +572,7 @@ class Dispatcher:
         body = msg.WhichOneof("body")
         if body == "heartbeat":
             session.usage = msg.heartbeat
+            session.outbox.put(wpb.ServerMessage(lease=wpb.Lease(valid_s=self.config.lease_s)))
         elif body == "status":
             if self._reported_by(session, msg.status.workload_id, msg.status.shard_index):
                 self._on_status(session, msg.status)
@@ -735,7 +756,7 @@ class Dispatcher:
                 workload_id=workload_id, version=version, shard_index=i, gpus=int(shard.get("gpus", 0)),
                 gpu_type=gpu_type, node_rank=i, nnodes=len(shards), world_size=sum(procs),
                 rank_offset=sum(procs[:i]), master_addr=advertise[nodes[0]],
-                master_port=master_port(workload_id), workload=workload,
+                master_port=master_port(f"{workload_id}/{version}/{'/'.join(nodes)}"), workload=workload,
             )  # fmt: skip
             out.append(_Want(nodes[i], launch, tuple(nodes)))
         return out
@@ -1148,6 +1169,7 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
             session_id=session.id,
             heartbeat_interval_s=config.heartbeat_interval_s,
             heartbeat_timeout_s=config.heartbeat_timeout_s,
+            lease_s=config.lease_s,
         )
 
     @_stream

@@ -55,6 +55,14 @@ Stop: SIGTERM to each process group, SIGKILL after ``grace_s``. A Launch of a
 shard that runs with the same parameters is answered with its status; with
 other parameters it is stopped and started again.
 
+Fencing. The server answers each heartbeat with a lease (``Lease``; the lease
+from registering comes with ``RegisterResponse.lease_s``); the agent writes its
+end to ``<work-dir>/leases/<node>``, and its watchdog (``worker.watchdog``, a
+process in a session of its own, so it acts also while the agent is frozen)
+SIGKILLs the shards when the lease runs out or the agent is gone. The server
+places a lost node's work elsewhere only after its heartbeat timeout, which is
+longer than the lease: a job never runs on two nodes at once.
+
 Restarts and orphans. Each process has a pid file under ``<work-dir>/pids/``
 (pid and its start time, so a recycled pid is never killed). On start the agent
 kills every process group those files name that still exists and removes the
@@ -115,7 +123,7 @@ from apportion.client import ApportionError, Client
 from apportion.v1 import types_pb2 as pb
 from apportion.v1 import workers_pb2 as wpb
 from apportion.v1 import workers_pb2_grpc
-from worker import checkpoint_sync
+from worker import checkpoint_sync, watchdog
 
 log = logging.getLogger("apportion.worker")
 
@@ -568,6 +576,9 @@ class Agent:
         self.uids = self._job_users(config)
         self.passed_env = passed_env(os.environ, (*PASSED_ENV, *config.pass_env))
         self.pid_dir = self.work_dir / "pids" / self.node_id
+        self.lease_file = self.work_dir / "leases" / self.node_id
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._lease_s = 0.0
         self.client = Client(
             config.server, token=config.token, ca=config.tls_ca, cert=config.tls_cert, key=config.tls_key
         )
@@ -656,6 +667,8 @@ class Agent:
             else:
                 self._session = reply.session_id
                 self._interval = self.config.heartbeat_s or reply.heartbeat_interval_s or 2.0
+                self._lease_s = reply.lease_s
+                self.renew_lease(reply.lease_s)
                 log.info("registered", extra={"node": self.node_id, "session": reply.session_id})
                 return
             self._stopping.wait(delay)
@@ -683,6 +696,7 @@ class Agent:
     def _heartbeats(self) -> None:
         while not self._stopping.wait(self._interval):
             self.send(wpb.WorkerMessage(heartbeat=self.heartbeat()))
+            self._check_watchdog()
 
     def heartbeat(self) -> wpb.Heartbeat:
         cpus = os.cpu_count() or 1
@@ -710,6 +724,9 @@ class Agent:
         if killed:
             log.warning("killed processes left by a previous agent", extra={"pids": killed})
         self.pid_dir.mkdir(parents=True, exist_ok=True)
+        self.lease_file.parent.mkdir(parents=True, exist_ok=True)
+        self.lease_file.unlink(missing_ok=True)  # a previous agent's lease is not ours
+        self._start_watchdog()
         self.register()
         threading.Thread(target=self._heartbeats, name="heartbeats", daemon=True).start()
         delay = 0.2
@@ -758,6 +775,10 @@ class Agent:
             self._terminate(shard, self.config.stop_grace_s)
         for shard in shards:
             shard.done.wait(self.config.stop_grace_s + 5)
+        if self._watchdog is not None and self._watchdog.poll() is None:
+            self._watchdog.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._watchdog.wait(5)
         self.client.close()
 
     def _live_shards(self) -> list[_Shard]:
@@ -766,9 +787,41 @@ class Agent:
 
     # -- commands ----------------------------------------------------------------
 
+    def renew_lease(self, valid_s: float) -> None:
+        """The server heard from this worker: its shards may run ``valid_s`` more seconds
+        (0: the server grants no lease, nothing is fenced on time)."""
+        if valid_s > 0:
+            watchdog.write_deadline(self.lease_file, time.monotonic() + valid_s)
+
+    def _start_watchdog(self) -> None:
+        """The fencing watchdog (``worker.watchdog``), in a session of its own."""
+        env = {"PATH": os.environ.get("PATH", DEFAULT_PATH), "PYTHONPATH": os.pathsep.join(package_roots())}
+        self._watchdog = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "worker.watchdog",
+                str(self.lease_file),
+                str(self.pid_dir),
+                str(os.getpid()),
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+    def _check_watchdog(self) -> None:
+        if self._watchdog is not None and self._watchdog.poll() is not None and not self._stopping.is_set():
+            log.warning(
+                "the fencing watchdog exited; starting it again", extra={"code": self._watchdog.returncode}
+            )
+            self._start_watchdog()
+
     def handle(self, command: wpb.ServerMessage) -> None:
         body = command.WhichOneof("body")
-        if body == "launch":
+        if body == "lease":
+            self.renew_lease(command.lease.valid_s)
+        elif body == "launch":
             launch = command.launch
             threading.Thread(target=self.launch, args=(launch,), daemon=True).start()
         elif body == "stop":

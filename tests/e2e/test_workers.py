@@ -128,7 +128,7 @@ def test_a_killed_worker_is_marked_down_and_its_work_moves_and_a_restart_leaves_
         orphans = wait_for(lambda: pids_of(workers[first].work_dir), 10, "pid files")
         assert all(alive(p) for p in orphans)
 
-        workers[first].kill()  # SIGKILL: its process is left running, orphaned
+        workers[first].kill()  # SIGKILL: its watchdog kills what it ran (and a restart would too)
         c.wait_nodes(first, state="down", timeout=10)
         moved = wait_for(
             lambda: (
@@ -209,3 +209,54 @@ def test_a_service_replica_runs_and_reports_its_endpoint(tmp_path: Path) -> None
         endpoints = wait_for(lambda: dispatcher.endpoints("svc"), 10, "the endpoint")
         assert list(endpoints) == [0] and endpoints[0].startswith("127.0.0.1:")
         wait_for(lambda: c.get("svc").message == "1 replicas running, 12.5 requests/s", 10, "progress")
+
+
+def test_a_frozen_worker_is_fenced_before_its_job_runs_elsewhere(tmp_path: Path) -> None:
+    """The hardening issue's reproduction: a worker SIGSTOPped past the heartbeat timeout.
+    Its watchdog kills the job when the lease runs out (1.5 s here), before the server
+    marks the node down (2 s) and relaunches the job on the other worker: the two copies
+    never run at once, and the relaunch gets another MASTER_PORT."""
+    import signal
+    import time
+
+    with cluster(tmp_path) as c:
+        workers = {"w1": c.worker("w1"), "w2": c.worker("w2")}
+        c.wait_nodes("w1", "w2")
+        c.submit(training("fenced", script(tmp_path, "forever", FOREVER)))
+        first = c.wait_state("fenced", "RUNNING").placement.shards[0].node_id
+        other = "w2" if first == "w1" else "w1"
+        old = wait_for(lambda: pids_of(workers[first].work_dir), 10, "pid files")
+        old_port = master_port_of(old[0])
+        agent = workers[first].proc
+        assert agent is not None
+        agent.send_signal(signal.SIGSTOP)
+        try:
+            stopped_at = time.monotonic()
+            overlap = []
+            while time.monotonic() - stopped_at < 20:
+                new = pids_of(workers[other].work_dir)
+                if new and any(alive(p) for p in new):
+                    overlap = [p for p in old if alive(p)]
+                    first_new = new[0]
+                    new_port = wait_for(lambda p=first_new: master_port_of(p), 5, "the relaunch's env")
+                    break
+                time.sleep(0.02)
+            else:
+                raise AssertionError("the job was not relaunched on the other worker")
+            assert overlap == [], "the frozen worker's copy still ran when the job started elsewhere"
+            fenced_after = time.monotonic() - stopped_at
+            assert "lease expired" in workers[first].log()
+        finally:
+            agent.send_signal(signal.SIGCONT)
+        moved = c.wait_state("fenced", "RUNNING", timeout=15)
+        assert moved.placement.shards[0].node_id == other and fenced_after < 20
+        assert old_port and new_port and old_port != new_port
+
+
+def master_port_of(pid: int) -> str:
+    """MASTER_PORT in a process's environment ("" when it cannot be read yet)."""
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return ""
+    return next((e[len(b"MASTER_PORT=") :].decode() for e in env if e.startswith(b"MASTER_PORT=")), "")

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from apportion.v1 import types_pb2 as apportion_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61pportion/v1/workers.proto\x12\x0c\x61pportion.v1\x1a\x18\x61pportion/v1/types.proto\"_\n\x0fRegisterRequest\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.apportion.v1.Node\x12\x19\n\x11\x61\x64vertise_address\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x03(\t\"a\n\x10RegisterResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x03 \x01(\x01\"G\n\x08GpuUsage\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0butilization\x18\x02 \x01(\x01\x12\x17\n\x0fmemory_used_gib\x18\x03 \x01(\x01\"c\n\tHeartbeat\x12\x17\n\x0f\x63pu_utilization\x18\x01 \x01(\x01\x12\x17\n\x0fmemory_used_gib\x18\x02 \x01(\x01\x12$\n\x04gpus\x18\x03 \x03(\x0b\x32\x16.apportion.v1.GpuUsage\"\x86\x02\n\x0bShardStatus\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0bshard_index\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0c\n\x04step\x18\x06 \x01(\x01\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12\x15\n\rsamples_per_s\x18\x08 \x01(\x01\x12\x16\n\x0erequests_per_s\x18\t \x01(\x01\x12\x0f\n\x07message\x18\n \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x0b \x01(\t\x12\x15\n\rlatency_p50_s\x18\x0c \x01(\x01\x12\x15\n\rlatency_p99_s\x18\r \x01(\x01\"P\n\x08LogChunk\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\"\xad\x01\n\rWorkerMessage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.apportion.v1.HeartbeatH\x00\x12+\n\x06status\x18\x03 \x01(\x0b\x32\x19.apportion.v1.ShardStatusH\x00\x12%\n\x03log\x18\x04 \x01(\x0b\x32\x16.apportion.v1.LogChunkH\x00\x42\x06\n\x04\x62ody\"\x83\x02\n\x06Launch\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0bshard_index\x18\x03 \x01(\x05\x12\x0c\n\x04gpus\x18\x04 \x01(\x05\x12\x10\n\x08gpu_type\x18\x05 \x01(\t\x12\x11\n\tnode_rank\x18\x06 \x01(\x05\x12\x0e\n\x06nnodes\x18\x07 \x01(\x05\x12\x12\n\nworld_size\x18\x08 \x01(\x05\x12\x13\n\x0brank_offset\x18\t \x01(\x05\x12\x13\n\x0bmaster_addr\x18\n \x01(\t\x12\x13\n\x0bmaster_port\x18\x0b \x01(\x05\x12(\n\x08workload\x18\x0c \x01(\x0b\x32\x16.apportion.v1.Workload\"Q\n\x04Stop\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07grace_s\x18\x04 \x01(\x01\"c\n\rServerMessage\x12&\n\x06launch\x18\x01 \x01(\x0b\x32\x14.apportion.v1.LaunchH\x00\x12\"\n\x04stop\x18\x02 \x01(\x0b\x32\x12.apportion.v1.StopH\x00\x42\x06\n\x04\x62ody\"n\n\x0f\x43heckpointChunk\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"%\n\x15PutCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\"S\n\x14GetCheckpointRequest\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x17\n\nnewer_than\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\r\n\x0b_newer_than2\xca\x02\n\x07Workers\x12I\n\x08Register\x12\x1d.apportion.v1.RegisterRequest\x1a\x1e.apportion.v1.RegisterResponse\x12G\n\x07\x43onnect\x12\x1b.apportion.v1.WorkerMessage\x1a\x1b.apportion.v1.ServerMessage(\x01\x30\x01\x12U\n\rPutCheckpoint\x12\x1d.apportion.v1.CheckpointChunk\x1a#.apportion.v1.PutCheckpointResponse(\x01\x12T\n\rGetCheckpoint\x12\".apportion.v1.GetCheckpointRequest\x1a\x1d.apportion.v1.CheckpointChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x61pportion/v1/workers.proto\x12\x0c\x61pportion.v1\x1a\x18\x61pportion/v1/types.proto\"_\n\x0fRegisterRequest\x12 \n\x04node\x18\x01 \x01(\x0b\x32\x12.apportion.v1.Node\x12\x19\n\x11\x61\x64vertise_address\x18\x02 \x01(\t\x12\x0f\n\x07running\x18\x03 \x03(\t\"r\n\x10RegisterResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x01\x12\x1b\n\x13heartbeat_timeout_s\x18\x03 \x01(\x01\x12\x0f\n\x07lease_s\x18\x04 \x01(\x01\"G\n\x08GpuUsage\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x13\n\x0butilization\x18\x02 \x01(\x01\x12\x17\n\x0fmemory_used_gib\x18\x03 \x01(\x01\"c\n\tHeartbeat\x12\x17\n\x0f\x63pu_utilization\x18\x01 \x01(\x01\x12\x17\n\x0fmemory_used_gib\x18\x02 \x01(\x01\x12$\n\x04gpus\x18\x03 \x03(\x0b\x32\x16.apportion.v1.GpuUsage\"\x86\x02\n\x0bShardStatus\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0bshard_index\x18\x03 \x01(\x05\x12\r\n\x05state\x18\x04 \x01(\t\x12\x11\n\texit_code\x18\x05 \x01(\x05\x12\x0c\n\x04step\x18\x06 \x01(\x01\x12\x0c\n\x04loss\x18\x07 \x01(\x01\x12\x15\n\rsamples_per_s\x18\x08 \x01(\x01\x12\x16\n\x0erequests_per_s\x18\t \x01(\x01\x12\x0f\n\x07message\x18\n \x01(\t\x12\x10\n\x08\x65ndpoint\x18\x0b \x01(\t\x12\x15\n\rlatency_p50_s\x18\x0c \x01(\x01\x12\x15\n\rlatency_p99_s\x18\r \x01(\x01\"P\n\x08LogChunk\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\"\xad\x01\n\rWorkerMessage\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12,\n\theartbeat\x18\x02 \x01(\x0b\x32\x17.apportion.v1.HeartbeatH\x00\x12+\n\x06status\x18\x03 \x01(\x0b\x32\x19.apportion.v1.ShardStatusH\x00\x12%\n\x03log\x18\x04 \x01(\x0b\x32\x16.apportion.v1.LogChunkH\x00\x42\x06\n\x04\x62ody\"\x83\x02\n\x06Launch\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0bshard_index\x18\x03 \x01(\x05\x12\x0c\n\x04gpus\x18\x04 \x01(\x05\x12\x10\n\x08gpu_type\x18\x05 \x01(\t\x12\x11\n\tnode_rank\x18\x06 \x01(\x05\x12\x0e\n\x06nnodes\x18\x07 \x01(\x05\x12\x12\n\nworld_size\x18\x08 \x01(\x05\x12\x13\n\x0brank_offset\x18\t \x01(\x05\x12\x13\n\x0bmaster_addr\x18\n \x01(\t\x12\x13\n\x0bmaster_port\x18\x0b \x01(\x05\x12(\n\x08workload\x18\x0c \x01(\x0b\x32\x16.apportion.v1.Workload\"Q\n\x04Stop\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x13\n\x0bshard_index\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07grace_s\x18\x04 \x01(\x01\"\x89\x01\n\rServerMessage\x12&\n\x06launch\x18\x01 \x01(\x0b\x32\x14.apportion.v1.LaunchH\x00\x12\"\n\x04stop\x18\x02 \x01(\x0b\x32\x12.apportion.v1.StopH\x00\x12$\n\x05lease\x18\x03 \x01(\x0b\x32\x13.apportion.v1.LeaseH\x00\x42\x06\n\x04\x62ody\"\x18\n\x05Lease\x12\x0f\n\x07valid_s\x18\x01 \x01(\x01\"n\n\x0f\x43heckpointChunk\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\x03\x12\x0c\n\x04name\x18\x03 \x01(\t\x12\x0c\n\x04size\x18\x04 \x01(\x03\x12\x0e\n\x06sha256\x18\x05 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\"%\n\x15PutCheckpointResponse\x12\x0c\n\x04step\x18\x01 \x01(\x03\"S\n\x14GetCheckpointRequest\x12\x13\n\x0bworkload_id\x18\x01 \x01(\t\x12\x17\n\nnewer_than\x18\x02 \x01(\x03H\x00\x88\x01\x01\x42\r\n\x0b_newer_than2\xca\x02\n\x07Workers\x12I\n\x08Register\x12\x1d.apportion.v1.RegisterRequest\x1a\x1e.apportion.v1.RegisterResponse\x12G\n\x07\x43onnect\x12\x1b.apportion.v1.WorkerMessage\x1a\x1b.apportion.v1.ServerMessage(\x01\x30\x01\x12U\n\rPutCheckpoint\x12\x1d.apportion.v1.CheckpointChunk\x1a#.apportion.v1.PutCheckpointResponse(\x01\x12T\n\rGetCheckpoint\x12\".apportion.v1.GetCheckpointRequest\x1a\x1d.apportion.v1.CheckpointChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -35,29 +35,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERREQUEST']._serialized_start=70
   _globals['_REGISTERREQUEST']._serialized_end=165
   _globals['_REGISTERRESPONSE']._serialized_start=167
-  _globals['_REGISTERRESPONSE']._serialized_end=264
-  _globals['_GPUUSAGE']._serialized_start=266
-  _globals['_GPUUSAGE']._serialized_end=337
-  _globals['_HEARTBEAT']._serialized_start=339
-  _globals['_HEARTBEAT']._serialized_end=438
-  _globals['_SHARDSTATUS']._serialized_start=441
-  _globals['_SHARDSTATUS']._serialized_end=703
-  _globals['_LOGCHUNK']._serialized_start=705
-  _globals['_LOGCHUNK']._serialized_end=785
-  _globals['_WORKERMESSAGE']._serialized_start=788
-  _globals['_WORKERMESSAGE']._serialized_end=961
-  _globals['_LAUNCH']._serialized_start=964
-  _globals['_LAUNCH']._serialized_end=1223
-  _globals['_STOP']._serialized_start=1225
-  _globals['_STOP']._serialized_end=1306
-  _globals['_SERVERMESSAGE']._serialized_start=1308
-  _globals['_SERVERMESSAGE']._serialized_end=1407
-  _globals['_CHECKPOINTCHUNK']._serialized_start=1409
-  _globals['_CHECKPOINTCHUNK']._serialized_end=1519
-  _globals['_PUTCHECKPOINTRESPONSE']._serialized_start=1521
-  _globals['_PUTCHECKPOINTRESPONSE']._serialized_end=1558
-  _globals['_GETCHECKPOINTREQUEST']._serialized_start=1560
-  _globals['_GETCHECKPOINTREQUEST']._serialized_end=1643
-  _globals['_WORKERS']._serialized_start=1646
-  _globals['_WORKERS']._serialized_end=1976
+  _globals['_REGISTERRESPONSE']._serialized_end=281
+  _globals['_GPUUSAGE']._serialized_start=283
+  _globals['_GPUUSAGE']._serialized_end=354
+  _globals['_HEARTBEAT']._serialized_start=356
+  _globals['_HEARTBEAT']._serialized_end=455
+  _globals['_SHARDSTATUS']._serialized_start=458
+  _globals['_SHARDSTATUS']._serialized_end=720
+  _globals['_LOGCHUNK']._serialized_start=722
+  _globals['_LOGCHUNK']._serialized_end=802
+  _globals['_WORKERMESSAGE']._serialized_start=805
+  _globals['_WORKERMESSAGE']._serialized_end=978
+  _globals['_LAUNCH']._serialized_start=981
+  _globals['_LAUNCH']._serialized_end=1240
+  _globals['_STOP']._serialized_start=1242
+  _globals['_STOP']._serialized_end=1323
+  _globals['_SERVERMESSAGE']._serialized_start=1326
+  _globals['_SERVERMESSAGE']._serialized_end=1463
+  _globals['_LEASE']._serialized_start=1465
+  _globals['_LEASE']._serialized_end=1489
+  _globals['_CHECKPOINTCHUNK']._serialized_start=1491
+  _globals['_CHECKPOINTCHUNK']._serialized_end=1601
+  _globals['_PUTCHECKPOINTRESPONSE']._serialized_start=1603
+  _globals['_PUTCHECKPOINTRESPONSE']._serialized_end=1640
+  _globals['_GETCHECKPOINTREQUEST']._serialized_start=1642
+  _globals['_GETCHECKPOINTREQUEST']._serialized_end=1725
+  _globals['_WORKERS']._serialized_start=1728
+  _globals['_WORKERS']._serialized_end=2058
 # @@protoc_insertion_point(module_scope)
