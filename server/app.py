@@ -69,6 +69,7 @@ class ServerConfig:
     metrics_port: int | None = None
     loop: LoopConfig = field(default_factory=LoopConfig)
     solver_processes: int = 2
+    plan_processes: int = 1  # for Plan RPCs, apart from the control loop's
     threads: int = 32  # a Watch holds one; fewer threads contend less for the GIL
     max_message_mib: int = 16
     rate_limit: float = 0.0  # requests/s per caller; 0: no limit
@@ -98,11 +99,12 @@ class ApportionServer:
         self.store = Store(config.db, plan_history=PLAN_HISTORY)
         try:
             self.pool = SolverPool(config.solver_processes)
+            self.plan_pool = SolverPool(config.plan_processes)
             self.loop = ControlLoop(self.store, self.pool, config.loop, on_plan=self._on_plan)
             self.shared = Shared(
                 self.store,
                 self.loop,
-                self.pool,
+                self.plan_pool,
                 authenticator,
                 auth.RateLimiter(config.rate_limit, config.rate_burst),
                 self.metrics,
@@ -142,6 +144,9 @@ class ApportionServer:
             else:
                 self.port = self.grpc.add_insecure_port(config.listen)
         except BaseException:
+            for pool in (getattr(self, "pool", None), getattr(self, "plan_pool", None)):
+                if pool is not None:
+                    pool.close()
             self.store.close()
             raise
         self._stopped = threading.Event()
@@ -189,11 +194,12 @@ class ApportionServer:
         self._stopped.set()
         self.health.enter_graceful_shutdown()
         self.shared.stopping = True
+        self.plan_pool.close()  # a Plan solve in progress ends now, not after its time limit
         self.grpc.stop(grace).wait()
         self.dispatcher.stop()
         self.router.close()
+        self.pool.close()  # before the loop's join: a round's solve is killed, not waited for
         self.loop.stop()
-        self.pool.close()
         self.metrics.stop()
         self.store.close()
         log.info("stopped")

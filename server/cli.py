@@ -490,7 +490,18 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         help="time a stopped process has between SIGTERM and SIGKILL (default 10)",
     )
     serve.add_argument(
-        "--solver-processes", type=_positive_int, default=2, metavar="N", help="solver processes"
+        "--solver-processes",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="the control loop's solver processes",
+    )
+    serve.add_argument(
+        "--plan-processes",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="solver processes for Plan calls, apart from the control loop's (default 1)",
     )
     serve.add_argument(
         "--threads", type=_positive_int, default=32, metavar="N", help="RPC threads (a Watch holds one)"
@@ -1025,6 +1036,7 @@ def serve_config(args: argparse.Namespace) -> app.ServerConfig:
             throughput_feedback=args.throughput_feedback,
         ),
         solver_processes=args.solver_processes,
+        plan_processes=args.plan_processes,
         threads=args.threads,
         rate_limit=args.rate_limit,
         workers=WorkersConfig(

@@ -86,13 +86,15 @@ from typing import Any
 import solver
 from server import convert
 from server.errors import FailedPrecondition
-from server.solving import SolverCrashed, SolverPool
+from server.solving import SolverCrashed, SolverPool, SolverTimeout
 from server.store import ACTIVE, PENDING, PLACED, RUNNING, Assignment, Store, WorkloadRow, read_snapshot
 from solver import Plan, PlanOptions, Problem, ValidationError
 
 log = logging.getLogger("apportion.control")
 
 REST_FACTOR = 2.0
+ROUND_DEADLINE_FACTOR = 4.0  # a planning round is killed past this many times its time limit ...
+ROUND_DEADLINE_GRACE_S = 120.0  # ... plus this (building the problem and the documents)
 FEEDBACK_MODES = ("observed", "scaled", "off")
 FEEDBACK_MIN_S = 10.0  # seconds of measurement before a measured throughput is planned with
 FEEDBACK_BAND = 0.1  # measured rates within 10% of the best measured one count as equal to it
@@ -279,10 +281,19 @@ class ControlLoop:
 
     def _round(self) -> None:
         start = time.perf_counter()
+        # A round builds the problem and the plan's documents too (about 40 s at 100,000
+        # workloads on 8 nodes): its deadline is generous, but it has one.
+        deadline = ROUND_DEADLINE_FACTOR * self.config.time_limit_s + ROUND_DEADLINE_GRACE_S
         try:
-            result = self.pool.call(plan_round, str(self.store.path), self.config)
+            result = self.pool.call(plan_round, str(self.store.path), self.config, deadline_s=deadline)
+        except SolverTimeout:
+            raise  # the same state would overrun again: back off (the loop's retry)
         except SolverCrashed:
-            result = self.pool.call(plan_round, str(self.store.path), self.config)  # on a fresh process
+            if self._stopped:
+                raise
+            result = self.pool.call(  # on a fresh process
+                plan_round, str(self.store.path), self.config, deadline_s=deadline
+            )
         revision = self.store.apply_plan(
             result.plan_json,
             status=result.status,

@@ -20,7 +20,10 @@ Unauthenticated            UNAUTHENTICATED       no token, or an unknown one
 PermissionDenied           PERMISSION_DENIED     not admin, or another tenant's data
 ResourceExhausted          RESOURCE_EXHAUSTED    too many requests (rate limit)
 Unavailable                UNAVAILABLE           a service with no live replica to
-                                                 answer (Inference.Generate)
+                                                 answer (Inference.Generate); a
+                                                 solver process that died
+DeadlineExceeded           DEADLINE_EXCEEDED     a solve killed past its deadline
+Cancelled                  CANCELLED             a solve stopped: its caller left
 Upstream                   its ``code``          a replica's own error, passed on
 =========================  ====================  ===================================
 
@@ -67,6 +70,14 @@ class Unavailable(ServiceError):
     pass
 
 
+class DeadlineExceeded(ServiceError):
+    pass
+
+
+class Cancelled(ServiceError):
+    pass
+
+
 class Upstream(ServiceError):
     """An error a replica answered, passed on to the caller with its code."""
 
@@ -84,6 +95,8 @@ STATUS_CODES: dict[type[Exception], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    Cancelled: grpc.StatusCode.CANCELLED,
 }
 
 

@@ -35,9 +35,11 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import functools
 import hashlib
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -53,10 +55,18 @@ from apportion.v1 import types_pb2 as pb
 from server import control, convert
 from server.auth import Authenticator, Principal, RateLimiter
 from server.control import ControlLoop
-from server.errors import NotFound, PermissionDenied, status_code
+from server.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    NotFound,
+    PermissionDenied,
+    ResourceExhausted,
+    Unavailable,
+    status_code,
+)
 from server.metrics import Metrics
 from server.redact import redact
-from server.solving import SolverPool
+from server.solving import SolverCancelled, SolverCrashed, SolverPool, SolverTimeout
 from server.store import STATES, TERMINAL, Store
 from solver import ValidationError, Violation
 
@@ -68,6 +78,10 @@ log = logging.getLogger("apportion.rpc")
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 DEADLINE_MARGIN_S = 0.1  # of a Plan call's deadline, left for conversion and the reply
+# A Plan solve still running at time_limit_s x FACTOR + GRACE (building and checking the plan
+# of a big input included) is killed from outside: the solver's own limit is not trusted.
+PLAN_DEADLINE_FACTOR = 2.0
+PLAN_DEADLINE_GRACE_S = 10.0
 WATCH_POLL_S = 0.5
 LOGS_POLL_S = 0.5
 
@@ -260,6 +274,8 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         self.logs = logs  # the workers' log lines (server.workers.Dispatcher.log_buffer)
         # built from the GPU types and tenants it was made for; rebuilt when they change
         self._checker: convert.WorkloadChecker | None = None
+        self._plans_lock = threading.Lock()
+        self._planning: set[str] = set()  # callers with a Plan call solving
 
     @property
     def store(self) -> Store:
@@ -288,8 +304,38 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             violations.extend(exc.violations)
         if violations:
             raise ValidationError(violations)
-        solved = self.shared.pool.solve(problem, policy, options)
+        with self._plan_slot(who):
+            try:
+                solved = self.shared.pool.solve(
+                    problem,
+                    policy,
+                    options,
+                    deadline_s=options.time_limit_s * PLAN_DEADLINE_FACTOR + PLAN_DEADLINE_GRACE_S,
+                    cancelled=lambda: not context.is_active(),
+                )
+            except SolverTimeout as exc:
+                raise DeadlineExceeded(str(exc)) from exc
+            except SolverCancelled as exc:
+                raise Cancelled(str(exc)) from exc
+            except SolverCrashed as exc:
+                raise Unavailable(str(exc)) from exc
         return apb.PlanResponse(plan=convert.plan_to_message(solved.plan), solve_time_s=solved.solve_time_s)
+
+    @contextlib.contextmanager
+    def _plan_slot(self, who: Principal) -> Iterator[None]:
+        """One ``Plan`` at a time per caller: a second while the first solves is
+        RESOURCE_EXHAUSTED (the Plan processes are shared by every caller)."""
+        with self._plans_lock:
+            if who.name in self._planning:
+                raise ResourceExhausted(
+                    f"{who.name} already has a Plan call solving; one at a time per caller"
+                )
+            self._planning.add(who.name)
+        try:
+            yield
+        finally:
+            with self._plans_lock:
+                self._planning.discard(who.name)
 
     # -- workloads -------------------------------------------------------
 

@@ -180,3 +180,55 @@ def test_32_concurrent_clients_with_retries_create_each_workload_once(tmp_path: 
                 call.cancel()
                 break
         assert sorted(created) == sorted(expected)
+
+
+def test_sigterm_ends_the_server_and_its_solvers_while_a_round_solves(tmp_path: Path) -> None:
+    """Hardening: with a large state the log said "stopped" but the process lived 400 s
+    more, a solver child at 100% (the loop retried its round on a new pool after
+    shutdown). The pools are closed before the loop is joined, and a closed pool starts
+    no process: SIGTERM ends everything within the grace."""
+    from bench import instances
+    from server import convert
+
+    server = ServerProcess(tmp_path / "state.db", "--plan-time-limit", "60", "--policy", "cost")
+    server.start()
+    assert server.proc is not None
+    try:
+        channel, stub = stub_for(server.address)
+        inv, wl = convert.problem_to_messages(instances.problem(1500, 300, seed=2))
+        stub.UpsertNodes(
+            apb.UpsertNodesRequest(gpu_types=inv.gpu_types, nodes=inv.nodes, tenants=inv.tenants)
+        )
+        for w in wl.workloads:
+            stub.SubmitWorkload(apb.SubmitWorkloadRequest(workload=w), timeout=10)
+        time.sleep(3.0)  # the control loop is solving (a 60 s budget)
+        children = [
+            int(p.parent.name) for p in Path("/proc").glob("[0-9]*/stat") if _ppid(p) == server.proc.pid
+        ]
+        assert children, "no solver process"
+        channel.close()
+        start = time.monotonic()
+        server.proc.terminate()
+        server.proc.wait(timeout=30)
+        took = time.monotonic() - start
+        assert took < 12, f"the server took {took:.1f} s to stop"
+        deadline = time.monotonic() + 5
+        while any(_alive(c) for c in children):
+            assert time.monotonic() < deadline, "a solver process outlived its server"
+            time.sleep(0.1)
+    finally:
+        server.kill()
+
+
+def _ppid(stat: Path) -> int:
+    try:
+        return int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
