@@ -558,8 +558,12 @@ def _solve(args: argparse.Namespace, problem: Problem) -> solver.Plan:
     tty = stderr.isatty()
     show = tty if args.progress is None else args.progress
     progress = _Progress(stderr, tty) if show else None
+    # The time limit is the whole command's: what starting Python, reading the files
+    # and writing the plan take comes off the solver's budget.
+    spent = _since_process_start()
+    budget = max(0.05, args.time_limit * (1 - OUTPUT_SHARE) - spent)
     options = PlanOptions(
-        time_limit_s=args.time_limit,
+        time_limit_s=budget,
         seed=args.seed,
         relative_gap=args.relative_gap,
         backend=args.backend,
@@ -575,6 +579,22 @@ def _solve(args: argparse.Namespace, problem: Problem) -> solver.Plan:
             progress.close()
             if not tty:
                 stderr.write(f"apportion: planned in {time.perf_counter() - start:.2f} s\n")
+
+
+OUTPUT_SHARE = 0.03  # of the time limit, kept for writing the plan out
+
+
+def _since_process_start() -> float:
+    """Seconds since this process started (Linux: /proc), else since this module loaded."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _LOADED_AT
+
+
+_LOADED_AT = time.perf_counter()
 
 
 def _write(text: str, output: Path | None) -> None:

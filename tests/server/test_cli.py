@@ -8,12 +8,14 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 import solver
+from server import convert
 from server.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -304,3 +306,25 @@ def test_fifos_devices_and_huge_files_are_refused_unread(
     monkeypatch.setenv("APPORTION_MAX_INPUT_MIB", "1")
     assert main(["plan", "--inventory", str(big), "--workloads", str(big)]) == 2
     assert "larger than the input limit of 1 MiB (set APPORTION_MAX_INPUT_MIB" in capsys.readouterr().err
+
+
+def test_the_time_limit_is_the_whole_commands(tmp_path: Path) -> None:
+    """Issue 11: starting Python, reading the files and writing the plan come off the
+    solver's budget, so `--time-limit 5` ends within about 5 s of wall time."""
+    import yaml
+
+    from bench import instances
+
+    inv, wl = convert.problem_to_messages(instances.problem(1000, 1000, seed=0))
+    (tmp_path / "inv.yaml").write_text(yaml.safe_dump(convert.message_to_dict(inv)))
+    (tmp_path / "wl.yaml").write_text(yaml.safe_dump(convert.message_to_dict(wl)))
+    start = time.monotonic()
+    done = run_cli(
+        "plan", "--inventory", "inv.yaml", "--workloads", "wl.yaml", "--policy", "cost",
+        "--relative-gap", "0", "--time-limit", "5", "--format", "json", "--output", "plan.json",
+        cwd=tmp_path,
+    )  # fmt: skip
+    wall = time.monotonic() - start
+    assert done.returncode == 0, done.stderr
+    assert wall < 6.5, wall
+    assert json.loads((tmp_path / "plan.json").read_text())["placements"]
