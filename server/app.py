@@ -38,7 +38,8 @@ from apportion.v1 import (
     workers_pb2,
     workers_pb2_grpc,
 )
-from server import auth
+from server import audit, auth
+from server.audit import AuditTrail
 from server.checkpoints import CheckpointsServicer
 from server.control import ControlLoop, LoopConfig, RoundResult
 from server.inference import InferenceServicer, Router
@@ -98,6 +99,7 @@ class ApportionServer:
         self.metrics = Metrics()
         self.store = Store(config.db, plan_history=PLAN_HISTORY)
         try:
+            self.audit = AuditTrail(audit.path_for(Path(config.db)))
             self.pool = SolverPool(config.solver_processes)
             self.plan_pool = SolverPool(config.plan_processes)
             self.loop = ControlLoop(self.store, self.pool, config.loop, on_plan=self._on_plan)
@@ -108,6 +110,7 @@ class ApportionServer:
                 authenticator,
                 auth.RateLimiter(config.rate_limit, config.rate_burst),
                 self.metrics,
+                self.audit,
             )
             limit = config.max_message_mib * 1024 * 1024
             self.grpc = grpc.server(
@@ -147,6 +150,8 @@ class ApportionServer:
             for pool in (getattr(self, "pool", None), getattr(self, "plan_pool", None)):
                 if pool is not None:
                     pool.close()
+            if getattr(self, "audit", None) is not None:
+                self.audit.close()
             self.store.close()
             raise
         self._stopped = threading.Event()
@@ -201,6 +206,7 @@ class ApportionServer:
         self.pool.close()  # before the loop's join: a round's solve is killed, not waited for
         self.loop.stop()
         self.metrics.stop()
+        self.audit.close()
         self.store.close()
         log.info("stopped")
         self._done.set()

@@ -364,6 +364,12 @@ def _client_commands(sub: Any) -> None:
         metavar="STATE",
         help=f"only in this state: {', '.join(STATES)}",
     )
+    trail = command("audit", "show the audit trail: who changed what, when, how it ended (admin)", _cmd_audit)
+    trail.add_argument("--principal", default="", help="only this caller's (as the trail names it)")
+    trail.add_argument("--id", default="", help="only requests naming this workload, node or GPU type")
+    trail.add_argument("--since", type=float, default=0.0, metavar="UNIX_S", help="from this time")
+    trail.add_argument("--until", type=float, default=0.0, metavar="UNIX_S", help="to this time")
+    trail.add_argument("--limit", type=_non_negative_int, default=100, metavar="N", help="at most N (0: all)")
     cancel = command("cancel", "cancel a workload", _cmd_cancel)
     cancel.add_argument("workload_id", metavar="WORKLOAD_ID")
     command("get-plan", "show the plan the server runs now", _cmd_get_plan)
@@ -929,6 +935,23 @@ def _cmd_apply(args: argparse.Namespace) -> int:
     if nodes:
         lines += ["", *render.render_nodes(nodes)]
     _write("\n".join(lines) + "\n", None)
+    return EXIT_OK
+
+
+def _cmd_audit(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        entries = client.audit(
+            principal=args.principal, id=args.id, since=args.since, until=args.until, limit=args.limit
+        )
+        for entry in entries:
+            data = convert.message_to_dict(entry)
+            if args.output == "json":
+                line = json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n"
+            else:
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.time))
+                what = ",".join(entry.ids[:5]) + ("…" if len(entry.ids) > 5 else "")
+                line = f"{entry.seq:>8} {when} {entry.principal} {entry.method} {what} {entry.code}\n"
+            sys.stdout.write(line)
     return EXIT_OK
 
 

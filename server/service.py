@@ -52,7 +52,8 @@ import solver
 from apportion.v1 import allocator_pb2 as apb
 from apportion.v1 import allocator_pb2_grpc
 from apportion.v1 import types_pb2 as pb
-from server import control, convert
+from server import audit, control, convert
+from server.audit import AuditTrail
 from server.auth import Authenticator, Principal, RateLimiter
 from server.control import ControlLoop
 from server.errors import (
@@ -101,7 +102,9 @@ class Shared:
         auth: Authenticator,
         limiter: RateLimiter,
         metrics: Metrics,
+        audit: AuditTrail,
     ) -> None:
+        self.audit = audit
         self.store = store
         self.loop = loop
         self.pool = pool
@@ -165,15 +168,19 @@ def _unary(
         start = time.perf_counter()
         code = grpc.StatusCode.OK
         principal: Principal | None = None
+        error = ""
         try:
             principal = _caller(self, context)
             return method(self, request, context, principal)
         except Exception as exc:
             code = _code_of(exc)
+            error = "internal error" if code is grpc.StatusCode.INTERNAL else str(exc)
             _abort(context, exc)
             raise  # not reached: abort raises
         finally:
             _record(self.shared, name, code, start, principal)
+            if name in audit.AUDITED:
+                self.shared.audit.record(name, principal, request, code.name, error)
 
     return wrapper
 
@@ -606,6 +613,39 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
                 if event.kind == "workload" and tenant is not None and event.tenant != tenant:
                     continue
                 yield self._shown(who, convert.event_message(event))
+
+    # -- audit -----------------------------------------------------------
+
+    @_unary
+    def Audit(
+        self, request: apb.AuditRequest, context: grpc.ServicerContext, who: Principal
+    ) -> apb.AuditResponse:
+        who.require_admin("reading the audit trail")
+        if request.limit < 0:
+            raise ValidationError([Violation("limit", "must be ≥ 0")])
+        entries = self.shared.audit.entries(
+            principal=request.principal,
+            id=request.id,
+            since=request.since,
+            until=request.until,
+            after_seq=request.after_seq,
+            limit=min(request.limit or MAX_PAGE_SIZE, MAX_PAGE_SIZE),
+        )
+        return apb.AuditResponse(
+            entries=[
+                apb.AuditEntry(
+                    seq=e.seq,
+                    time=e.time,
+                    principal=e.principal,
+                    tenant=e.tenant,
+                    method=e.method,
+                    ids=e.ids,
+                    code=e.code,
+                    message=e.message,
+                )
+                for e in entries
+            ]
+        )
 
     # -- logs ------------------------------------------------------------
 

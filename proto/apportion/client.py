@@ -352,6 +352,24 @@ class Client:
 
         return pages(first)
 
+    def audit(
+        self, *, principal: str = "", id: str = "", since: float = 0.0, until: float = 0.0, limit: int = 0
+    ) -> Iterator[apb.AuditEntry]:
+        """The audit trail (admin), oldest first, page after page; ``limit`` 0: all."""
+        request = apb.AuditRequest(principal=principal, id=id, since=since, until=until)
+        left = limit or None
+        while True:
+            request.limit = min(1000, left) if left is not None else 0
+            page = self._call(self._stub.Audit, request, apb.AuditResponse).entries
+            yield from page
+            if left is not None:
+                left -= len(page)
+                if left <= 0:
+                    return
+            if not page:
+                return
+            request.after_seq = page[-1].seq
+
     def cancel(self, id: str) -> apb.WorkloadStatus:
         return self._call(self._stub.CancelWorkload, apb.CancelWorkloadRequest(id=id), apb.WorkloadStatus)
 

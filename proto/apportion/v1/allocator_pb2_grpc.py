@@ -100,6 +100,11 @@ class AllocatorStub:
                 request_serializer=apportion_dot_v1_dot_allocator__pb2.LogsRequest.SerializeToString,
                 response_deserializer=apportion_dot_v1_dot_allocator__pb2.LogLine.FromString,
                 _registered_method=True)
+        self.Audit = channel.unary_unary(
+                '/apportion.v1.Allocator/Audit',
+                request_serializer=apportion_dot_v1_dot_allocator__pb2.AuditRequest.SerializeToString,
+                response_deserializer=apportion_dot_v1_dot_allocator__pb2.AuditResponse.FromString,
+                _registered_method=True)
 
 
 class AllocatorServicer:
@@ -206,6 +211,15 @@ class AllocatorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Audit(self, request, context):
+        """The audit trail (admin only): every mutating request -- who, what, when and
+        its outcome -- oldest first, filtered by principal, workload or node id and
+        time; page on with `after_seq`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AllocatorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -273,6 +287,11 @@ def add_AllocatorServicer_to_server(servicer, server):
                     servicer.Logs,
                     request_deserializer=apportion_dot_v1_dot_allocator__pb2.LogsRequest.FromString,
                     response_serializer=apportion_dot_v1_dot_allocator__pb2.LogLine.SerializeToString,
+            ),
+            'Audit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Audit,
+                    request_deserializer=apportion_dot_v1_dot_allocator__pb2.AuditRequest.FromString,
+                    response_serializer=apportion_dot_v1_dot_allocator__pb2.AuditResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -626,6 +645,33 @@ class Allocator:
             '/apportion.v1.Allocator/Logs',
             apportion_dot_v1_dot_allocator__pb2.LogsRequest.SerializeToString,
             apportion_dot_v1_dot_allocator__pb2.LogLine.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Audit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/apportion.v1.Allocator/Audit',
+            apportion_dot_v1_dot_allocator__pb2.AuditRequest.SerializeToString,
+            apportion_dot_v1_dot_allocator__pb2.AuditResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -93,6 +93,11 @@ class AllocatorStub:
     then, with `follow`, new lines as they come until the workload ends or the
     caller goes away. Another tenant's workload is NOT_FOUND.
     """
+    Audit: _grpc.UnaryUnaryMultiCallable[_allocator_pb2.AuditRequest, _allocator_pb2.AuditResponse]
+    """The audit trail (admin only): every mutating request -- who, what, when and
+    its outcome -- oldest first, filtered by principal, workload or node id and
+    time; page on with `after_seq`.
+    """
 
 @_typing.type_check_only
 class AllocatorAsyncStub(AllocatorStub):
@@ -139,6 +144,11 @@ class AllocatorAsyncStub(AllocatorStub):
     lines of each workload, since the server started): the last `tail` lines,
     then, with `follow`, new lines as they come until the workload ends or the
     caller goes away. Another tenant's workload is NOT_FOUND.
+    """
+    Audit: _aio.UnaryUnaryMultiCallable[_allocator_pb2.AuditRequest, _allocator_pb2.AuditResponse]  # type: ignore[assignment]
+    """The audit trail (admin only): every mutating request -- who, what, when and
+    its outcome -- oldest first, filtered by principal, workload or node id and
+    time; page on with `after_seq`.
     """
 
 class AllocatorServicer(metaclass=_abc_1.ABCMeta):
@@ -261,6 +271,17 @@ class AllocatorServicer(metaclass=_abc_1.ABCMeta):
         lines of each workload, since the server started): the last `tail` lines,
         then, with `follow`, new lines as they come until the workload ends or the
         caller goes away. Another tenant's workload is NOT_FOUND.
+        """
+
+    @_abc_1.abstractmethod
+    def Audit(
+        self,
+        request: _allocator_pb2.AuditRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_allocator_pb2.AuditResponse, _abc.Awaitable[_allocator_pb2.AuditResponse]]:
+        """The audit trail (admin only): every mutating request -- who, what, when and
+        its outcome -- oldest first, filtered by principal, workload or node id and
+        time; page on with `after_seq`.
         """
 
 def add_AllocatorServicer_to_server(servicer: AllocatorServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
