@@ -58,7 +58,15 @@ planned with and when it moves by more than 10%.
 
 A state the solver rejects (a workload that no longer validates against a
 changed inventory) does not stop the loop: that workload is left PENDING with
-the violation as its reason and the rest is planned.
+the violation as its reason and the rest is planned. A round whose solve fails
+in any other way (a solver error, an input validation did not foresee: once a
+``target_rps`` of 1e300 failed every round until it was cancelled) is retried
+without the workload that makes it fail, found by bisection over the active
+workloads (each probe a round with a 1 s budget; only failing matters): that
+workload becomes FAILED with the error as its message, and the rest is planned.
+A failure that no single workload explains is retried with back-off. A round
+that overruns its deadline (4 × the time limit + 120 s) is killed from outside
+(``server.solving``).
 
 On start the loop plans once, so work accepted before a restart resumes.
 
@@ -74,6 +82,8 @@ changes by a few rounds) and submissions keep their latency.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import re
@@ -85,9 +95,19 @@ from typing import Any
 
 import solver
 from server import convert
-from server.errors import FailedPrecondition
+from server.errors import FailedPrecondition, NotFound
 from server.solving import SolverCrashed, SolverPool, SolverTimeout
-from server.store import ACTIVE, PENDING, PLACED, RUNNING, Assignment, Store, WorkloadRow, read_snapshot
+from server.store import (
+    ACTIVE,
+    FAILED,
+    PENDING,
+    PLACED,
+    RUNNING,
+    Assignment,
+    Store,
+    WorkloadRow,
+    read_snapshot,
+)
 from solver import Plan, PlanOptions, Problem, ValidationError
 
 log = logging.getLogger("apportion.control")
@@ -95,6 +115,7 @@ log = logging.getLogger("apportion.control")
 REST_FACTOR = 2.0
 ROUND_DEADLINE_FACTOR = 4.0  # a planning round is killed past this many times its time limit ...
 ROUND_DEADLINE_GRACE_S = 120.0  # ... plus this (building the problem and the documents)
+PROBE_LIMIT_S = 1.0  # solver budget of a round that only tests whether planning fails
 FEEDBACK_MODES = ("observed", "scaled", "off")
 FEEDBACK_MIN_S = 10.0  # seconds of measurement before a measured throughput is planned with
 FEEDBACK_BAND = 0.1  # measured rates within 10% of the best measured one count as equal to it
@@ -259,6 +280,49 @@ class ControlLoop:
                     self._busy = False
                     self._cond.notify_all()
 
+    def _fails(self, exclude: frozenset[str], probe: LoopConfig) -> bool:
+        """Whether a round without ``exclude`` fails (not for lack of time or a process)."""
+        try:
+            self.pool.call(
+                plan_round, str(self.store.path), probe, exclude, deadline_s=ROUND_DEADLINE_GRACE_S
+            )
+        except SolverCrashed:
+            return False  # not the failure sought (a timeout, a dead process, shutdown)
+        except Exception:
+            return True
+        return False
+
+    def _isolate(self, error: Exception) -> str | None:
+        """After a round failed with ``error``: the one workload without which rounds
+        succeed, found by bisection over the active workloads (each probe a round with a
+        short time limit: only success matters), marked FAILED with the reason; None if
+        the failure does not depend on one workload (then the loop backs off and retries).
+        One culprit per failure; another, if any, is found by the next round's."""
+        probe = dataclasses.replace(self.config, time_limit_s=min(self.config.time_limit_s, PROBE_LIMIT_S))
+        suspects = [r.id for r in self.store.active_workloads()]
+        if not suspects or self._fails(frozenset(suspects), probe):
+            return None  # fails without any workload: the inventory, not a workload
+        cleared: set[str] = set()  # excluded for good: the failure lies elsewhere
+        while len(suspects) > 1 and not self._stopped:
+            half = suspects[: len(suspects) // 2]
+            if self._fails(frozenset(cleared | set(half)), probe):
+                cleared |= set(half)  # still fails without them: the culprit is in the rest
+                suspects = suspects[len(half) :]
+            else:
+                suspects = half
+        if self._stopped or len(suspects) != 1 or self._fails(frozenset({suspects[0]}), probe):
+            return None
+        culprit = suspects[0]
+        reason = (
+            f"planning failed with this workload, and succeeds without it: {type(error).__name__}: {error}"
+        )
+        log.error(
+            "a workload makes planning fail: marked FAILED", extra={"workload": culprit, "error": str(error)}
+        )
+        with contextlib.suppress(NotFound, FailedPrecondition):
+            self.store.set_workload_state(culprit, FAILED, reason[:1000])
+        return culprit
+
     def _ready(self) -> bool:
         if not self._dirty:
             return False
@@ -294,6 +358,12 @@ class ControlLoop:
             result = self.pool.call(  # on a fresh process
                 plan_round, str(self.store.path), self.config, deadline_s=deadline
             )
+        except Exception as exc:  # the solver failed on this state: find what makes it fail
+            culprit = self._isolate(exc)
+            if culprit is None:
+                raise
+            self.notify()  # the next round plans without it
+            return
         revision = self.store.apply_plan(
             result.plan_json,
             status=result.status,
@@ -344,14 +414,15 @@ class RoundResult:
     pinned_old: tuple[str, ...]  # services planned with their old version (a waiting rollout)
 
 
-def plan_round(db_path: str, config: LoopConfig) -> RoundResult:
+def plan_round(db_path: str, config: LoopConfig, exclude: frozenset[str] = frozenset()) -> RoundResult:
     """One round's computation, in a solver process: read the state from the
     store, build the problem, solve (twice when a rolling update must keep its
     old version), and make the store's documents. The server's process only
-    writes the result, so its threads keep answering RPCs."""
+    writes the result, so its threads keep answering RPCs. Workloads in ``exclude``
+    are left out (the search for one that makes rounds fail: ``ControlLoop``)."""
     start = time.perf_counter()
     snapshot = read_snapshot(db_path)
-    rows = list(snapshot.rows)
+    rows = [r for r in snapshot.rows if r.id not in exclude]
     nodes = list(snapshot.nodes)
     node_ids = {n.get("id") for n in nodes}
     specs = {r.id: planned_spec(r.spec, r.observed, config.throughput_feedback) for r in rows}

@@ -3,8 +3,12 @@ runs, rolling updates that keep a service's minimum, plans always feasible."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from apportion.v1 import allocator_pb2 as apb
 from apportion.v1 import types_pb2 as pb
@@ -135,3 +139,55 @@ def test_a_workload_the_inventory_no_longer_admits_waits_with_the_reason(tmp_pat
         assert set(placements(srv)) == {"other"}  # the rest is still planned
         why = stub.Explain(apb.ExplainRequest(id="labelled"))
         assert not why.placed and "does not validate" in why.summary and why.details
+
+
+class InProcessPool:
+    """The solver pool's seam, in this process, so a fault can be injected into the solver
+    (a real solver process cannot be monkeypatched from here)."""
+
+    def call(self, fn: Any, *args: Any, deadline_s: float | None = None, **_: Any) -> Any:
+        return fn(*args)
+
+
+def test_a_workload_that_makes_planning_fail_is_found_and_failed_and_planning_goes_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Hardening: one workload (target_rps 1e300, before validation bounded it) failed
+    every round, and nothing was planned until it was cancelled. Whatever the cause, the
+    loop now finds the workload by bisection, marks it FAILED with the reason, and plans
+    the rest."""
+    import solver as solver_module
+    from server import convert
+    from server.control import ControlLoop, LoopConfig
+    from server.store import Store
+
+    real_plan = solver_module.plan
+
+    def fragile(problem: Any, *args: Any, **kwargs: Any) -> Any:
+        if any(w.id == "poison" for w in problem.workloads):
+            raise RuntimeError("Unable to cast Python instance of type <class 'int'> to C++ type")
+        return real_plan(problem, *args, **kwargs)
+
+    monkeypatch.setattr(solver_module, "plan", fragile)
+    with Store(tmp_path / "s.db") as store:
+        store.upsert_inventory(
+            gpu_types=[convert.message_to_dict(t) for t in INVENTORY.gpu_types],
+            nodes=[convert.message_to_dict(n) for n in INVENTORY.nodes],
+        )
+        for wid in ("a", "b", "poison", "c", "d", "e"):
+            w = training(wid, 1)
+            store.submit_workload(wid, "", "training", convert.message_to_dict(w), request_key=None)
+        loop = ControlLoop(store, InProcessPool(), LoopConfig(time_limit_s=1.0, debounce_s=0.01))  # type: ignore[arg-type]
+        loop.start()
+        try:
+            deadline = time.monotonic() + 60
+            while not (
+                store.get_workload("poison").state == "FAILED"
+                and all(store.get_workload(w).state == "PLACED" for w in "abcde")
+            ):
+                assert time.monotonic() < deadline, {w: store.get_workload(w).state for w in ("a", "poison")}
+                time.sleep(0.05)
+        finally:
+            loop.stop()
+        message = store.get_workload("poison").message
+        assert "planning failed with this workload" in message and "Unable to cast" in message
