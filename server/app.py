@@ -73,8 +73,9 @@ class ServerConfig:
     plan_processes: int = 1  # for Plan RPCs, apart from the control loop's
     threads: int = 32  # a Watch holds one; fewer threads contend less for the GIL
     max_message_mib: int = 16
-    rate_limit: float = 0.0  # requests/s per caller; 0: no limit
-    rate_burst: int = 200
+    # requests/s per caller (one token; every anonymous caller shares one bucket): on by default
+    rate_limit: float = auth.DEFAULT_RATE_PER_S
+    rate_burst: int = int(2 * auth.DEFAULT_RATE_PER_S)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
 
 

@@ -429,6 +429,12 @@ def check_listen(address: str, *, insecure: bool, tls: bool, tokens: bool) -> No
 # --- rate limits -------------------------------------------------------------------------
 
 
+DEFAULT_RATE_PER_S = 2000.0
+"""The server's default limit per caller (``--rate-limit``), bursts of twice that: far
+above what one client of the service needs, low enough that one caller cannot saturate
+the server's interpreter for the others."""
+
+
 class RateLimited(ResourceExhausted):
     """Too many requests from one principal; ``retry_after_s`` says when one will pass."""
 

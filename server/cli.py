@@ -100,6 +100,7 @@ from apportion.client import ApportionError, Client, ConfigError
 from apportion.v1 import allocator_pb2 as apb
 from apportion.v1 import types_pb2 as pb
 from server import convert, render
+from server.auth import DEFAULT_RATE_PER_S
 from solver import PlanOptions, PlanStatus, Problem, ValidationError, Violation
 from solver.backends import BACKENDS
 
@@ -513,7 +514,11 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         "--threads", type=_positive_int, default=32, metavar="N", help="RPC threads (a Watch holds one)"
     )
     serve.add_argument(
-        "--rate-limit", type=float, default=0.0, metavar="R", help="requests/s per caller (0: no limit)"
+        "--rate-limit",
+        type=float,
+        default=DEFAULT_RATE_PER_S,
+        metavar="R",
+        help=f"requests/s per caller, bursts of twice that (default {DEFAULT_RATE_PER_S:g}; 0: none)",
     )
     serve.add_argument("--log-format", choices=("json", "text"), default="json", help="log line format")
     serve.add_argument("--log-level", default="INFO", help="log level")
@@ -1082,6 +1087,7 @@ def serve_config(args: argparse.Namespace) -> app.ServerConfig:
         plan_processes=args.plan_processes,
         threads=args.threads,
         rate_limit=args.rate_limit,
+        rate_burst=max(1, int(2 * args.rate_limit)),
         workers=WorkersConfig(
             heartbeat_interval_s=args.heartbeat_interval,
             heartbeat_timeout_s=args.heartbeat_timeout,

@@ -20,6 +20,10 @@ def test_the_defaults_are_the_configs_defaults() -> None:
     config = config_of()
     assert config.workers == WorkersConfig()
     assert config.loop.throughput_feedback == LoopConfig().throughput_feedback == "observed"
+    # rate limiting is on unless asked off (hardening: it was off by default)
+    assert config.rate_limit == ServerConfig.rate_limit == 2000.0 and config.rate_burst == 4000
+    assert config_of("--rate-limit", "0").rate_limit == 0.0
+    assert config_of("--plan-processes", "3").plan_processes == 3
 
 
 def test_worker_and_feedback_flags_reach_the_config() -> None:

@@ -36,11 +36,12 @@ def test_a_service_that_cannot_fit_even_so_changes_nothing() -> None:
     assert repair_priority(index, placed, None) == placed  # a 4-GPU replica never fits a 2-GPU node
 
 
-def test_replicas_that_need_distinct_nodes_pack_first() -> None:
+def test_a_service_lost_in_packing_is_packed_again_first() -> None:
     # Two 2-GPU nodes in one zone, full in the solution: "z" (2 replicas spread over
     # zones: both may share a node here) and "n" (2 replicas on distinct nodes). Packed
     # zone-spread first, best fit put both of z's replicas on one node and n found one
-    # node with room (found on the trtllm family: services lost, the solution wasted).
+    # node with room (found on the trtllm family: services lost, the solution wasted);
+    # the second packing, with n first, places both.
     from solver.disaggregate import disaggregate
 
     p = problem(
