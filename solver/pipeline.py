@@ -586,8 +586,8 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         # needed 2.7 s of HiGHS to reach 741 from the rounding's 695; with an even
         # share it got none, and the cost plan filled the rest greedily at twice the
         # cost the bound allowed).
-        reserve = (early_left - 1) * max(0.2, time.perf_counter() - stage_start)
-        search_end = deadline if st.primary else max(time.perf_counter(), early_until - reserve)
+        later_need = (early_left - 1) * max(0.2, time.perf_counter() - stage_start)
+        search_end = deadline if st.primary else max(time.perf_counter(), early_until - later_need)
         search_left = search_end - time.perf_counter()
         sol: Solution | None = None
         if not proven and left > 0.05 and backend.mip_worth_starting(nvars, search_left):
@@ -673,10 +673,10 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     if _lex_better(greedy_stage_values, final_values):
         placed, final_values = seed, greedy_stage_values
     if bound is not None:
+        # Only with time left before the reserve that verifying and explaining need (at
+        # 10k `cost`, run after the exchange, it pushed the plan to 20.85 s of a 20 s limit).
         with timer.stage("lp"):
-            bound = _rebound(
-                form, stages, floors, final_values, bound, backend, timer.start + options.time_limit_s
-            )
+            bound = _rebound(form, stages, floors, final_values, bound, backend, polish_until)
     shadow: dict[str, float] = {}
     for name, si in form.gpu_rows.items():
         t = index.shapes[si].gpu_type
