@@ -269,6 +269,8 @@ class ControlLoop:
                 with self._cond:
                     self._covered = max(self._covered, covers)
             except Exception:  # never let the loop die; back off and retry
+                if self._stopped or getattr(self.pool, "closed", False):
+                    return  # a round cut short by shutdown (its solver killed) is no failure
                 self._failures += 1
                 log.exception("planning round failed", extra={"failures": self._failures})
                 with self._cond:

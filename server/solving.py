@@ -129,6 +129,11 @@ class SolverPool:
         self._busy: set[_Process] = set()
         self._closed = False
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (calls fail fast since)."""
+        return self._closed
+
     def solve(
         self,
         problem: Problem,
