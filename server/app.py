@@ -44,7 +44,7 @@ from server.checkpoints import CheckpointsServicer
 from server.control import ControlLoop, LoopConfig, RoundResult
 from server.inference import InferenceServicer, Router
 from server.metrics import Metrics
-from server.service import AllocatorServicer, Shared
+from server.service import AllocatorServicer, Shared, TolerantRegistrar
 from server.solving import SolverPool
 from server.store import Store
 from server.workers import Dispatcher, WorkersConfig
@@ -124,14 +124,15 @@ class ApportionServer:
             )
             self.dispatcher = Dispatcher(self.shared, config.workers)
             allocator_pb2_grpc.add_AllocatorServicer_to_server(
-                AllocatorServicer(self.shared, logs=self.dispatcher.log_buffer), self.grpc
+                AllocatorServicer(self.shared, logs=self.dispatcher.log_buffer), TolerantRegistrar(self.grpc)
             )
             self.router = Router()
             inference_pb2_grpc.add_InferenceServicer_to_server(
-                InferenceServicer(self.shared, self.dispatcher, self.router), self.grpc
+                InferenceServicer(self.shared, self.dispatcher, self.router), TolerantRegistrar(self.grpc)
             )
             workers_pb2_grpc.add_WorkersServicer_to_server(  # WorkersServicer + checkpoints (next to the db)
-                CheckpointsServicer.for_db(self.shared, self.dispatcher, config.db), self.grpc
+                CheckpointsServicer.for_db(self.shared, self.dispatcher, config.db),
+                TolerantRegistrar(self.grpc),
             )
             self.health = health.HealthServicer()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)

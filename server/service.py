@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 from grpc_status import rpc_status
 
 import solver
@@ -148,6 +148,52 @@ def _digest(msg: Message) -> str:
     return hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest()
 
 
+class Undecodable:
+    """A request whose bytes are not a valid message (put where the request would be by
+    :class:`TolerantRegistrar`); answered INVALID_ARGUMENT, not gRPC's INTERNAL."""
+
+    def __init__(self, error: str) -> None:
+        self.error = error
+
+
+def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Undecodable(str(exc) or "cannot be parsed")
+
+    return deserialize
+
+
+class TolerantRegistrar:
+    """Stands for the gRPC server when a generated ``add_*Servicer_to_server`` registers a
+    servicer: its unary-request handlers get deserializers that turn malformed bytes into
+    :class:`Undecodable` (hardening: malformed protobuf bytes were INTERNAL)."""
+
+    def __init__(self, server: grpc.Server) -> None:
+        self._server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Ignored: :meth:`add_registered_method_handlers` registers the tolerant ones."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        tolerant = {
+            name: h
+            if h.request_streaming
+            else h._replace(request_deserializer=_tolerant(h.request_deserializer))
+            for name, h in handlers.items()
+        }
+        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, tolerant),))
+        self._server.add_registered_method_handlers(service, tolerant)
+
+
+def _decoded(request: Any) -> None:
+    """Raise ValidationError for a request whose bytes did not parse."""
+    if isinstance(request, Undecodable):
+        raise ValidationError([Violation("", f"the request is not a valid message: {request.error}")])
+
+
 def _caller(servicer: Any, context: grpc.ServicerContext) -> Principal:
     """The authenticated, rate-limited caller. A node's token opens only the servicers that
     say ``NODES_ALLOWED`` (the worker protocol): a worker's credential reads nothing."""
@@ -170,6 +216,7 @@ def _unary(
         principal: Principal | None = None
         error = ""
         try:
+            _decoded(request)
             principal = _caller(self, context)
             return method(self, request, context, principal)
         except Exception as exc:
@@ -196,6 +243,7 @@ def _stream(
         code = grpc.StatusCode.OK
         principal: Principal | None = None
         try:
+            _decoded(request)
             principal = _caller(self, context)
             yield from method(self, request, context, principal)
         except Exception as exc:

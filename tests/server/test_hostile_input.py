@@ -118,3 +118,24 @@ def test_a_request_id_resent_with_another_spec_is_already_exists(tmp_path: Path)
             )
         assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
         assert "another spec" in str(info.value.details())
+
+
+def test_malformed_request_bytes_are_invalid_argument_not_internal(tmp_path: Path) -> None:
+    with running_server(tmp_path) as srv:
+        channel = grpc.insecure_channel(srv.address)
+        try:
+            for method in (
+                "Allocator/SubmitWorkload",
+                "Allocator/UpsertNodes",
+                "Allocator/Plan",
+                "Workers/Register",
+            ):
+                call = channel.unary_unary(f"/apportion.v1.{method}")
+                with pytest.raises(grpc.RpcError) as info:
+                    call(b"\\xff\\xff\\xff\\xff\\x0f", timeout=10)
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (method, info.value)
+                assert "not a valid message" in str(info.value.details())
+            # and the server goes on: a valid request is answered
+            srv.stub().UpsertNodes(inventory_request(), timeout=10)
+        finally:
+            channel.close()
