@@ -144,7 +144,7 @@ def _nodes(k: Knobs, n_nodes: int) -> tuple[Node, ...]:
     return tuple(out)
 
 
-def _job(k: Knobs, i: int, rng: np.random.Generator, tenant: str, scale: float) -> Workload:
+def _job(k: Knobs, i: int, rng: np.random.Generator, tenant: str) -> Workload:
     sizes = [s for s, _ in k.sizes]
     weights = np.array([w for _, w in k.sizes], dtype=float)
     size = int(rng.choice(sizes, p=weights / weights.sum()))
@@ -177,7 +177,7 @@ def _job(k: Knobs, i: int, rng: np.random.Generator, tenant: str, scale: float) 
             cpus_per_gpu=4.0,
             memory_gib_per_gpu=16.0,
             locality=Locality.DOMAIN if size >= 16 else Locality.NODE,
-            remaining_work=float(rng.integers(1_000, 100_000)) * scale,
+            remaining_work=float(rng.integers(1_000, 100_000)),
         ),
     )
 
@@ -216,7 +216,7 @@ def generate(k: Knobs, n_workloads: int, n_nodes: int, seed: int = 0) -> Problem
         workloads.append(_service(k, i, rng, tenant_names[i % len(tenant_names)] if tenant_names else ""))
     for i in range(n_workloads - n_services):
         tenant = tenant_names[int(rng.integers(len(tenant_names)))] if tenant_names else ""
-        workloads.append(_job(k, i, rng, tenant, 1.0))
+        workloads.append(_job(k, i, rng, tenant))
     per_node = sum(gpus * share for _, gpus, share in k.nodes) / sum(share for _, _, share in k.nodes)
     nodes = _nodes(k, max(len(k.nodes), node_count(workloads, per_node, k.demand, n_nodes)))
     capacity = sum(n.gpus for n in nodes)

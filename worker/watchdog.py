@@ -18,7 +18,6 @@ It checks every :data:`POLL_S` and exits once the agent is gone. Without a lease
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 import time
@@ -77,11 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args) != 3:
         sys.stderr.write("usage: python -m worker.watchdog LEASE_FILE PID_DIR AGENT_PID\n")
         return 2
+    from worker.agent import _start_time
+
     lease, pid_dir, agent_pid = Path(args[0]), Path(args[1]), int(args[2])
-    started = ""
-    with contextlib.suppress(OSError, IndexError):
-        started = Path(f"/proc/{agent_pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    watch(lease, pid_dir, agent_pid, started)
+    watch(lease, pid_dir, agent_pid, _start_time(agent_pid))
     return 0
 
 
