@@ -1,7 +1,8 @@
 """``apportion serve``: assemble and run the gRPC server.
 
 One process holds: the SQLite store (``--db``), the control loop, a pool of
-solver processes, the gRPC server (``Allocator``; ``Inference``, the router
+solver processes, the gRPC server (``grpc.aio`` on an event loop thread of its own,
+so that an open stream holds no thread: see ``server.aio``; ``Allocator``; ``Inference``, the router
 of ``server.inference``; ``Workers``, whose dispatcher
 thread turns the plan into launches and watches the workers' liveness, see
 ``server.workers``; standard health checking, server reflection) and, with
@@ -25,6 +26,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -39,12 +41,13 @@ from apportion.v1 import (
     workers_pb2_grpc,
 )
 from server import audit, auth
+from server.aio import EventLoop, Registrar
 from server.audit import AuditTrail
 from server.checkpoints import CheckpointsServicer
 from server.control import ControlLoop, LoopConfig, RoundResult
 from server.inference import InferenceServicer, Router
 from server.metrics import Metrics
-from server.service import AllocatorServicer, Shared, TolerantRegistrar
+from server.service import DEFAULT_STREAMS_PER_CALLER, AllocatorServicer, Shared, StreamCap
 from server.solving import SolverPool
 from server.store import Store
 from server.workers import Dispatcher, WorkersConfig
@@ -56,6 +59,7 @@ WORKERS_SERVICE_NAME = "apportion.v1.Workers"
 INFERENCE_SERVICE_NAME = "apportion.v1.Inference"
 PLAN_HISTORY = 20  # plans kept in the store (the plan of 100,000 workloads is ~25 MB)
 MAX_REPLY_BYTES = 256 * 1024 * 1024  # GetPlan of 100,000 workloads is tens of MiB
+STREAM_IO_THREADS = 8  # the store reads and dispatcher calls of streams (none holds one while it waits)
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,8 @@ class ServerConfig:
     loop: LoopConfig = field(default_factory=LoopConfig)
     solver_processes: int = 2
     plan_processes: int = 1  # for Plan RPCs, apart from the control loop's
-    threads: int = 32  # a Watch holds one; fewer threads contend less for the GIL
+    threads: int = 32  # for unary calls and checkpoint transfers; a stream holds none (server.aio)
+    max_streams_per_caller: int = DEFAULT_STREAMS_PER_CALLER  # open Watch and Logs streams
     max_message_mib: int = 16
     # requests/s per caller (one token; every anonymous caller shares one bucket): on by default
     rate_limit: float = auth.DEFAULT_RATE_PER_S
@@ -112,52 +117,73 @@ class ApportionServer:
                 auth.RateLimiter(config.rate_limit, config.rate_burst),
                 self.metrics,
                 self.audit,
-            )
-            limit = config.max_message_mib * 1024 * 1024
-            self.grpc = grpc.server(
-                futures.ThreadPoolExecutor(max_workers=config.threads, thread_name_prefix="apportion-rpc"),
-                options=[
-                    ("grpc.max_receive_message_length", limit),  # requests: bounded
-                    ("grpc.max_send_message_length", MAX_REPLY_BYTES),  # a big cluster's plan
-                    ("grpc.so_reuseport", 0),
-                ],
+                StreamCap(config.max_streams_per_caller),
             )
             self.dispatcher = Dispatcher(self.shared, config.workers)
-            allocator_pb2_grpc.add_AllocatorServicer_to_server(
-                AllocatorServicer(self.shared, logs=self.dispatcher.log_buffer), TolerantRegistrar(self.grpc)
-            )
             self.router = Router()
-            inference_pb2_grpc.add_InferenceServicer_to_server(
-                InferenceServicer(self.shared, self.dispatcher, self.router), TolerantRegistrar(self.grpc)
+            self.events = EventLoop()
+            self.rpc_pool = futures.ThreadPoolExecutor(config.threads, thread_name_prefix="apportion-rpc")
+            self.events.loop.set_default_executor(  # what streams hand blocking reads and writes to
+                futures.ThreadPoolExecutor(STREAM_IO_THREADS, thread_name_prefix="apportion-stream-io")
             )
-            workers_pb2_grpc.add_WorkersServicer_to_server(  # WorkersServicer + checkpoints (next to the db)
-                CheckpointsServicer.for_db(self.shared, self.dispatcher, config.db),
-                TolerantRegistrar(self.grpc),
-            )
-            self.health = health.HealthServicer()
-            health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
-            names = (
-                allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name,
-                workers_pb2.DESCRIPTOR.services_by_name["Workers"].full_name,
-                inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
-                health.SERVICE_NAME,
-                reflection.SERVICE_NAME,
-            )
-            reflection.enable_server_reflection(names, self.grpc)
-            if credentials is not None:
-                self.port = self.grpc.add_secure_port(config.listen, credentials)
-            else:
-                self.port = self.grpc.add_insecure_port(config.listen)
+            self.dispatcher.clock = self.events.clock  # a worker is lost for its silence, not ours
+            self.grpc, self.health = self.events.run(self._build(credentials))
         except BaseException:
             for pool in (getattr(self, "pool", None), getattr(self, "plan_pool", None)):
                 if pool is not None:
                     pool.close()
+            if getattr(self, "events", None) is not None:
+                self.events.close()
+                self.rpc_pool.shutdown(wait=False)
             if getattr(self, "audit", None) is not None:
                 self.audit.close()
             self.store.close()
             raise
         self._stopped = threading.Event()
         self._done = threading.Event()
+
+    async def _build(
+        self, credentials: grpc.ServerCredentials | None
+    ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
+        """The gRPC server with every servicer (on the event loop: grpc.aio binds to it)."""
+        limit = self.config.max_message_mib * 1024 * 1024
+        server = grpc.aio.server(
+            migration_thread_pool=self.rpc_pool,  # runs the checkpoint transfers (blocking streams)
+            options=[
+                ("grpc.max_receive_message_length", limit),  # requests: bounded
+                ("grpc.max_send_message_length", MAX_REPLY_BYTES),  # a big cluster's plan
+                ("grpc.so_reuseport", 0),
+            ],
+        )
+        registrar = Registrar(server, self.rpc_pool)
+        allocator_pb2_grpc.add_AllocatorServicer_to_server(
+            AllocatorServicer(self.shared, logs=self.dispatcher.log_buffer), registrar
+        )
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.shared, self.dispatcher, self.router), registrar
+        )
+        workers_pb2_grpc.add_WorkersServicer_to_server(  # WorkersServicer + checkpoints (next to the db)
+            CheckpointsServicer.for_db(self.shared, self.dispatcher, self.config.db), registrar
+        )
+        health_servicer = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        names = (
+            allocator_pb2.DESCRIPTOR.services_by_name["Allocator"].full_name,
+            workers_pb2.DESCRIPTOR.services_by_name["Workers"].full_name,
+            inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+            health.SERVICE_NAME,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(names, server)
+        if credentials is not None:
+            self.port = server.add_secure_port(self.config.listen, credentials)
+        else:
+            self.port = server.add_insecure_port(self.config.listen)
+        return server, health_servicer
+
+    async def _serving(self, status: Any) -> None:
+        for name in ("", SERVICE_NAME, WORKERS_SERVICE_NAME, INFERENCE_SERVICE_NAME):
+            await self.health.set(name, status)
 
     @property
     def address(self) -> str:
@@ -177,11 +203,8 @@ class ApportionServer:
             self.metrics.serve(self.config.metrics_port)
         self.loop.start()
         self.dispatcher.start()
-        self.grpc.start()
-        self.health.set("", health_pb2.HealthCheckResponse.SERVING)
-        self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        self.health.set(WORKERS_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
-        self.health.set(INFERENCE_SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+        self.events.run(self.grpc.start())
+        self.events.run(self._serving(health_pb2.HealthCheckResponse.SERVING))
         log.info(
             "serving",
             extra={
@@ -199,10 +222,12 @@ class ApportionServer:
         if self._stopped.is_set():
             return
         self._stopped.set()
-        self.health.enter_graceful_shutdown()
+        self.events.run(self.health.enter_graceful_shutdown())
         self.shared.stopping = True
         self.plan_pool.close()  # a Plan solve in progress ends now, not after its time limit
-        self.grpc.stop(grace).wait()
+        self.events.run(self.grpc.stop(grace))
+        self.events.close()
+        self.rpc_pool.shutdown(wait=False, cancel_futures=True)
         self.dispatcher.stop()
         self.router.close()
         self.pool.close()  # before the loop's join: a round's solve is killed, not waited for

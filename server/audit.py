@@ -36,7 +36,9 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+
+from google.protobuf.message import Message
 
 if TYPE_CHECKING:
     from server.auth import Principal
@@ -81,7 +83,11 @@ class AuditEntry:
 
 
 def ids_of(method: str, request: Any) -> tuple[str, ...]:
-    """The ids a request of ``method`` names (see the module docstring)."""
+    """The ids a request of ``method`` names (see the module docstring); none for request
+    bytes that did not parse (``server.aio.Undecodable``)."""
+    if not isinstance(request, Message):
+        return ()
+    request = cast(Any, request)
     if method in ("SubmitWorkload", "UpdateWorkload"):
         ids = [request.workload.id]
     elif method in ("CancelWorkload", "DrainNode"):

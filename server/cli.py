@@ -511,7 +511,18 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         help="solver processes for Plan calls, apart from the control loop's (default 1)",
     )
     serve.add_argument(
-        "--threads", type=_positive_int, default=32, metavar="N", help="RPC threads (a Watch holds one)"
+        "--threads",
+        type=_positive_int,
+        default=32,
+        metavar="N",
+        help="threads for unary calls and checkpoint transfers (streams hold none)",
+    )
+    serve.add_argument(
+        "--max-streams-per-caller",
+        type=_positive_int,
+        default=64,
+        metavar="N",
+        help="open Watch and Logs streams one caller may have (default 64; RESOURCE_EXHAUSTED past it)",
     )
     serve.add_argument(
         "--rate-limit",
@@ -1086,6 +1097,7 @@ def serve_config(args: argparse.Namespace) -> app.ServerConfig:
         solver_processes=args.solver_processes,
         plan_processes=args.plan_processes,
         threads=args.threads,
+        max_streams_per_caller=args.max_streams_per_caller,
         rate_limit=args.rate_limit,
         rate_burst=max(1, int(2 * args.rate_limit)),
         workers=WorkersConfig(

@@ -33,6 +33,7 @@ Decisions (DESIGN.md is silent on them):
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
@@ -41,18 +42,19 @@ import hashlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import Message
 from grpc_status import rpc_status
 
 import solver
 from apportion.v1 import allocator_pb2 as apb
 from apportion.v1 import allocator_pb2_grpc
 from apportion.v1 import types_pb2 as pb
-from server import audit, control, convert
+from server import aio, audit, control, convert
+from server.aio import Undecodable
 from server.audit import AuditTrail
 from server.auth import Authenticator, Principal, RateLimiter
 from server.control import ControlLoop
@@ -68,7 +70,8 @@ from server.errors import (
 from server.metrics import Metrics
 from server.redact import redact
 from server.solving import SolverCancelled, SolverCrashed, SolverPool, SolverTimeout
-from server.store import STATES, TERMINAL, Store
+from server.store import STATES, TERMINAL, Event, Store
+from server.watching import EventTail
 from solver import ValidationError, Violation
 
 if TYPE_CHECKING:
@@ -83,7 +86,9 @@ DEADLINE_MARGIN_S = 0.1  # of a Plan call's deadline, left for conversion and th
 # of a big input included) is killed from outside: the solver's own limit is not trusted.
 PLAN_DEADLINE_FACTOR = 2.0
 PLAN_DEADLINE_GRACE_S = 10.0
-WATCH_POLL_S = 0.5
+WATCH_POLL_S = 2.0  # a Watch wakes on every commit; the poll only notices a stop
+DEFAULT_STREAMS_PER_CALLER = 64
+WATCH_BATCH = 500  # events a Watch takes at a time
 LOGS_POLL_S = 0.5
 
 Req = TypeVar("Req")
@@ -103,6 +108,7 @@ class Shared:
         limiter: RateLimiter,
         metrics: Metrics,
         audit: AuditTrail,
+        streams: StreamCap | None = None,
     ) -> None:
         self.audit = audit
         self.store = store
@@ -111,6 +117,7 @@ class Shared:
         self.auth = auth
         self.limiter = limiter
         self.metrics = metrics
+        self.streams = streams or StreamCap(DEFAULT_STREAMS_PER_CALLER)
         self.stopping = False
 
 
@@ -118,8 +125,11 @@ MAX_VIOLATIONS = 20  # field violations listed in one INVALID_ARGUMENT (then "..
 MAX_MESSAGE_CHARS = 1024  # of its message (both travel in trailers, 8 KiB at most by default)
 
 
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> grpc.StatusCode:
-    """Answer ``exc`` with its status (never returns: ``context.abort`` raises)."""
+Status = tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]
+
+
+def _status_for(exc: BaseException) -> Status:
+    """The status that answers ``exc``: code, details and trailing metadata."""
     if isinstance(exc, ValidationError):
         count = len(exc.violations)
         head = f"invalid input ({count} problem{'s' if count != 1 else ''}): "
@@ -132,60 +142,26 @@ def _abort(context: grpc.ServicerContext, exc: BaseException) -> grpc.StatusCode
         message = head + "; ".join(str(v) for v in shown)
         if len(message) > MAX_MESSAGE_CHARS:
             message = message[:MAX_MESSAGE_CHARS] + "…"
-        context.abort_with_status(rpc_status.to_status(convert.bad_request_status(shown, message)))
-        return grpc.StatusCode.INVALID_ARGUMENT
+        status = rpc_status.to_status(convert.bad_request_status(shown, message))
+        return status.code, status.details, tuple(status.trailing_metadata)
     code = status_code(exc)
     if code is None:
         log.error("internal error", exc_info=exc)
-        context.abort(grpc.StatusCode.INTERNAL, "internal error (see the server log)")
-        return grpc.StatusCode.INTERNAL
-    context.abort(code, str(exc))
+        return grpc.StatusCode.INTERNAL, "internal error (see the server log)", ()
+    return code, str(exc), ()
+
+
+def _abort(context: grpc.ServicerContext, exc: BaseException) -> grpc.StatusCode:
+    """Answer ``exc`` with its status (never returns: ``context.abort`` raises). ``context``
+    is a blocking handler's: a :class:`server.aio.CallContext` or grpc's own."""
+    code, details, trailing = _status_for(exc)
+    context.abort(code, details, trailing)
     return code
 
 
 def _digest(msg: Message) -> str:
     """What a request sent, for telling a retry from another request with the same id."""
     return hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest()
-
-
-class Undecodable:
-    """A request whose bytes are not a valid message (put where the request would be by
-    :class:`TolerantRegistrar`); answered INVALID_ARGUMENT, not gRPC's INTERNAL."""
-
-    def __init__(self, error: str) -> None:
-        self.error = error
-
-
-def _tolerant(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def deserialize(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except DecodeError as exc:
-            return Undecodable(str(exc) or "cannot be parsed")
-
-    return deserialize
-
-
-class TolerantRegistrar:
-    """Stands for the gRPC server when a generated ``add_*Servicer_to_server`` registers a
-    servicer: its unary-request handlers get deserializers that turn malformed bytes into
-    :class:`Undecodable` (hardening: malformed protobuf bytes were INTERNAL)."""
-
-    def __init__(self, server: grpc.Server) -> None:
-        self._server = server
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        """Ignored: :meth:`add_registered_method_handlers` registers the tolerant ones."""
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        tolerant = {
-            name: h
-            if h.request_streaming
-            else h._replace(request_deserializer=_tolerant(h.request_deserializer))
-            for name, h in handlers.items()
-        }
-        self._server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, tolerant),))
-        self._server.add_registered_method_handlers(service, tolerant)
 
 
 def _decoded(request: Any) -> None:
@@ -253,6 +229,67 @@ def _stream(
             _record(self.shared, name, code, start, principal)
 
     return wrapper
+
+
+def _async_stream(
+    method: Callable[[Any, Req, Any, Principal], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, Any], AsyncIterator[Resp]]:
+    """The error boundary of a stream served on the event loop (see ``server.aio``)."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    async def wrapper(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Resp]:
+        start = time.perf_counter()
+        code = grpc.StatusCode.OK
+        principal: Principal | None = None
+        try:
+            _decoded(request)
+            principal = _caller(self, context)
+            async for item in method(self, request, context, principal):
+                yield item
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            code, details, trailing = _status_for(exc)
+            await context.abort(code, details, trailing)
+        finally:
+            _record(self.shared, name, code, start, principal)
+
+    return wrapper
+
+
+class StreamCap:
+    """At most ``limit`` open streams (``Watch``, ``Logs``) per caller: streams hold no
+    thread (``server.aio``), but each costs memory and wake-ups, and one caller's
+    thousands should not be everyone's cost."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._open: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def hold(self, who: Principal) -> Iterator[None]:
+        with self._lock:
+            count = self._open.get(who.name, 0)
+            if count >= self.limit:
+                raise ResourceExhausted(
+                    f"{who.name} has {count} open streams (Watch, Logs), the most one caller may have; "
+                    "close one (--max-streams-per-caller)"
+                )
+            self._open[who.name] = count + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                left = self._open[who.name] - 1
+                if left:
+                    self._open[who.name] = left
+                else:
+                    del self._open[who.name]
 
 
 def _code_of(exc: BaseException) -> grpc.StatusCode:
@@ -327,6 +364,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
     def __init__(self, shared: Shared, logs: LogBuffer | None = None) -> None:
         self.shared = shared
         self.logs = logs  # the workers' log lines (server.workers.Dispatcher.log_buffer)
+        self.tail = EventTail(shared.store)  # the newest events, read once for every Watch
         # built from the GPU types and tenants it was made for; rebuilt when they change
         self._checker: convert.WorkloadChecker | None = None
         self._plans_lock = threading.Lock()
@@ -639,10 +677,10 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
     # -- watch -----------------------------------------------------------
 
-    @_stream
-    def Watch(
-        self, request: apb.WatchRequest, context: grpc.ServicerContext, who: Principal
-    ) -> Iterator[apb.Event]:
+    @_async_stream
+    async def Watch(
+        self, request: apb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any], who: Principal
+    ) -> AsyncIterator[apb.Event]:
         if request.from_revision < 0:
             raise ValidationError([Violation("from_revision", "must be ≥ 0")])
         tenant: str | None = request.tenant or None
@@ -651,16 +689,24 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
                 who.require_tenant(tenant, "watching workloads")
             tenant = who.tenant or ""
         revision = request.from_revision
-        while context.is_active() and not self.shared.stopping:
-            events = self.store.events_after(revision, limit=500)
-            if not events:
-                self.store.wait_for_change(revision, WATCH_POLL_S)
-                continue
-            for event in events:
-                revision = event.revision
-                if event.kind == "workload" and tenant is not None and event.tenant != tenant:
+        with self.shared.streams.hold(who):
+            while not self.shared.stopping:
+                changed = self.store.changed.ticket()  # before the read: no change is missed
+                events = await self.tail.after(revision, WATCH_BATCH)
+                if not events:
+                    await aio.wait(changed, WATCH_POLL_S)
                     continue
-                yield self._shown(who, convert.event_message(event))
+                revision = events[-1].revision
+                mine = [e for e in events if e.kind != "workload" or tenant is None or e.tenant == tenant]
+                if who.admin:
+                    shown: list[apb.Event | bytes] = [self.tail.encoded(e) for e in mine]
+                else:  # redaction reads the store
+                    shown = list(await asyncio.to_thread(self._shown_events, who, mine))
+                for message in shown:
+                    yield message  # type: ignore[misc]  # bytes: serialized once (server.aio)
+
+    def _shown_events(self, who: Principal, events: list[Event]) -> list[apb.Event]:
+        return [self._shown(who, convert.event_message(e)) for e in events]
 
     # -- audit -----------------------------------------------------------
 
@@ -697,33 +743,38 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
     # -- logs ------------------------------------------------------------
 
-    @_stream
-    def Logs(
-        self, request: apb.LogsRequest, context: grpc.ServicerContext, who: Principal
-    ) -> Iterator[apb.LogLine]:
+    @_async_stream
+    async def Logs(
+        self, request: apb.LogsRequest, context: grpc.aio.ServicerContext[Any, Any], who: Principal
+    ) -> AsyncIterator[apb.LogLine]:
         if request.tail < 0:
             raise ValidationError([Violation("tail", "must be ≥ 0")])
-        row = self._visible(who, request.id)
+        row = await asyncio.to_thread(self._visible, who, request.id)
         if self.logs is None:
             return
-        lines = self.logs.after(row.id, 0)
-        if request.tail:
-            lines = lines[-request.tail :]
-        seq = 0
-        while True:
-            for entry in lines:
-                seq = entry.seq
-                yield apb.LogLine(
-                    workload_id=entry.workload_id,
-                    shard_index=entry.shard_index,
-                    rank=entry.rank,
-                    text=entry.text,
-                    time=entry.time,
-                )
-            if not request.follow or not context.is_active() or self.shared.stopping:
-                return
-            lines = self.logs.wait(row.id, seq, LOGS_POLL_S)
-            if not lines and self.store.get_workload(row.id).state in TERMINAL:
-                lines = self.logs.after(row.id, seq)  # a last look: lines that raced the end
-                if not lines:
+        with self.shared.streams.hold(who):
+            lines = self.logs.after(row.id, 0)
+            if request.tail:
+                lines = lines[-request.tail :]
+            seq = 0
+            while True:
+                for entry in lines:
+                    seq = entry.seq
+                    yield apb.LogLine(
+                        workload_id=entry.workload_id,
+                        shard_index=entry.shard_index,
+                        rank=entry.rank,
+                        text=entry.text,
+                        time=entry.time,
+                    )
+                if not request.follow or self.shared.stopping:
                     return
+                changed = self.logs.changed.ticket()  # before the look: no line is missed
+                lines = self.logs.after(row.id, seq)
+                if not lines:
+                    await aio.wait(changed, LOGS_POLL_S)
+                    lines = self.logs.after(row.id, seq)
+                if not lines and (await asyncio.to_thread(self.store.get_workload, row.id)).state in TERMINAL:
+                    lines = self.logs.after(row.id, seq)  # a last look: lines that raced the end
+                    if not lines:
+                        return

@@ -117,6 +117,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
+from server.aio import Wakeup
 from server.errors import AlreadyExists, FailedPrecondition, NotFound
 
 __all__ = [
@@ -571,6 +572,7 @@ class Store:
             os.close(self._lock_fd)
             raise
         self._cond = threading.Condition()
+        self.changed = Wakeup()  # fired after each commit: what coroutines (Watch) await
         self._queue: queue.SimpleQueue[tuple[Callable[[_Tx], Any], Future[Any]] | None] = queue.SimpleQueue()
         self._close_lock = threading.Lock()
         self._closed = False
@@ -662,6 +664,7 @@ class Store:
         os.close(self._lock_fd)
         with self._cond:
             self._cond.notify_all()
+        self.changed.fire()
 
     def __enter__(self) -> Store:
         return self
@@ -737,6 +740,7 @@ class Store:
             self._revision = tx.revision
             self._oldest = oldest
             self._cond.notify_all()
+        self.changed.fire()
         for future, result, error in outcomes:
             if error is None:
                 future.set_result(result)
@@ -847,6 +851,13 @@ class Store:
         sql = f"SELECT {_WORKLOAD_COLS} FROM workloads WHERE state IN (?, ?, ?) ORDER BY id"
         return [_workload(r) for r in self._query(sql, sorted(ACTIVE))]
 
+    def workloads_in(self, states: Iterable[str]) -> list[WorkloadRow]:
+        """The workloads in ``states``, ordered by id (the state column is indexed)."""
+        wanted = sorted(set(states))
+        marks = ", ".join("?" * len(wanted))
+        sql = f"SELECT {_WORKLOAD_COLS} FROM workloads WHERE state IN ({marks}) ORDER BY id"
+        return [_workload(r) for r in self._query(sql, wanted)] if wanted else []
+
     def counts_by_state(self) -> dict[str, int]:
         """Number of workloads per state; every state is a key, with 0 where none."""
         counts = dict.fromkeys(STATES, 0)
@@ -866,6 +877,12 @@ class Store:
 
     def all_nodes(self) -> list[NodeRow]:
         return [_node(r) for r in self._query("SELECT id, spec, revision, updated_at FROM nodes ORDER BY id")]
+
+    def node_gpus(self) -> dict[str, int]:
+        """Every node's GPU count, by id (read in SQLite, no spec decoded: the dispatcher asks
+        after every change, and a cluster of 4,000 workers registering is 4,000 changes)."""
+        rows = self._query("SELECT id, CAST(json_extract(spec, '$.gpus') AS INTEGER) FROM nodes")
+        return {id: int(gpus or 0) for id, gpus in rows}
 
     def gpu_types(self) -> list[JSONDict]:
         """The GPU type specs, ordered by name (cached: treat them as read-only)."""

@@ -141,16 +141,16 @@ Decisions (DESIGN.md is silent on them):
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
-import queue
 import threading
 import time
 import uuid
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -159,12 +159,13 @@ import grpc
 from apportion.v1 import types_pb2 as pb
 from apportion.v1 import workers_pb2 as wpb
 from apportion.v1 import workers_pb2_grpc
-from server import convert
+from server import aio, convert
+from server.aio import Outbox, Wakeup
 from server.auth import Principal
 from server.control import FEEDBACK_MIN_S
 from server.convert import SERVE_FROM, checkpoint_name, serve_from
 from server.errors import FailedPrecondition, NotFound, PermissionDenied, ServiceError
-from server.service import Shared, _stream, _unary
+from server.service import Shared, _async_stream, _unary
 from server.store import FAILED, PLACED, RUNNING, SUCCEEDED, TERMINAL, Observation, Store, WorkloadRow
 
 log = logging.getLogger("apportion.workers")
@@ -175,7 +176,7 @@ LOG_WORKLOADS = 1000  # workloads whose log lines are kept after they end
 TAIL_LINES = 20  # of them, in a failure message
 BASE_PORT = 29500
 REPLICA_STRIDE = 1000  # a service's even versions number their replicas from here (see "Rollouts")
-STREAM_POLL_S = 0.25
+STREAM_POLL_S = 2.0  # a Connect wakes on every message to send; the poll only notices a stop
 RATE_WINDOW_S = 1.0  # the shortest interval a work rate is measured over
 SMOOTHING_S = 30.0  # time constant of the moving average of measured rates
 FEEDBACK_CHANGE = 0.1  # relative change of a measured rate that makes the control loop re-plan
@@ -242,7 +243,7 @@ class Session:
         self.node_id = node_id
         self.advertise = advertise
         self.last_seen = time.monotonic()
-        self.outbox: queue.Queue[wpb.ServerMessage] = queue.Queue()
+        self.outbox: Outbox[wpb.ServerMessage] = Outbox()  # sent by its Connect stream
         self.stream = 0  # generation of the Connect stream that serves it
         self.connected = False
         self.closed = False
@@ -255,6 +256,11 @@ class Session:
         self.known: set[str] = set(running)  # shard keys sent or reported at registration: reports count
         self.workloads: set[str] = {k.rsplit("/", 1)[0] for k in running}  # may upload their checkpoints
         self.readable: set[str] = set(self.workloads)  # workloads whose checkpoints it may download
+
+    def close(self) -> None:
+        """End the session; its stream, if any, ends."""
+        self.closed = True
+        self.outbox.wakeup.fire()
 
 
 @dataclass(frozen=True)
@@ -389,13 +395,14 @@ class LogBuffer:
     def __init__(self, lines: int = LOG_LINES, workloads: int = LOG_WORKLOADS) -> None:
         self._lines = lines
         self._workloads = workloads
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self.changed = Wakeup()  # fired on every added chunk: what followers (Logs) await
         self._seq = 0
         self._by_workload: OrderedDict[str, deque[LogEntry]] = OrderedDict()
 
     def add(self, chunk: wpb.LogChunk) -> None:
         now = time.time()
-        with self._cond:
+        with self._lock:
             kept = self._by_workload.get(chunk.workload_id)
             if kept is None:
                 kept = self._by_workload[chunk.workload_id] = deque(maxlen=self._lines)
@@ -406,22 +413,13 @@ class LogBuffer:
             for line in chunk.text.splitlines():
                 self._seq += 1
                 kept.append(LogEntry(self._seq, chunk.workload_id, chunk.shard_index, chunk.rank, line, now))
-            self._cond.notify_all()
+        self.changed.fire()
 
     def after(self, workload_id: str, seq: int) -> list[LogEntry]:
         """The kept lines of a workload newer than ``seq`` (0: all kept), oldest first."""
-        with self._cond:
+        with self._lock:
             kept = self._by_workload.get(workload_id)
             return [e for e in kept if e.seq > seq] if kept else []
-
-    def wait(self, workload_id: str, seq: int, timeout: float) -> list[LogEntry]:
-        """Like :meth:`after`, waiting up to ``timeout`` for a line when there is none."""
-        with self._cond:
-            lines = self.after(workload_id, seq)
-            if not lines:
-                self._cond.wait(timeout)
-                lines = self.after(workload_id, seq)
-            return lines
 
 
 class Dispatcher:
@@ -443,6 +441,9 @@ class Dispatcher:
         self._node_gpus: dict[str, int] = {}
         self._serve_from_ok: dict[str, bool] = {}  # service -> may it serve the training workload it names
         self._started = time.monotonic()
+        # the clock silences are measured on: the server sets its stream loop's
+        # (server.aio.EventLoop.clock), which stands still while that loop is behind
+        self.clock: Callable[[], float] = time.monotonic
         self._orphans_checked = False
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="apportion-workers", daemon=True)
@@ -463,7 +464,7 @@ class Dispatcher:
             self._thread.join(5)
         with self._lock:
             for s in self._sessions.values():
-                s.closed = True
+                s.close()
 
     def notify(self) -> None:
         """The plan or the workloads changed: reconcile soon."""
@@ -484,23 +485,25 @@ class Dispatcher:
     # -- sessions --------------------------------------------------------------
 
     def register(self, node: pb.Node, advertise: str, running: list[str]) -> Session:
-        stored = {n.id: n.spec for n in self.store.all_nodes()}
+        try:
+            old = self.store.get_node(node.id).spec
+        except NotFound:
+            old = {}
         node = _copy(node)
-        old = stored.get(node.id, {})
         node.state = "draining" if old.get("state") == "draining" else "ready"
         node.labels[WORKER_LABEL] = advertise
+        # Checked alone: no rule relates one node to another but unique ids, which the
+        # registration keeps (it replaces the stored node with its id). With every stored
+        # node, 4,000 workers registering took minutes (each check built the whole cluster).
         convert.check_worker_node(
-            node,
-            gpu_types=self.store.gpu_types(),
-            nodes=list(stored.values()),
-            tenants=self.store.tenants(),
+            node, gpu_types=self.store.gpu_types(), nodes=[], tenants=self.store.tenants()
         )
         self.store.upsert_inventory(nodes=[convert.message_to_dict(node)])
         session = Session(node.id, advertise, set(running))
         with self._lock:
             previous = self._sessions.get(node.id)
             if previous is not None:
-                previous.closed = True
+                previous.close()
                 self._by_id.pop(previous.id, None)
             self._sessions[node.id] = session
             self._by_id[session.id] = session
@@ -518,6 +521,7 @@ class Dispatcher:
                 raise FailedPrecondition("unknown or expired session: register again")
             who.require_node(session.node_id, "connecting a worker")  # before it displaces a stream
             session.stream += 1
+            session.outbox.wakeup.fire()  # a stream it displaces ends
             session.connected = True
             session.last_seen = time.monotonic()
         self.notify()
@@ -536,9 +540,10 @@ class Dispatcher:
         now = time.monotonic()
         timeout = self.config.heartbeat_timeout_s
         with self._lock:
-            lost = [s for s in self._sessions.values() if now - s.last_seen > timeout]
+            silent = self.clock()  # stands still while the stream loop is behind (server.aio)
+            lost = [s for s in self._sessions.values() if silent - s.last_seen > timeout]
             for s in lost:
-                s.closed = True
+                s.close()
                 del self._sessions[s.node_id]
                 self._by_id.pop(s.id, None)
             live = set(self._sessions)
@@ -768,9 +773,9 @@ class Dispatcher:
         revision = self.store.revision()
         if revision != self._seen_revision:
             self._seen_revision = revision
-            self._rows = [r for r in self.store.active_workloads() if r.state in (PLACED, RUNNING)]
+            self._rows = self.store.workloads_in((PLACED, RUNNING))
             self._serve_from_ok = self._serve_from_allowed(self._rows)
-            self._node_gpus = {n.id: int(n.spec.get("gpus", 0)) for n in self.store.all_nodes()}
+            self._node_gpus = self.store.node_gpus()
             self._sync_tracks(self._rows)
         rows = self._rows
         advertise = {n: s.advertise for n, s in sessions.items() if s.connected}
@@ -1172,45 +1177,56 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
             lease_s=config.lease_s,
         )
 
-    @_stream
-    def Connect(
-        self, request_iterator: Iterator[wpb.WorkerMessage], context: grpc.ServicerContext, who: Principal
-    ) -> Iterator[wpb.ServerMessage]:
+    @_async_stream
+    async def Connect(
+        self,
+        request_iterator: AsyncIterator[wpb.WorkerMessage],
+        context: grpc.aio.ServicerContext[Any, Any],
+        who: Principal,
+    ) -> AsyncIterator[wpb.ServerMessage]:
         if not (who.admin or who.node):
             raise PermissionDenied(f"connecting a worker needs a node token; the caller is {who.name}")
-        try:
-            first = next(request_iterator)
-        except StopIteration:
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
             return
         if not first.session_id:
             raise FailedPrecondition("the first message must carry the session id from Register")
-        session, generation = self.dispatcher.attach(first.session_id, who)
-        self.dispatcher.on_message(session, first)
-        done = threading.Event()
-
-        def read() -> None:
-            try:
-                for msg in request_iterator:
-                    if session.closed or session.stream != generation:
-                        break
-                    self.dispatcher.on_message(session, msg)
-            except (grpc.RpcError, ServiceError, ValueError):
-                pass
-            except Exception:
-                log.exception("worker stream failed", extra={"node": session.node_id})
-            finally:
-                done.set()
-
-        reader = threading.Thread(target=read, name=f"apportion-worker-{session.node_id}", daemon=True)
-        reader.start()
+        session, generation = await asyncio.to_thread(self.dispatcher.attach, first.session_id, who)
+        await self._receive(session, first)
+        reader = asyncio.create_task(self._read(request_iterator, session, generation))
+        reader.add_done_callback(lambda _: session.outbox.wakeup.fire())
         try:
-            while not done.is_set() and context.is_active() and not self.shared.stopping:
+            while not reader.done() and not self.shared.stopping:
                 if session.closed or session.stream != generation:
                     break
-                try:
-                    item = session.outbox.get(timeout=STREAM_POLL_S)
-                except queue.Empty:
+                sent = session.outbox.wakeup.ticket()  # before the look: no message waits a poll
+                item = session.outbox.take()
+                if item is None:
+                    await aio.wait(sent, STREAM_POLL_S)
                     continue
                 yield item
         finally:
+            reader.cancel()
             self.dispatcher.detach(session, generation)
+
+    async def _read(
+        self, request_iterator: AsyncIterator[wpb.WorkerMessage], session: Session, generation: int
+    ) -> None:
+        """The worker's messages, in order, until its stream ends or is displaced."""
+        try:
+            async for msg in request_iterator:
+                if session.closed or session.stream != generation:
+                    break
+                await self._receive(session, msg)
+        except (grpc.RpcError, ServiceError, ValueError):
+            pass
+        except Exception:
+            log.exception("worker stream failed", extra={"node": session.node_id})
+
+    async def _receive(self, session: Session, msg: wpb.WorkerMessage) -> None:
+        """A heartbeat is handled on the loop (it takes no lock); a status or log line,
+        which may wait for the dispatcher's lock or write the store, in a thread."""
+        if msg.WhichOneof("body") == "heartbeat":
+            self.dispatcher.on_message(session, msg)
+        else:
+            await asyncio.to_thread(self.dispatcher.on_message, session, msg)
