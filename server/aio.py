@@ -124,6 +124,9 @@ class Wakeup:
             if loop is None or self._pending:
                 return
             self._pending = True
+        if _running_loop() is loop:  # on the loop itself (a heartbeat's lease): no self-pipe write
+            loop.call_soon(self._set)
+            return
         with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
             loop.call_soon_threadsafe(self._set)
 
@@ -133,6 +136,13 @@ class Wakeup:
             event, self._event = self._event, asyncio.Event()
         if event is not None:
             event.set()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 async def wait(ticket: asyncio.Event, timeout: float) -> bool:

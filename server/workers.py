@@ -439,6 +439,7 @@ class Dispatcher:
         self._seen_revision = -1
         self._rows: list[WorkloadRow] = []
         self._node_gpus: dict[str, int] = {}
+        self._nodes_seen: tuple[int, int] = (-1, -1)  # Store.nodes_signature of _node_gpus
         self._serve_from_ok: dict[str, bool] = {}  # service -> may it serve the training workload it names
         self._started = time.monotonic()
         # the clock silences are measured on: the server sets its stream loop's
@@ -775,7 +776,10 @@ class Dispatcher:
             self._seen_revision = revision
             self._rows = self.store.workloads_in((PLACED, RUNNING))
             self._serve_from_ok = self._serve_from_allowed(self._rows)
-            self._node_gpus = self.store.node_gpus()
+            nodes = self.store.nodes_signature()
+            if nodes != self._nodes_seen:  # most changes are workloads'
+                self._nodes_seen = nodes
+                self._node_gpus = self.store.node_gpus()
             self._sync_tracks(self._rows)
         rows = self._rows
         advertise = {n: s.advertise for n, s in sessions.items() if s.connected}
