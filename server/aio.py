@@ -146,9 +146,12 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
 
 
 async def wait(ticket: asyncio.Event, timeout: float) -> bool:
-    """Wait for ``ticket`` at most ``timeout`` seconds; whether it was set."""
+    """Wait for ``ticket`` at most ``timeout`` seconds; whether it was set. (With
+    ``asyncio.timeout``, not ``wait_for``: no task per wait, and thousands of streams
+    wait at once; every object they keep is one the garbage collector scans.)"""
     try:
-        await asyncio.wait_for(ticket.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            await ticket.wait()
     except TimeoutError:
         return False
     return True
