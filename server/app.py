@@ -45,6 +45,7 @@ from server.aio import EventLoop, Registrar
 from server.audit import AuditTrail
 from server.checkpoints import CheckpointsServicer
 from server.control import ControlLoop, LoopConfig, RoundResult
+from server.gcpolicy import Collector
 from server.inference import InferenceServicer, Router
 from server.metrics import Metrics
 from server.service import DEFAULT_STREAMS_PER_CALLER, AllocatorServicer, Shared, StreamCap
@@ -261,5 +262,8 @@ def run(config: ServerConfig) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     server.start()
+    collector = Collector()  # the process is the server's: its collection policy (server.gcpolicy)
+    collector.start()
     server.wait()
+    collector.stop()
     return 0

@@ -150,7 +150,7 @@ import time
 import uuid
 import zlib
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -261,6 +261,26 @@ class Session:
         """End the session; its stream, if any, ends."""
         self.closed = True
         self.outbox.wakeup.fire()
+
+
+class _Advertised(Mapping[str, str]):
+    """The advertised address of each connected worker, looked up when asked (a dict of
+    every connected worker's, built on every pass, cost as much as the pass itself)."""
+
+    def __init__(self, sessions: dict[str, Session]) -> None:
+        self._sessions = sessions
+
+    def __getitem__(self, node_id: str) -> str:
+        session = self._sessions[node_id]
+        if not session.connected:
+            raise KeyError(node_id)
+        return session.advertise
+
+    def __iter__(self) -> Iterator[str]:
+        return (n for n, s in self._sessions.items() if s.connected)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 @dataclass(frozen=True)
@@ -439,6 +459,11 @@ class Dispatcher:
         self._seen_revision = -1
         self._rows: list[WorkloadRow] = []
         self._node_gpus: dict[str, int] = {}
+        # nodes whose session has (or had) shards sent, alive or retiring: what reconcile
+        # visits besides the nodes the plan wants something on (kept under _lock, pruned
+        # there). With 4,000 idle workers, visiting every session on every pass was most
+        # of the dispatcher's time.
+        self._with_work: set[str] = set()
         self._nodes_seen: tuple[int, int] = (-1, -1)  # Store.nodes_signature of _node_gpus
         self._serve_from_ok: dict[str, bool] = {}  # service -> may it serve the training workload it names
         self._started = time.monotonic()
@@ -508,6 +533,8 @@ class Dispatcher:
                 self._by_id.pop(previous.id, None)
             self._sessions[node.id] = session
             self._by_id[session.id] = session
+            if running:
+                self._with_work.add(node.id)
         log.info(
             "worker registered", extra={"node": node.id, "advertise": advertise, "running": len(running)}
         )
@@ -623,6 +650,7 @@ class Dispatcher:
         with self._lock:
             if status.state in ("STARTING", "RUNNING"):
                 session.alive.add(key)
+                self._with_work.add(session.node_id)
             else:
                 session.alive.discard(key)
                 session.stopping.pop(key, None)
@@ -709,7 +737,7 @@ class Dispatcher:
 
     # -- the plan -> launches and stops ---------------------------------------------
 
-    def _wanted(self, rows: list[WorkloadRow], advertise: dict[str, str]) -> list[_Want]:
+    def _wanted(self, rows: list[WorkloadRow], advertise: Mapping[str, str]) -> list[_Want]:
         out: list[_Want] = []
         for row in rows:
             if row.state not in (PLACED, RUNNING) or not row.placement:
@@ -750,7 +778,7 @@ class Dispatcher:
         workload: pb.Workload,
         gpu_type: str,
         shards: list[dict[str, Any]],
-        advertise: dict[str, str],
+        advertise: Mapping[str, str],
     ) -> list[_Want]:
         nodes = [str(s.get("node_id", "")) for s in shards]
         if not nodes or any(n not in advertise for n in nodes):
@@ -782,7 +810,7 @@ class Dispatcher:
                 self._node_gpus = self.store.node_gpus()
             self._sync_tracks(self._rows)
         rows = self._rows
-        advertise = {n: s.advertise for n, s in sessions.items() if s.connected}
+        advertise = _Advertised(sessions)
         now = time.monotonic()
         with self._lock:
             wants, held = [], set()
@@ -798,9 +826,11 @@ class Dispatcher:
                 if w.launch.workload.WhichOneof("spec") == "inference":
                     serving_version[w.launch.workload_id] = w.launch.version
             blocked: dict[str, list[tuple[Session, _Want]]] = {}  # service -> launches waiting for GPUs
-            for node_id, session in sessions.items():
-                if not session.connected:
-                    continue
+            # a session with nothing sent, alive or retiring and nothing wanted has nothing to do
+            worked = {n: sessions[n] for n in self._with_work if n in sessions}
+            visit = sorted(worked.keys() | by_node.keys())  # sorted: launches go out in one order
+            busy = {n: sessions[n] for n in visit if n in sessions and sessions[n].connected}
+            for node_id, session in busy.items():
                 mine = by_node.get(node_id, {})
                 for key in list(session.sent):
                     if key not in mine:
@@ -808,6 +838,7 @@ class Dispatcher:
                         wid = key.rpartition("/")[0]
                         if wid in serving_version and sig[0] != serving_version[wid]:
                             session.retiring[key] = [int(sig[1]), False]  # serves until the new version does
+                            self._with_work.add(node_id)
                             log.info("replica retiring", extra={"node": node_id, "shard": key})
                             continue
                         self._send_stop(session, key, "no longer in the plan")
@@ -832,10 +863,8 @@ class Dispatcher:
                         last = session.stopping.get(key, 0.0)
                         if now - last > max(5.0, self.config.stop_grace_s):
                             self._send_stop(session, key, "not in the plan")
-            ending = self._ending(sessions, wants, by_node, now)
-            for node_id, session in sessions.items():
-                if not session.connected:
-                    continue
+            ending = self._ending(worked, wants, by_node, now)
+            for node_id, session in busy.items():
                 mine = by_node.get(node_id, {})
                 free = self._free_gpus(node_id, session, mine) if session.retiring else None
                 for key, w in mine.items():
@@ -858,13 +887,16 @@ class Dispatcher:
                         if replaced:  # the worker replaces the process: its endpoint goes with it
                             track.drop_endpoint(w.launch.shard_index, node_id)
                     session.sent[key] = sig
+                    self._with_work.add(node_id)
                     self._grant(session, w.launch)
                     session.outbox.put(wpb.ServerMessage(launch=w.launch))
                     log.info(
                         "launch", extra={"node": node_id, "shard": key, "world_size": w.launch.world_size}
                     )
-            self._roll(sessions, wants, blocked, held)
+            self._roll(sessions, busy, wants, blocked, held)
             self._update_states(rows, wants, now)
+            self._with_work = {n for n, s in worked.items() if s.sent or s.alive or s.retiring}
+            self._with_work.update(n for n, s in busy.items() if s.sent or s.alive or s.retiring)
 
     @staticmethod
     def _grant(session: Session, launch: wpb.Launch) -> None:
@@ -962,6 +994,7 @@ class Dispatcher:
     def _roll(
         self,
         sessions: dict[str, Session],
+        busy: dict[str, Session],
         wants: list[_Want],
         blocked: dict[str, list[tuple[Session, _Want]]],
         held: set[str],
@@ -971,7 +1004,7 @@ class Dispatcher:
         for GPUs that retiring ones hold, and every new replica launched is ready, one
         retiring replica on such a node is stopped to make room (one at a time)."""
         retiring: dict[str, list[tuple[Session, str]]] = {}
-        for session in sessions.values():
+        for session in busy.values():  # the connected sessions with something to do
             if session.connected:
                 for key in session.retiring:
                     retiring.setdefault(key.rpartition("/")[0], []).append((session, key))
