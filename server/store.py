@@ -878,12 +878,6 @@ class Store:
     def all_nodes(self) -> list[NodeRow]:
         return [_node(r) for r in self._query("SELECT id, spec, revision, updated_at FROM nodes ORDER BY id")]
 
-    def nodes_signature(self) -> tuple[int, int]:
-        """(count, newest revision) of the nodes: changes whenever a node is written or
-        deleted (an index scan, no spec decoded)."""
-        count, newest = self._query("SELECT count(*), coalesce(max(revision), 0) FROM nodes")[0]
-        return int(count), int(newest)
-
     def node_gpus(self) -> dict[str, int]:
         """Every node's GPU count, by id (read in SQLite, no spec decoded: the dispatcher asks
         after every change, and a cluster of 4,000 workers registering is 4,000 changes)."""

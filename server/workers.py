@@ -176,6 +176,7 @@ LOG_WORKLOADS = 1000  # workloads whose log lines are kept after they end
 TAIL_LINES = 20  # of them, in a failure message
 BASE_PORT = 29500
 REPLICA_STRIDE = 1000  # a service's even versions number their replicas from here (see "Rollouts")
+REFRESH_EVENTS = 2000  # changes applied one by one; more are read whole
 STREAM_POLL_S = 2.0  # a Connect wakes on every message to send; the poll only notices a stop
 RATE_WINDOW_S = 1.0  # the shortest interval a work rate is measured over
 SMOOTHING_S = 30.0  # time constant of the moving average of measured rates
@@ -464,7 +465,7 @@ class Dispatcher:
         # there). With 4,000 idle workers, visiting every session on every pass was most
         # of the dispatcher's time.
         self._with_work: set[str] = set()
-        self._nodes_seen: tuple[int, int] = (-1, -1)  # Store.nodes_signature of _node_gpus
+        self._placed: dict[str, WorkloadRow] = {}  # the PLACED and RUNNING workloads, by id
         self._serve_from_ok: dict[str, bool] = {}  # service -> may it serve the training workload it names
         self._started = time.monotonic()
         # the clock silences are measured on: the server sets its stream loop's
@@ -795,19 +796,48 @@ class Dispatcher:
             out.append(_Want(nodes[i], launch, tuple(nodes)))
         return out
 
+    def _refresh(self) -> bool:
+        """Bring the placed and running workloads and the nodes' GPU counts up to date from
+        the events since the last look (every change is one, with the row as it became);
+        read them whole at first, after a compaction, or when more than a batch changed.
+        Whether anything changed. (Reading the placed workloads whole on every change
+        cost ~20 ms a pass with 900 of them, while 4,000 workers heartbeat.)"""
+        revision = self.store.revision()
+        if revision == self._seen_revision:
+            return False
+        events = None
+        if self._seen_revision >= 0:
+            with contextlib.suppress(FailedPrecondition):
+                events = self.store.events_after(self._seen_revision, limit=REFRESH_EVENTS)
+        if events is None or len(events) >= REFRESH_EVENTS:
+            self._placed = {r.id: r for r in self.store.workloads_in((PLACED, RUNNING))}
+            self._node_gpus = self.store.node_gpus()
+            self._seen_revision = revision  # read before: the events after it are applied again
+        else:
+            nodes_changed = False
+            for event in events:
+                if event.kind == "node":
+                    nodes_changed = True
+                elif event.kind == "workload" and event.action == "deleted":
+                    self._placed.pop(event.id, None)
+                elif event.kind == "workload":
+                    row = WorkloadRow(**event.data)
+                    if row.state in (PLACED, RUNNING):
+                        self._placed[row.id] = row
+                    else:
+                        self._placed.pop(row.id, None)
+            if nodes_changed:
+                self._node_gpus = self.store.node_gpus()
+            self._seen_revision = events[-1].revision if events else revision
+        self._rows = sorted(self._placed.values(), key=lambda r: r.id)
+        return True
+
     def reconcile(self) -> None:
         sessions = self.sessions()
         if not sessions and not self._tracks:
             return  # no workers: planning-only use costs nothing
-        revision = self.store.revision()
-        if revision != self._seen_revision:
-            self._seen_revision = revision
-            self._rows = self.store.workloads_in((PLACED, RUNNING))
+        if self._refresh():
             self._serve_from_ok = self._serve_from_allowed(self._rows)
-            nodes = self.store.nodes_signature()
-            if nodes != self._nodes_seen:  # most changes are workloads'
-                self._nodes_seen = nodes
-                self._node_gpus = self.store.node_gpus()
             self._sync_tracks(self._rows)
         rows = self._rows
         advertise = _Advertised(sessions)
