@@ -17,7 +17,9 @@ workers
     connected while its last lease is younger than two intervals.
 watchers
     ``--watchers`` ``Watch`` streams (one process), opened once the workers are
-    connected, from the revision then. (Opened first, every registration is
+    connected, from the revision then; with ``--watches-first``, before the
+    workers start (then ``connect_s`` is how long the workers take to connect
+    while every registration is an event for each watch). (Opened first, every registration is
     an event for each of them: 4,000 registrations are 400,000 messages, which
     this machine's one server core does not send fast enough to keep every
     worker's first heartbeat inside the timeout; see the README.)
@@ -81,6 +83,7 @@ class Config:
     watchers: int = 100
     heartbeat_interval_s: float = 2.0
     register_per_s: float = 200.0  # workers starting per second, all processes together
+    watches_first: bool = False  # open the watches before the workers register
     connect_timeout_s: float = 300.0
     probe_rate: float = 20.0
     measure_s: float = 30.0
@@ -281,8 +284,9 @@ def _wait(agents: Sequence[Any], watchers: Sequence[Any], cfg: Config) -> None:
         connected = sum(a["connected"] for a in _ask(agents, "report"))
         opened = sum(w["open"] for w in _ask(watchers, "report"))
         wanted = cfg.watchers if watchers else 0
-        log(f"{connected}/{cfg.workers} workers connected, {opened}/{wanted} watches open")
-        if connected >= cfg.workers and opened >= wanted:
+        workers = cfg.workers if agents else 0
+        log(f"{connected}/{workers} workers connected, {opened}/{wanted} watches open")
+        if connected >= workers and opened >= wanted:
             return
         if time.monotonic() - t0 > cfg.connect_timeout_s:
             log("not everything connected in time; measuring what is")
@@ -316,6 +320,14 @@ def run(cfg: Config) -> dict[str, Any]:
     with server_load.server(extra) as srv:
         revision = setup(srv.address)
         procs, conns = [], []
+        watch_pipe, their_watch_pipe = ctx.Pipe()
+        watchers = ctx.Process(
+            target=watcher_process, args=(srv.address, cfg.watchers, revision, their_watch_pipe)
+        )
+        if cfg.watches_first:  # every registration is then an event for each of them
+            watchers.start()
+            procs.append(watchers)
+            _wait([], [watch_pipe], cfg)
         share = -(-cfg.workers // cfg.agent_processes)
         pause_s = cfg.agent_processes / cfg.register_per_s
         for p in range(cfg.agent_processes):
@@ -331,21 +343,23 @@ def run(cfg: Config) -> dict[str, Any]:
             procs.append(proc)
             conns.append(mine)
         t0 = time.monotonic()
-        _wait(conns, [], cfg)
+        _wait(conns, [watch_pipe] if cfg.watches_first else [], cfg)
         connect_s = time.monotonic() - t0
-        revision = setup(srv.address)  # the watches start from now
-        mine, theirs = ctx.Pipe()
-        watchers = ctx.Process(target=watcher_process, args=(srv.address, cfg.watchers, revision, theirs))
-        watchers.start()
-        procs.append(watchers)
-        _wait(conns, [mine], cfg)
+        if not cfg.watches_first:
+            revision = setup(srv.address)  # the watches start from now
+            watchers = ctx.Process(
+                target=watcher_process, args=(srv.address, cfg.watchers, revision, their_watch_pipe)
+            )
+            watchers.start()
+            procs.append(watchers)
+            _wait(conns, [watch_pipe], cfg)
         cpu0 = server_load.cpu_seconds(srv.pid)
         m0 = time.monotonic()
         probed = probe(srv.address, cfg.probe_rate, cfg.measure_s)
         cpu1 = server_load.cpu_seconds(srv.pid)
         wall = time.monotonic() - m0
         agents = _ask(conns, "stop")
-        watch = _ask([mine], "stop")[0]
+        watch = _ask([watch_pipe], "stop")[0]
         for proc in procs:
             proc.join(30)
             if proc.is_alive():
@@ -416,10 +430,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a small smoke run (40 workers, 10 watches)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results JSON")
     parser.add_argument("--workers", type=int, help="simulated workers (default 4000)")
+    parser.add_argument(
+        "--watches-first", action="store_true", help="open the watches before the workers register"
+    )
+    parser.add_argument("--connect-timeout", type=float, help="seconds to wait for everything to connect")
     args = parser.parse_args(argv)
     cfg = QUICK if args.quick else FULL
     if args.workers is not None:
         cfg = replace(cfg, workers=args.workers)
+    if args.watches_first:
+        cfg = replace(cfg, watches_first=True)
+    if args.connect_timeout is not None:
+        cfg = replace(cfg, connect_timeout_s=args.connect_timeout)
     doc: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(["python", "bench/streams.py", *(argv if argv is not None else sys.argv[1:])]),
