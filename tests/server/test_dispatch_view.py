@@ -43,6 +43,7 @@ def test_the_view_follows_the_events_and_equals_a_full_read(
             raise AssertionError("the view was read whole, not from the events")
 
         monkeypatch.setattr(store, "workloads_in", no_full_read)
+        monkeypatch.setattr(store, "node_gpus", no_full_read)
         assert dispatcher._refresh()
         monkeypatch.undo()
         assert placed not in view()[0]
