@@ -110,6 +110,7 @@ class Agent:
         self.last_lease = 0.0
         self.leases = 0
         self.errors: list[str] = []
+        self.deferred = 0  # registrations refused UNAVAILABLE (backpressure) and retried
         self.interval = 2.0
         self.register_s: list[float] = []  # each Register's wait
         self.first_lease_s: list[float] = []  # from Register's reply to the first lease
@@ -135,8 +136,11 @@ class Agent:
             except grpc.aio.AioRpcError as exc:
                 if stop.is_set():
                     return
-                self.errors.append(f"{exc.code().name}: {exc.details()}")
-                await asyncio.sleep(1.0)
+                if exc.code() is grpc.StatusCode.UNAVAILABLE:
+                    self.deferred += 1  # the server's backpressure: retried, as the real agent does
+                else:
+                    self.errors.append(f"{exc.code().name}: {exc.details()}")
+                await asyncio.sleep(random.uniform(0.5, 1.5))
 
     async def _messages(self, session_id: str, stop: asyncio.Event) -> AsyncIterator[wpb.WorkerMessage]:
         yield wpb.WorkerMessage(session_id=session_id, heartbeat=wpb.Heartbeat())
@@ -167,6 +171,7 @@ async def _agents(address: str, first: int, count: int, per_channel: int, pause_
             "connected": sum(a.connected(now) for a in agents),
             "leases": sum(a.leases for a in agents),
             "errors": sum(len(a.errors) for a in agents),
+            "deferred": sum(a.deferred for a in agents),
             "error_examples": sorted({e for a in agents for e in a.errors})[:5],
             "register_s": [x for a in agents for x in a.register_s],
             "first_lease_s": [x for a in agents for x in a.first_lease_s],
@@ -374,6 +379,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "workers": cfg.workers,
         "leases_received": sum(a["leases"] for a in agents),
         "agent_errors": sum(a["errors"] for a in agents),
+        "registrations_deferred": sum(a["deferred"] for a in agents),
         "agent_error_examples": sorted({e for a in agents for e in a["error_examples"]})[:5],
         "watch_streams": watch["open"],
         "watch_events": watch["events"],

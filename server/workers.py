@@ -164,7 +164,7 @@ from server.aio import Outbox, Wakeup
 from server.auth import Principal
 from server.control import FEEDBACK_MIN_S
 from server.convert import SERVE_FROM, checkpoint_name, serve_from
-from server.errors import FailedPrecondition, NotFound, PermissionDenied, ServiceError
+from server.errors import FailedPrecondition, NotFound, PermissionDenied, ServiceError, Unavailable
 from server.service import Shared, _async_stream, _unary
 from server.store import FAILED, PLACED, RUNNING, SUCCEEDED, TERMINAL, Observation, Store, WorkloadRow
 
@@ -176,6 +176,7 @@ LOG_WORKLOADS = 1000  # workloads whose log lines are kept after they end
 TAIL_LINES = 20  # of them, in a failure message
 BASE_PORT = 29500
 REPLICA_STRIDE = 1000  # a service's even versions number their replicas from here (see "Rollouts")
+UNATTACHED_FACTOR = 3  # of the heartbeat timeout, for a session no stream has served yet
 REFRESH_EVENTS = 2000  # changes applied one by one; more are read whole
 STREAM_POLL_S = 2.0  # a Connect wakes on every message to send; the poll only notices a stop
 RATE_WINDOW_S = 1.0  # the shortest interval a work rate is measured over
@@ -247,6 +248,8 @@ class Session:
         self.outbox: Outbox[wpb.ServerMessage] = Outbox()  # sent by its Connect stream
         self.stream = 0  # generation of the Connect stream that serves it
         self.connected = False
+        self.attached = False  # a Connect stream has served it (connected: one serves it now)
+        self.registered_at = 0.0  # on the dispatcher's clock
         self.closed = False
         self.sent: dict[str, tuple[Any, ...]] = {}  # shard key -> signature of the Launch sent
         self.alive: set[str] = set(running)  # shard keys the worker reports alive
@@ -466,6 +469,7 @@ class Dispatcher:
         # of the dispatcher's time.
         self._with_work: set[str] = set()
         self._placed: dict[str, WorkloadRow] = {}  # the PLACED and RUNNING workloads, by id
+        self._unattached: dict[str, Session] = {}  # registered, no stream served yet (by session id)
         self._serve_from_ok: dict[str, bool] = {}  # service -> may it serve the training workload it names
         self._started = time.monotonic()
         # the clock silences are measured on: the server sets its stream loop's
@@ -511,7 +515,23 @@ class Dispatcher:
 
     # -- sessions --------------------------------------------------------------
 
+    def _refuse_while_behind(self, node_id: str) -> None:
+        """Backpressure: while a registered worker has waited half the heartbeat timeout
+        for its stream to be served, refuse new registrations (UNAVAILABLE, retried by
+        the worker). Each registration is an event for every watch; when they come faster
+        than the server serves their streams, the sessions expired unserved, the workers
+        registered again and the ramp collapsed (bench/streams.py --watches-first)."""
+        now = self.clock()
+        with self._lock:
+            waiting = [s.registered_at for s in self._unattached.values() if not s.closed]
+        if waiting and now - min(waiting) > self.config.heartbeat_timeout_s / 2:
+            raise Unavailable(
+                f"{len(waiting)} workers wait for their streams to be served; registering {node_id!r} "
+                "later (retry shortly)"
+            )
+
     def register(self, node: pb.Node, advertise: str, running: list[str]) -> Session:
+        self._refuse_while_behind(node.id)
         try:
             old = self.store.get_node(node.id).spec
         except NotFound:
@@ -527,7 +547,9 @@ class Dispatcher:
         )
         self.store.upsert_inventory(nodes=[convert.message_to_dict(node)])
         session = Session(node.id, advertise, set(running))
+        session.registered_at = self.clock()
         with self._lock:
+            self._unattached[session.id] = session
             previous = self._sessions.get(node.id)
             if previous is not None:
                 previous.close()
@@ -550,6 +572,8 @@ class Dispatcher:
                 raise FailedPrecondition("unknown or expired session: register again")
             who.require_node(session.node_id, "connecting a worker")  # before it displaces a stream
             session.stream += 1
+            session.attached = True
+            self._unattached.pop(session.id, None)
             session.outbox.wakeup.fire()  # a stream it displaces ends
             session.connected = True
             session.last_seen = time.monotonic()
@@ -570,11 +594,21 @@ class Dispatcher:
         timeout = self.config.heartbeat_timeout_s
         with self._lock:
             silent = self.clock()  # stands still while the stream loop is behind (server.aio)
-            lost = [s for s in self._sessions.values() if silent - s.last_seen > timeout]
+            # A session whose stream was never attached has been sent nothing: it gets
+            # longer. (Under load the server accepts new streams late: with 100 watches
+            # open while 4,000 workers registered, Connects came after the timeout, each
+            # worker registered again, and every registration was another event.)
+            lost = [
+                s
+                for s in self._sessions.values()
+                if silent - s.last_seen > (timeout if s.attached else UNATTACHED_FACTOR * timeout)
+            ]
             for s in lost:
                 s.close()
                 del self._sessions[s.node_id]
                 self._by_id.pop(s.id, None)
+            for sid in [sid for sid, s in self._unattached.items() if s.closed]:
+                del self._unattached[sid]
             live = set(self._sessions)
         down = [s.node_id for s in lost]
         if not self._orphans_checked and now - self._started > timeout:

@@ -16,7 +16,10 @@ import pytest
 
 from apportion.v1 import allocator_pb2 as apb
 from apportion.v1 import types_pb2 as pb
+from apportion.v1 import workers_pb2 as wpb
+from apportion.v1 import workers_pb2_grpc
 from bench import streams
+from server.workers import WorkersConfig
 from tests.server.serving import (
     ADMIN_TOKEN,
     PRODUCT_TOKEN,
@@ -124,3 +127,28 @@ def test_open_streams_are_capped_per_caller(tmp_path: Path, write: Any) -> None:
         wait_until(reopens, 10, "the cap to free a place")
         for call in [*held, other]:
             call.cancel()
+
+
+def test_registrations_wait_while_registered_workers_wait_for_their_streams(tmp_path: Path) -> None:
+    """Backpressure: a worker that registered and whose stream is not served yet for half
+    the heartbeat timeout makes new registrations UNAVAILABLE (workers retry) until it is."""
+    config = WorkersConfig(heartbeat_interval_s=0.5, heartbeat_timeout_s=2.0)
+    with running_server(tmp_path, workers=config) as srv:
+        streams.setup(srv.address)
+        stub = workers_pb2_grpc.WorkersStub(srv.channel())
+
+        def register(node_id: str) -> wpb.RegisterResponse:
+            node = pb.Node(id=node_id, gpu_type=streams.GPU_TYPE, gpus=1)
+            return stub.Register(wpb.RegisterRequest(node=node, advertise_address="127.0.0.1:9"), timeout=5)
+
+        first = register("slow-worker")
+        time.sleep(1.2)  # past half the timeout, its stream not yet open
+        with pytest.raises(grpc.RpcError) as refused:
+            register("next-worker")
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "wait for their streams" in (refused.value.details() or "")
+        hello = wpb.WorkerMessage(session_id=first.session_id, heartbeat=wpb.Heartbeat())
+        connect = stub.Connect(iter([hello]))
+        assert next(connect).WhichOneof("body") == "lease"  # served: the backlog is gone
+        register("next-worker")
+        connect.cancel()
