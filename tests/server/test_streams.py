@@ -152,3 +152,34 @@ def test_registrations_wait_while_registered_workers_wait_for_their_streams(tmp_
         assert next(connect).WhichOneof("body") == "lease"  # served: the backlog is gone
         register("next-worker")
         connect.cancel()
+
+
+def test_a_session_no_stream_has_served_waits_three_timeouts_before_it_expires(tmp_path: Path) -> None:
+    """A registered worker whose Connect comes late (a busy server accepts new streams late)
+    keeps its session past one heartbeat timeout; after three it is gone."""
+    config = WorkersConfig(heartbeat_interval_s=0.25, heartbeat_timeout_s=1.0)
+    with running_server(tmp_path, workers=config) as srv:
+        streams.setup(srv.address)
+        stub = workers_pb2_grpc.WorkersStub(srv.channel())
+
+        def session_of(node_id: str) -> str:
+            node = pb.Node(id=node_id, gpu_type=streams.GPU_TYPE, gpus=1)
+            request = wpb.RegisterRequest(node=node, advertise_address="127.0.0.1:9")
+            return stub.Register(request, timeout=5).session_id
+
+        def first_reply(session_id: str) -> wpb.ServerMessage:
+            hello = wpb.WorkerMessage(session_id=session_id, heartbeat=wpb.Heartbeat())
+            call = stub.Connect(iter([hello]), timeout=5)
+            try:
+                return next(call)
+            finally:
+                call.cancel()
+
+        late = session_of("late-worker")
+        time.sleep(1.8)  # past one timeout, within three
+        assert first_reply(late).WhichOneof("body") == "lease"
+        gone = session_of("gone-worker")
+        time.sleep(4.5)  # past three timeouts (and the expiry pass after them)
+        with pytest.raises(grpc.RpcError) as expired:
+            first_reply(gone)
+        assert expired.value.code() is grpc.StatusCode.FAILED_PRECONDITION
