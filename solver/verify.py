@@ -14,7 +14,9 @@ Feasibility rules checked (numbering used in the code):
    (not both, not twice).
 2. Node states: new shards only on ready nodes; a shard on a draining node only
    if the same (workload, node, GPUs) shard runs there now (``problem.current``,
-   counted as a multiset); nothing on down nodes.
+   counted as a multiset) and, for a training job, only if the job stays exactly as
+   it runs (a changed gang is a new gang, relaunched whole: none of it is kept);
+   nothing on down nodes.
 3. Capacity per node: Σ GPUs ≤ ``gpus``, Σ CPUs ≤ ``cpus``, Σ host memory ≤
    ``memory_gib``. **A node whose ``cpus`` (or ``memory_gib``) is 0 does not
    track that resource**: it is not checked there. A training shard needs
@@ -519,12 +521,15 @@ class _Checker:
         ctx = self.ctx
         now: Counter[tuple[str, Shard]] = Counter()
         seen: set[str] = set()
+        running: dict[str, Counter[Shard]] = {}  # each workload's shards now
         for c in ctx.problem.current:
             if c.workload_id not in seen:
                 seen.add(c.workload_id)
                 now.update((c.workload_id, s) for s in c.shards)
+                running[c.workload_id] = Counter(c.shards)
         for wid, p in ctx.placed.items():
             planned: Counter[tuple[str, Shard]] = Counter((wid, s) for s in p.shards)
+            regang = ctx.workloads[wid].training is not None and Counter(p.shards) != running.get(wid)
             reported: set[str] = set()
             for s in p.shards:
                 node = ctx.nodes.get(s.node_id)
@@ -533,7 +538,7 @@ class _Checker:
                 if node.state is NodeState.DOWN:
                     self.add(f'workload "{wid}" has a shard on node "{node.id}", which is down')
                     reported.add(node.id)
-                elif node.state is NodeState.DRAINING and planned[(wid, s)] > now[(wid, s)]:
+                elif node.state is NodeState.DRAINING and (planned[(wid, s)] > now[(wid, s)] or regang):
                     self.add(
                         f'workload "{wid}" gets a new shard of {s.gpus} GPUs on node "{node.id}", '
                         "which is draining"

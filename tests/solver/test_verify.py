@@ -188,6 +188,22 @@ def test_draining_nodes_keep_only_what_runs_there() -> None:
     only(fresh, plan_of(place("k", ("n1", 1))), "draining")
 
 
+def test_a_training_gang_that_changes_keeps_nothing_on_a_draining_node() -> None:
+    """A resized gang is relaunched whole: its shard on a draining node is a new one.
+    (Hypothesis found the solver's bound below such a plan, which the rule allowed.)"""
+    p = problem(
+        nodes=[node("n1", gpus=2), node("n3", gpus=2, state="draining")],
+        workloads=[train("j", shapes={1: 0.5, 3: 1.0})],
+        current=[place("j", ("n3", 1))],
+    )
+    assert violations(p, plan_of(place("j", ("n3", 1)))) == []  # stays as it runs
+    only(
+        p,
+        plan_of(place("j", ("n1", 2), ("n3", 1))),
+        'workload "j" gets a new shard of 1 GPUs on node "n3", which is draining',
+    )
+
+
 # ---------------------------------------------------------------------------
 # Rule 3: capacity
 
