@@ -176,9 +176,6 @@ class Outbox(Generic[T]):
         except IndexError:
             return None
 
-    def __len__(self) -> int:
-        return len(self._items)
-
 
 # ----------------------------------------------------------------------------- blocking handlers
 

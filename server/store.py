@@ -848,8 +848,7 @@ class Store:
 
     def active_workloads(self) -> list[WorkloadRow]:
         """Every workload that is not terminal (PENDING, PLACED, RUNNING), ordered by id."""
-        sql = f"SELECT {_WORKLOAD_COLS} FROM workloads WHERE state IN (?, ?, ?) ORDER BY id"
-        return [_workload(r) for r in self._query(sql, sorted(ACTIVE))]
+        return self.workloads_in(ACTIVE)
 
     def workloads_in(self, states: Iterable[str]) -> list[WorkloadRow]:
         """The workloads in ``states``, ordered by id (the state column is indexed)."""
