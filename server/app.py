@@ -41,6 +41,7 @@ from apportion.v1 import (
     workers_pb2_grpc,
 )
 from server import audit, auth
+from server.admission import Admission, AdmissionConfig
 from server.aio import EventLoop, Registrar
 from server.audit import AuditTrail
 from server.checkpoints import CheckpointsServicer
@@ -50,7 +51,7 @@ from server.inference import InferenceServicer, Router
 from server.metrics import Metrics
 from server.service import DEFAULT_STREAMS_PER_CALLER, AllocatorServicer, Shared, StreamCap
 from server.solving import SolverPool
-from server.store import Store
+from server.store import Store, WorkloadRow
 from server.workers import Dispatcher, WorkersConfig
 
 log = logging.getLogger("apportion.server")
@@ -74,6 +75,7 @@ class ServerConfig:
     insecure: bool = False
     metrics_port: int | None = None
     loop: LoopConfig = field(default_factory=LoopConfig)
+    admission: AdmissionConfig = field(default_factory=AdmissionConfig)
     solver_processes: int = 2
     plan_processes: int = 1  # for Plan RPCs, apart from the control loop's
     threads: int = 32  # for unary calls and checkpoint transfers; a stream holds none (server.aio)
@@ -121,6 +123,10 @@ class ApportionServer:
                 StreamCap(config.max_streams_per_caller),
             )
             self.dispatcher = Dispatcher(self.shared, config.workers)
+            self.admission = Admission(
+                self.store, lambda: self.loop.latest, config.admission, on_admit=self._on_admit
+            )
+            self.loop.listeners.append(self.admission.wake)
             self.router = Router()
             self.events = EventLoop()
             self.rpc_pool = futures.ThreadPoolExecutor(config.threads, thread_name_prefix="apportion-rpc")
@@ -197,12 +203,18 @@ class ApportionServer:
         )
         self.metrics.set_workloads(self.store.counts_by_state())
         self.dispatcher.notify()
+        self.admission.wake()  # capacity may have freed; the fresh workloads are fewer
+
+    def _on_admit(self, rows: list[WorkloadRow]) -> None:
+        self.metrics.observe_admitted(len(rows))
+        self.dispatcher.notify()
 
     def start(self) -> None:
         self.metrics.set_workloads(self.store.counts_by_state())
         if self.config.metrics_port is not None:
             self.metrics.serve(self.config.metrics_port)
         self.loop.start()
+        self.admission.start()
         self.dispatcher.start()
         self.events.run(self.grpc.start())
         self.events.run(self._serving(health_pb2.HealthCheckResponse.SERVING))
@@ -230,6 +242,7 @@ class ApportionServer:
         self.events.close()
         self.rpc_pool.shutdown(wait=False, cancel_futures=True)
         self.dispatcher.stop()
+        self.admission.stop()
         self.router.close()
         self.pool.close()  # before the loop's join: a round's solve is killed, not waited for
         self.loop.stop()

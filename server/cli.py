@@ -460,6 +460,12 @@ def _serve_options(serve: argparse.ArgumentParser) -> None:
         help="plan training with the throughput the workers measured: on the GPU types measured "
         "(observed, default), also scaling the declared numbers of the other types (scaled), or not (off)",
     )
+    serve.add_argument(
+        "--admission",
+        choices=("on", "off"),
+        default="on",
+        help="place new work that fits in free capacity at once, between planning rounds (default on)",
+    )
     workers = serve.add_argument_group("workers")
     workers.add_argument(
         "--heartbeat-interval",
@@ -1069,6 +1075,7 @@ def serve_config(args: argparse.Namespace) -> app.ServerConfig:
         ValidationError: an unknown policy, or a heartbeat timeout not longer than the interval.
     """
     from server import app  # grpc and the server only when serving
+    from server.admission import AdmissionConfig
     from server.control import LoopConfig
     from server.workers import WorkersConfig
 
@@ -1094,6 +1101,7 @@ def serve_config(args: argparse.Namespace) -> app.ServerConfig:
             debounce_s=args.debounce,
             throughput_feedback=args.throughput_feedback,
         ),
+        admission=AdmissionConfig(enabled=args.admission == "on"),
         solver_processes=args.solver_processes,
         plan_processes=args.plan_processes,
         threads=args.threads,

@@ -108,6 +108,7 @@ from server.store import (
     WorkloadRow,
     read_snapshot,
 )
+from server.usage import Usage, placement_use
 from solver import Plan, PlanOptions, Problem, ValidationError
 
 log = logging.getLogger("apportion.control")
@@ -209,6 +210,7 @@ class ControlLoop:
         self._failures = 0
         self._last_round_s = 0.0
         self._rested_at = 0.0
+        self.listeners: list[Callable[[], None]] = []  # called on every notify (the admission)
         self._thread = threading.Thread(target=self._run, name="apportion-control", daemon=True)
 
     # -- control ---------------------------------------------------------
@@ -233,6 +235,8 @@ class ControlLoop:
             self._last_change = now
             self._notified += 1
             self._cond.notify_all()
+        for listener in self.listeners:
+            listener()
 
     def wait_settled(self, timeout: float) -> bool:
         """Block until a recorded plan covers every change notified before this call
@@ -374,6 +378,7 @@ class ControlLoop:
             based_on=result.based_on,
             assignments=result.assignments,
             summary={"objective": result.objective, "placed": result.placed, "unplaced": result.unplaced},
+            usage=result.usage,
         )
         self._latest = PlanInfo(revision, result, self.config.throughput_feedback)
         self._last_round_s = time.perf_counter() - start
@@ -414,6 +419,7 @@ class RoundResult:
     assignments: dict[str, Assignment]  # only those that change a workload
     included: dict[str, int]  # workload id -> version, of the workloads the problem had
     pinned_old: tuple[str, ...]  # services planned with their old version (a waiting rollout)
+    usage: Usage = dataclasses.field(default_factory=Usage)  # what the plan holds, per node and tenant
 
 
 def plan_round(db_path: str, config: LoopConfig, exclude: frozenset[str] = frozenset()) -> RoundResult:
@@ -437,7 +443,7 @@ def plan_round(db_path: str, config: LoopConfig, exclude: frozenset[str] = froze
     )
     for _ in range(2):  # a second solve only when a rolling update must keep its old version
         gpu_types, tenants = list(snapshot.gpu_types), list(snapshot.tenants)
-        problem, invalid = _problem(rows, specs, gpu_types, tenants, nodes, node_ids)
+        problem, invalid = build_problem(rows, specs, gpu_types, tenants, nodes, node_ids)
         plan = solver.plan(problem, config.policy, options)
         stuck = _stuck_updates(rows, plan) - pinned_old
         if not stuck:
@@ -454,6 +460,11 @@ def plan_round(db_path: str, config: LoopConfig, exclude: frozenset[str] = froze
         if (a.state, a.placement, a.reasons) != (by_id[id].state, by_id[id].placement, by_id[id].reasons)
     }
     versions = {r.id: r.version for r in rows}
+    usage = Usage()
+    for p in plan.placements:
+        row = by_id[p.workload_id]
+        held = placement_use(specs[row.id], convert.placement_to_dict(p))
+        usage.add(row.tenant, p.gpu_type, held)
     return RoundResult(
         based_on=snapshot.revision,
         plan_json=json.dumps(convert.plan_to_dict(plan), separators=(",", ":"), allow_nan=False),
@@ -466,6 +477,7 @@ def plan_round(db_path: str, config: LoopConfig, exclude: frozenset[str] = froze
         assignments=changed,
         included={w.id: versions[w.id] for w in problem.workloads},
         pinned_old=tuple(sorted(pinned_old)),
+        usage=usage,
     )
 
 
@@ -526,7 +538,7 @@ def planned_spec(spec: dict[str, Any], observed: dict[str, Any], feedback: str) 
     return {**spec, "training": out}
 
 
-def _problem(
+def build_problem(
     rows: list[WorkloadRow],
     specs: dict[str, dict[str, Any]],
     gpu_types: list[dict[str, Any]],
@@ -617,9 +629,7 @@ def _assignments(
                 }
             ]
         else:
-            placement["version"] = row.version
-            if row.kind == "inference":  # kept so that a later update can fall back to it
-                placement["spec"] = row.spec
+            placement = placement_doc(row, placement)
             s = shortfalls.get(row.id)
             reasons = convert.reasons_to_dicts(s.reasons) if s is not None else []
         old = row.placement or {}
@@ -627,6 +637,15 @@ def _assignments(
         state = RUNNING if row.state == RUNNING and unchanged else PLACED
         out[row.id] = Assignment(row.version, state, placement, reasons)
     return out
+
+
+def placement_doc(row: WorkloadRow, placement: dict[str, Any]) -> dict[str, Any]:
+    """A placement as stored for ``row``: with the version it places (and a service's
+    spec, kept so that a later update can fall back to it)."""
+    placement["version"] = row.version
+    if row.kind == "inference":
+        placement["spec"] = row.spec
+    return placement
 
 
 def _current_placement(

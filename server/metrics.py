@@ -97,6 +97,12 @@ class Metrics:
         self.plans_total = Counter(
             "plans", "Plans computed, by solver status", ["status"], namespace=NAMESPACE, registry=r
         )
+        self.admitted_total = Counter(
+            "admitted",
+            "Workloads placed at once into free capacity, between plans",
+            namespace=NAMESPACE,
+            registry=r,
+        )
         self.workloads = Gauge("workloads", "Workloads by state", ["state"], namespace=NAMESPACE, registry=r)
         self._states: set[str] = set()
         self._lock = threading.Lock()
@@ -120,6 +126,9 @@ class Metrics:
         self.plan_gap.set(math.nan if gap is None else gap)
         if objective is not None:
             self.plan_objective.set(objective)
+
+    def observe_admitted(self, n: int) -> None:
+        self.admitted_total.inc(n)
 
     def set_workloads(self, counts: Mapping[str, int]) -> None:
         """Workloads by state; a state reported before but missing from ``counts`` drops to 0."""

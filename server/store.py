@@ -102,6 +102,8 @@ unknown id; lists are ordered by id and paginated by ``after_id``.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import fcntl
 import json
@@ -119,6 +121,8 @@ from typing import Any, Final, Literal, TypeVar
 
 from server.aio import Wakeup
 from server.errors import AlreadyExists, FailedPrecondition, NotFound
+from server.reconcile import Claim, settle
+from server.usage import Usage, placement_use
 
 __all__ = [
     "ACTIVE",
@@ -151,6 +155,10 @@ JSONDict = dict[str, Any]
 PENDING: Final = "PENDING"
 PLACED: Final = "PLACED"
 RUNNING: Final = "RUNNING"
+WITHDRAWN: Final = (
+    "admitted at once into free capacity, then withdrawn: the plan solved meanwhile needs "
+    "these GPUs for work of the same or a higher priority; the next plan places it again"
+)
 SUCCEEDED: Final = "SUCCEEDED"
 FAILED: Final = "FAILED"
 CANCELLED: Final = "CANCELLED"
@@ -564,6 +572,9 @@ class Store:
         self._inventory_lock = threading.Lock()
         self._inventory_generation = 0
         self._inventory_cache: dict[str, list[JSONDict]] = {}
+        # workload id -> the revision an admission placed it at (Store.admit), until a
+        # plan solved after it is applied: what Store.apply_plan must not overwrite
+        self._admitted: dict[str, int] = {}
         self._lock_fd = self._take_lock()
         try:
             self._conn = self._connect()
@@ -1171,6 +1182,7 @@ class Store:
         based_on: int,
         assignments: Mapping[str, Assignment],
         summary: Mapping[str, Any] | None = None,
+        usage: Usage | None = None,
     ) -> int:
         """Store ``plan`` and apply its assignments in one transaction; the plan's revision.
 
@@ -1178,6 +1190,12 @@ class Store:
         ``assignment.version`` (else it changed while the plan was solved, and is skipped),
         and gets an event only if its state, placement or reasons change. The plan's own
         event comes last.
+
+        Workloads admitted (:meth:`admit`) after the plan's state (``based_on``) keep
+        their admission; where they and the plan's placements (``usage``: what the
+        whole plan holds) overflow a node or a quota, the lowest priority gives way
+        (``server.reconcile``): an admission is withdrawn, or a plan's placement of a
+        workload that held nothing is not applied.
 
         ``plan`` may come already encoded as JSON (from the process that made it);
         then ``summary`` gives its ``objective``, ``placed`` and ``unplaced``.
@@ -1201,7 +1219,26 @@ class Store:
 
         def op(tx: _Tx) -> int:
             t = time.time()
+            admitted = sorted(id for id, rev in self._admitted.items() if rev > based_on)
+            for id in [id for id, rev in self._admitted.items() if rev <= based_on]:
+                del self._admitted[id]  # every later plan is solved from a state that has them
+            keep, withdrawn = self._settle_admissions(tx, admitted, assignments, changes, usage)
+            for id in withdrawn:
+                old = tx.workload(id)
+                tx.write_workload(
+                    dataclasses.replace(
+                        old,
+                        state=PENDING,
+                        placement=None,
+                        reasons=[{"code": "CAPACITY", "message": WITHDRAWN}],
+                        updated_at=t,
+                        revision=tx.next_revision,
+                    ),
+                    "updated",
+                )
             for id, a in assignments.items():
+                if id in keep or id in withdrawn:
+                    continue
                 try:
                     old = tx.workload(id)
                 except NotFound:
@@ -1240,5 +1277,99 @@ class Store:
                 (self.plan_history,),
             )
             return revision
+
+        return self._write(op)
+
+    def _settle_admissions(
+        self,
+        tx: _Tx,
+        admitted: list[str],
+        assignments: Mapping[str, Assignment],
+        changes: Mapping[str, Any],
+        usage: Usage | None,
+    ) -> tuple[set[str], set[str]]:
+        """Inside :meth:`apply_plan`: (the workloads whose assignments are not applied,
+        the admissions withdrawn)."""
+        rows = {}
+        for id in admitted:
+            with contextlib.suppress(NotFound):
+                row = tx.workload(id)
+                if row.state in (PLACED, RUNNING) and row.placement:
+                    rows[id] = row
+        if not rows:
+            return set(), set()
+        total = Usage() if usage is None else copy.deepcopy(usage)
+        claims: list[Claim] = []
+        for id, row in rows.items():
+            planned = changes[id][0] if id in assignments else None
+            if planned:  # the plan's own copy of it gives way to the admission
+                total.add(row.tenant, planned.get("gpu_type", ""), placement_use(row.spec, planned), -1.0)
+            placement = row.placement or {}
+            held = placement_use(row.spec, placement)
+            total.add(row.tenant, placement.get("gpu_type", ""), held)
+            priority = int(row.spec.get("priority", 0) or 0)
+            claims.append(Claim(id, priority, row.tenant, placement.get("gpu_type", ""), held, True))
+        touched = {n for c in claims for n in c.held}
+        tenants = {c.tenant for c in claims}
+        for id, a in assignments.items():
+            placement = changes[id][0]
+            if id in rows or not placement or a.state != PLACED:
+                continue
+            try:
+                old = tx.workload(id)
+            except NotFound:
+                continue
+            if old.placement or old.state != PENDING or old.version != a.version:
+                continue  # a move of placed work (never undone), or not applied anyway
+            held = placement_use(old.spec, placement)
+            if touched.isdisjoint(held) and old.tenant not in tenants:
+                continue
+            priority = int(old.spec.get("priority", 0) or 0)
+            claims.append(Claim(id, priority, old.tenant, placement.get("gpu_type", ""), held, False))
+        nodes = {}
+        for n in touched:
+            with contextlib.suppress(NotFound):
+                nodes[n] = tx.node(n).spec
+        docs = (json.loads(r[0]) for r in tx.execute("SELECT spec FROM tenants"))
+        quotas = {name: t for t in docs if (name := str(t.get("name", ""))) in tenants}
+        gone = settle(total, claims, nodes, quotas)
+        withdrawn = {c.id for c in claims if c.admitted and c.id in gone}
+        return set(rows) | {c.id for c in claims if not c.admitted and c.id in gone}, withdrawn
+
+    def admit(self, placements: Mapping[str, tuple[int, JSONDict]], seen_revision: int) -> list[WorkloadRow]:
+        """Place pending workloads at once (``server.admission``): id -> (the version
+        it was admitted at, its placement). Nothing is written if a plan, a node or the
+        inventory changed after ``seen_revision`` (the capacity it was computed from may
+        be gone; the caller looks again); a workload that is no longer PENDING at that
+        version, or holds a placement, is skipped. The rows as admitted."""
+        changes = json.loads(_dumps({id: p for id, (_v, p) in placements.items()}))
+
+        def op(tx: _Tx) -> list[WorkloadRow]:
+            moved = tx.one(
+                "SELECT 1 FROM events WHERE revision > ? AND kind IN ('plan', 'node', 'inventory') LIMIT 1",
+                (seen_revision,),
+            )
+            if moved is not None:
+                return []
+            t = time.time()
+            out = []
+            for id, (version, _p) in placements.items():
+                try:
+                    old = tx.workload(id)
+                except NotFound:
+                    continue
+                if old.state != PENDING or old.version != version or old.placement:
+                    continue
+                row = dataclasses.replace(
+                    old,
+                    state=PLACED,
+                    placement=changes[id],
+                    reasons=[],
+                    updated_at=t,
+                    revision=tx.next_revision,
+                )
+                out.append(tx.write_workload(row, "updated"))
+                self._admitted[id] = row.revision
+            return out
 
         return self._write(op)
