@@ -186,11 +186,16 @@ class Admission:
     def _place(self, batch: list[WorkloadRow]) -> dict[str, tuple[int, dict[str, Any]]]:
         """id -> (version, placement) of the candidates that fit, checked on the whole cluster."""
         nodes = self._free_nodes()
-        if not nodes:
-            return {}
         tenants = [
             tenant_gpus_left(doc, self._tenant_used.get(name, {})) for name, doc in self._tenants.items()
         ]
+        # What cannot fit in the free GPUs or its tenant's quota left is not tried (the
+        # common case on a busy cluster: a tenant at its quota keeps submitting).
+        free = sum(int(n.get("gpus", 0) or 0) for n in nodes)
+        room = {str(t.get("name", "")): int(t["max_gpus"]) for t in tenants if t.get("max_gpus") is not None}
+        batch = [r for r in batch if 0 < _least_gpus(r.spec) <= min(free, room.get(r.tenant, free))]
+        if not batch:
+            return {}
         specs = {r.id: r.spec for r in batch}
         try:
             problem, _invalid = build_problem(batch, specs, self._gpu_types, tenants, nodes, set())
@@ -354,3 +359,15 @@ def _left(node: Mapping[str, Any], used: Use) -> dict[str, Any] | None:
                 return None
             free[key] = have - taken
     return free
+
+
+def _least_gpus(spec: Mapping[str, Any]) -> int:
+    """The fewest GPUs a workload of ``spec`` can run on (0: it cannot run anywhere)."""
+    training = spec.get("training")
+    if training is not None:
+        sizes = [int(training.get("gpus", 0) or 0)]
+        sizes += [int(e.get("gpus", 0) or 0) for e in training.get("elastic", ())]
+        return min((g for g in sizes if g > 0), default=0)
+    inference = spec.get("inference") or {}
+    per_replica = [int(g) for g in (inference.get("gpus_per_replica") or {}).values() if int(g) > 0]
+    return max(1, int(inference.get("min_replicas", 1) or 1)) * min(per_replica, default=0)
