@@ -34,6 +34,7 @@ workload ends or is cancelled, a plan or the inventory changes).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import threading
@@ -43,11 +44,11 @@ from typing import Any
 
 import solver
 from server import convert
-from server.control import PlanInfo, build_problem, placement_doc
+from server.control import PlanInfo, placement_doc
 from server.errors import FailedPrecondition
 from server.store import PENDING, PLACED, RUNNING, Event, Store, WorkloadRow
-from server.usage import Use, placement_use, ready, tenant_gpus_left
-from solver import PlanOptions, ValidationError
+from server.usage import Use, placement_use, ready
+from solver import Node, PlanOptions, Problem, Tenant, ValidationError
 
 __all__ = ["Admission", "AdmissionConfig"]
 
@@ -94,15 +95,17 @@ class Admission:
         # the view of the store, kept from its events
         self._seen = -1  # the revision the view is at (-1: read it whole first)
         self._nodes: dict[str, dict[str, Any]] = {}
+        self._domain_nodes: dict[str, Node] = {}  # the same as domain objects, made when first needed
         self._tenants: dict[str, dict[str, Any]] = {}
-        self._gpu_types: list[dict[str, Any]] = []
+        self._inventory = Problem((), (), ())  # GPU types and tenants as domain objects
         self._holds: dict[str, _Hold] = {}  # placed and running workloads
         self._used: dict[str, Use] = {}  # node id -> what the holds take there
+        self._full: set[str] = set()  # nodes the holds leave no GPU free on
         self._tenant_used: dict[str, dict[str, float]] = {}  # tenant -> GPU type -> GPUs
         self._fresh: dict[str, WorkloadRow] = {}  # PENDING, no plan has seen them
+        self._untried: dict[str, WorkloadRow] = {}  # fresh, not tried since capacity last grew
+        self._grew = False  # capacity may have grown: every fresh workload is tried again
         self._plan: PlanInfo | None = None  # the plan ``_fresh`` is relative to
-        self._epoch = 0  # grows whenever capacity may have grown
-        self._tried: dict[str, int] = {}  # workload id -> the epoch it did not fit at
 
     # -- control ---------------------------------------------------------
 
@@ -151,17 +154,12 @@ class Admission:
             if not batch:
                 break
             placements = self._place(batch)
-            if not placements:
-                for row in batch:
-                    self._tried[row.id] = self._epoch
-                break
-            rows = self.store.admit(placements, self._seen)
-            if not rows:
-                continue  # the state moved: look again
-            out += rows
+            rows = self.store.admit(placements, self._seen) if placements else []
+            if placements and not rows:
+                continue  # the state moved (a plan, a node): look again
             for row in batch:
-                if row.id not in placements:
-                    self._tried[row.id] = self._epoch
+                self._untried.pop(row.id, None)
+            out += rows
             break
         if out:
             self.admitted += len(out)
@@ -177,8 +175,13 @@ class Admission:
         if plan is not self._plan:
             self._plan = plan
             self._fresh = {id: row for id, row in self._fresh.items() if id not in plan.included}
-        rows = [r for r in self._fresh.values() if self._tried.get(r.id) != self._epoch]
-        rows.sort(key=lambda r: (-int(r.spec.get("priority", 0) or 0), r.created_at, r.id))
+            self._untried = {id: row for id, row in self._untried.items() if id in self._fresh}
+        if self._grew:
+            self._grew = False
+            self._untried = dict(self._fresh)
+        rows = sorted(
+            self._untried.values(), key=lambda r: (-int(r.spec.get("priority", 0) or 0), r.created_at, r.id)
+        )
         if len(rows) > MAX_BATCH:
             self.wake()  # the rest next
         return rows[:MAX_BATCH]
@@ -186,24 +189,23 @@ class Admission:
     def _place(self, batch: list[WorkloadRow]) -> dict[str, tuple[int, dict[str, Any]]]:
         """id -> (version, placement) of the candidates that fit, checked on the whole cluster."""
         nodes = self._free_nodes()
-        tenants = [
-            tenant_gpus_left(doc, self._tenant_used.get(name, {})) for name, doc in self._tenants.items()
-        ]
+        tenants = tuple(_quota_left(t, self._tenant_used.get(t.name, {})) for t in self._inventory.tenants)
         # What cannot fit in the free GPUs or its tenant's quota left is not tried (the
         # common case on a busy cluster: a tenant at its quota keeps submitting).
-        free = sum(int(n.get("gpus", 0) or 0) for n in nodes)
-        room = {str(t.get("name", "")): int(t["max_gpus"]) for t in tenants if t.get("max_gpus") is not None}
+        free = sum(n.gpus for n in nodes)
+        room = {t.name: t.max_gpus for t in tenants if t.max_gpus is not None}
         batch = [r for r in batch if 0 < _least_gpus(r.spec) <= min(free, room.get(r.tenant, free))]
         if not batch:
             return {}
-        specs = {r.id: r.spec for r in batch}
         try:
-            problem, _invalid = build_problem(batch, specs, self._gpu_types, tenants, nodes, set())
+            workloads = convert.domain_of(workloads=[r.spec for r in batch]).workloads
         except ValidationError:
-            return {}  # the inventory itself does not validate: the control loop reports it
-        if not problem.workloads:
-            return {}
-        plan = solver.plan(problem, "best-fit", PlanOptions(time_limit_s=self.config.time_limit_s))
+            return {}  # a spec the store should not hold: the control loop reports it
+        problem = Problem(self._inventory.gpu_types, tuple(nodes), workloads, tenants)
+        try:
+            plan = solver.plan(problem, "best-fit", PlanOptions(time_limit_s=self.config.time_limit_s))
+        except ValidationError:
+            return {}  # one no longer fits the inventory: the control loop says why
         by_id = {r.id: r for r in batch}
         out: dict[str, tuple[int, dict[str, Any]]] = {}
         for p in plan.placements:
@@ -213,15 +215,22 @@ class Admission:
                 out[row.id] = (row.version, doc)
         return out
 
-    def _free_nodes(self) -> list[dict[str, Any]]:
-        """The ready nodes with a GPU free, as node documents of what is free on them."""
+    def _free_nodes(self) -> list[Node]:
+        """The ready nodes with a GPU free, as nodes of what is free on them."""
         out = []
-        for id, node in self._nodes.items():
-            if ready(node):
-                used = self._used.get(id)
-                free = node if used is None else _left(node, used)
-                if free is not None:
-                    out.append(free)
+        for id, doc in self._nodes.items():
+            if id in self._full or not ready(doc):
+                continue
+            node = self._domain_nodes.get(id)
+            if node is None:
+                try:
+                    node = self._domain_nodes[id] = convert.domain_of(nodes=[doc]).nodes[0]
+                except ValidationError:
+                    continue
+            used = self._used.get(id)
+            free = node if used is None else _left(node, used)
+            if free is not None:
+                out.append(free)
         return out
 
     def _holds_on_whole_cluster(self, row: WorkloadRow, doc: Mapping[str, Any]) -> bool:
@@ -279,13 +288,22 @@ class Admission:
     def _reload(self) -> None:
         revision = self.store.revision()  # read first: the events after it are applied again
         self._nodes = {n.id: n.spec for n in self.store.all_nodes()}
-        self._tenants = {str(t.get("name", "")): t for t in self.store.tenants()}
-        self._gpu_types = self.store.gpu_types()
-        self._holds, self._used, self._tenant_used, self._fresh = {}, {}, {}, {}
+        self._domain_nodes = {}
+        self._read_inventory()
+        self._holds, self._used, self._tenant_used, self._fresh, self._untried = {}, {}, {}, {}, {}
+        self._full = set()
         for row in self.store.workloads_in((PLACED, RUNNING, PENDING)):
             self._track(row)
         self._seen = revision
-        self._epoch += 1
+        self._grew = True
+
+    def _read_inventory(self) -> None:
+        try:
+            self._inventory = convert.domain_of(
+                gpu_types=self.store.gpu_types(), tenants=self.store.tenants()
+            )
+        except ValidationError:
+            self._inventory = Problem((), (), ())  # admits nothing until it is fixed
 
     def _apply(self, event: Event) -> None:
         if event.kind == "workload":
@@ -294,44 +312,44 @@ class Admission:
             else:
                 self._track(WorkloadRow(**event.data))
         elif event.kind == "node":
+            self._domain_nodes.pop(event.id, None)
             if event.action == "deleted":
                 self._nodes.pop(event.id, None)
             else:
                 self._nodes[event.id] = event.data.get("spec", {})
-            self._epoch += 1
+            self._mark(event.id)
+            self._grew = True
         elif event.kind == "inventory":
-            self._tenants = {str(t.get("name", "")): t for t in self.store.tenants()}
-            self._gpu_types = self.store.gpu_types()
-            self._epoch += 1
+            self._read_inventory()
+            self._grew = True
         elif event.kind == "plan":
-            self._epoch += 1
+            self._grew = True
 
     def _forget(self, id: str) -> None:
         self._fresh.pop(id, None)
+        self._untried.pop(id, None)
         hold = self._holds.pop(id, None)
         if hold is not None:
             self._count(hold, -1.0)
-            self._epoch += 1  # capacity freed
+            self._grew = True
 
     def _track(self, row: WorkloadRow) -> None:
         self._fresh.pop(row.id, None)
+        self._untried.pop(row.id, None)
         old = self._holds.pop(row.id, None)
         if old is not None:
             self._count(old, -1.0)
         if row.state in (PLACED, RUNNING) and row.placement:
-            hold = _Hold(
-                row.tenant, str(row.placement.get("gpu_type", "")), placement_use(row.spec, row.placement)
-            )
+            gpu_type = str(row.placement.get("gpu_type", ""))
+            hold = _Hold(row.tenant, gpu_type, placement_use(row.spec, row.placement))
             self._holds[row.id] = hold
             self._count(hold, 1.0)
-            if old is not None and old != hold:
-                self._epoch += 1  # it moved: capacity may have freed
+            self._grew = self._grew or (old is not None and old != hold)  # moved: capacity may have freed
             return
-        if old is not None:
-            self._epoch += 1  # capacity freed
+        self._grew = self._grew or old is not None  # capacity freed
         plan = self._plan
         if row.state == PENDING and not row.placement and (plan is None or row.id not in plan.included):
-            self._fresh[row.id] = row
+            self._fresh[row.id] = self._untried[row.id] = row
 
     def _count(self, hold: _Hold, sign: float) -> None:
         for node, use in hold.held.items():
@@ -339,26 +357,46 @@ class Admission:
             used.add(use, sign)
             if used.gpus <= 1e-9 and used.cpus <= 1e-9 and used.memory_gib <= 1e-9:
                 del self._used[node]
+            self._mark(node)
         by_type = self._tenant_used.setdefault(hold.tenant, {})
         by_type[hold.gpu_type] = by_type.get(hold.gpu_type, 0.0) + sign * sum(
             u.gpus for u in hold.held.values()
         )
 
+    def _mark(self, node_id: str) -> None:
+        """Whether the holds leave no GPU free on ``node_id`` (then it is not looked at)."""
+        doc, used = self._nodes.get(node_id), self._used.get(node_id)
+        if doc is not None and used is not None and int(doc.get("gpus", 0) or 0) - round(used.gpus) < 1:
+            self._full.add(node_id)
+        else:
+            self._full.discard(node_id)
 
-def _left(node: Mapping[str, Any], used: Use) -> dict[str, Any] | None:
-    """A node document of what ``used`` leaves free on ``node`` (None: no GPU, or a
-    tracked CPU or memory count with nothing left, which would read as untracked)."""
-    gpus = int(node.get("gpus", 0) or 0) - round(used.gpus)
+
+def _left(node: Node, used: Use) -> Node | None:
+    """What ``used`` leaves free on ``node`` (None: no GPU, or a tracked CPU or memory
+    count with nothing left, which would read as untracked)."""
+    gpus = node.gpus - round(used.gpus)
     if gpus < 1:
         return None
-    free = dict(node, gpus=gpus)
-    for key, taken in (("cpus", used.cpus), ("memory_gib", used.memory_gib)):
-        have = float(node.get(key, 0) or 0)
-        if have > 0:
-            if have - taken <= 1e-9:
-                return None
-            free[key] = have - taken
-    return free
+    cpus, memory = node.cpus, node.memory_gib
+    if cpus > 0:
+        cpus -= used.cpus
+        if cpus <= 1e-9:
+            return None
+    if memory > 0:
+        memory -= used.memory_gib
+        if memory <= 1e-9:
+            return None
+    return dataclasses.replace(node, gpus=gpus, cpus=cpus, memory_gib=memory)
+
+
+def _quota_left(tenant: Tenant, held: Mapping[str, float]) -> Tenant:
+    """``tenant`` with its quotas reduced by what it holds."""
+    if tenant.max_gpus is None and not tenant.max_gpus_per_type:
+        return tenant
+    total = None if tenant.max_gpus is None else max(0, tenant.max_gpus - round(sum(held.values())))
+    per_type = {t: max(0, cap - round(held.get(t, 0.0))) for t, cap in tenant.max_gpus_per_type.items()}
+    return dataclasses.replace(tenant, max_gpus=total, max_gpus_per_type=per_type)
 
 
 def _least_gpus(spec: Mapping[str, Any]) -> int:

@@ -696,14 +696,13 @@ def explain(loop: ControlLoop, store: Store, workload_id: str) -> tuple[solver.E
             row.state,
         )
     if latest is None or row.id not in latest.included:
-        return (
-            solver.Explanation(
-                workload_id=row.id,
-                placed=False,
-                summary="pending: it arrived after the latest plan; the next plan includes it",
-                details=(),
-            ),
-            row.state,
+        admitted = row.state in (PLACED, RUNNING) and row.placement is not None
+        summary = (
+            "admitted at once into free capacity after the latest plan (server/admission.py); "
+            "the next plan includes it and may move it"
+            if admitted
+            else "pending: it arrived after the latest plan; the next plan includes it"
         )
+        return solver.Explanation(workload_id=row.id, placed=admitted, summary=summary, details=()), row.state
     problem, plan = latest.problem_and_plan(store)
     return solver.explain(problem, plan, row.id), row.state

@@ -630,6 +630,32 @@ def problem_from_messages(
     return problem
 
 
+def domain_of(
+    *,
+    gpu_types: Iterable[Mapping[str, Any]] = (),
+    nodes: Iterable[Mapping[str, Any]] = (),
+    tenants: Iterable[Mapping[str, Any]] = (),
+    workloads: Iterable[Mapping[str, Any]] = (),
+) -> Problem:
+    """Stored dicts as domain objects, each part converted alone (the admission keeps
+    them between calls and puts problems together of its own); not validated.
+
+    Raises:
+        ValidationError: as :func:`problem_from_messages`.
+    """
+    out: list[Violation] = []
+    problem = Problem(
+        gpu_types=tuple(_gpu_type(gpu_type_from_dict(t)) for t in gpu_types),
+        nodes=tuple(_node(node_from_dict(n), f"nodes[{i}]", out) for i, n in enumerate(nodes)),
+        tenants=tuple(_tenant(tenant_from_dict(t)) for t in tenants),
+        workloads=tuple(
+            _workload(workload_from_dict(w), f"workloads[{i}]", out) for i, w in enumerate(workloads)
+        ),
+    )
+    _raise_if(out)
+    return problem
+
+
 def load_problem(
     inventory_path: str | Path, workloads_path: str | Path, current_path: str | Path | None = None
 ) -> Problem:

@@ -338,6 +338,8 @@ def test_a_submitted_workload_is_placed_before_the_next_round(tmp_path: Path) ->
         assert srv.server.admission.admitted == 1
         status = stub.GetWorkload(apb.GetWorkloadRequest(id="quick"))
         assert status.placement.shards[0].gpus == 2
+        why = stub.Explain(apb.ExplainRequest(id="quick"))
+        assert why.placed and "admitted at once" in why.summary
 
 
 def test_with_admission_off_a_submitted_workload_waits_for_the_round(tmp_path: Path) -> None:
