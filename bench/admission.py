@@ -7,17 +7,21 @@ state: a cluster of ``nodes`` 8-GPU nodes whose ``bulk`` tenant has a quota of
 store before the server starts, then planned by its first round: the quota
 fills, the rest waits). Then ``client_processes`` x ``threads`` clients submit
 at a steady ``rate`` per second for ``duration_s``, one request every
-1/``rate`` s in turn; every ``probe_every``-th submission is a *probe*: a 1- or
-2-GPU job of the ``interactive`` tenant (no quota) that fits in the free 25%
-(all probes together fit), the others more ``bulk`` work, which does not fit.
+1/``rate`` s in turn; every ``probe_every``-th submission is a *probe*: a 1-GPU
+job of the ``interactive`` tenant (no quota) that fits in the free 25% (all
+probes together fit), the others more ``bulk`` work, which does not fit. The
+planning rounds go on meanwhile (each takes tens of seconds on this state), so
+plans solved before admissions are applied beside them.
 
 Measured per probe: from just before its ``SubmitWorkload`` call to the first
 ``PLACED`` of it in the store's event log (the same machine's clock), read
 after the run; probes still unplaced ``drain_s`` after the load count as not
 placed (their latency is at least the wait). Also: the submit rate reached, the
-RPC latency, the planning rounds during the load, what the admission placed.
+RPC latency, the planning rounds during the load, what the admission placed and
+what plans made it give back, and, from the store at the end, whether any node
+holds more GPUs than it has or any tenant more than its quota (must be none).
 
-    python bench/admission.py                 # both modes, 50,000 stored, 1,000/s for 20 s (~6 min)
+    python bench/admission.py                 # both modes, 50,000 stored, 1,000/s for 60 s (~8 min)
     python bench/admission.py --quick --out /tmp/admission.json
 """
 
@@ -66,8 +70,8 @@ class Config:
     nodes: int = 1000
     stored: int = 50_000
     rate: float = 1000.0
-    duration_s: float = 20.0
-    probe_every: int = 20  # 5% of the submissions are probes
+    duration_s: float = 60.0  # long enough for planning rounds to end during the load
+    probe_every: int = 40  # 2.5% of the submissions are probes
     client_processes: int = 4
     threads_per_process: int = 4
     drain_s: float = 120.0  # after the load, how long unplaced probes are waited for
@@ -135,7 +139,7 @@ def load_requests(cfg: Config) -> list[tuple[bool, bytes]]:
     more = iter(bulk(n, cfg.stored, rng))
     for i in range(n):
         if i % cfg.probe_every == 0:
-            w = job(f"probe-{i:06d}", "interactive", int(rng.choice([1, 2])), rng)
+            w = job(f"probe-{i:06d}", "interactive", 1, rng)
             out.append((True, apb.SubmitWorkloadRequest(workload=w, request_id=w.id).SerializeToString()))
         else:
             w = next(more)
@@ -236,6 +240,31 @@ def first_placed(db: Path, ids: Sequence[str]) -> dict[str, float]:
     return out
 
 
+def final_state_checks(db: Path, cfg: Config) -> dict[str, int]:
+    """From the store after the run: nodes over their GPUs, tenants over their quota,
+    and admissions a plan withdrew (events with the withdrawal reason)."""
+    _types, nodes, tenants = inventory(cfg)
+    capacity = {n["id"]: n["gpus"] for n in nodes}
+    quota = {t["name"]: t["max_gpus"] for t in tenants if "max_gpus" in t}
+    used: dict[str, int] = {}
+    held: dict[str, int] = {}
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as conn:
+        for tenant, placement in conn.execute(
+            "SELECT tenant, placement FROM workloads WHERE state IN ('PLACED', 'RUNNING')"
+        ):
+            for shard in json.loads(placement or "{}").get("shards", []):
+                used[shard["node_id"]] = used.get(shard["node_id"], 0) + shard["gpus"]
+                held[tenant] = held.get(tenant, 0) + shard["gpus"]
+        withdrawn = conn.execute(
+            "SELECT count(*) FROM events WHERE kind = 'workload' AND data LIKE '%then withdrawn%'"
+        ).fetchone()[0]
+    return {
+        "nodes_over_capacity": sum(1 for n, g in used.items() if g > capacity[n]),
+        "tenants_over_quota": sum(1 for t, g in held.items() if t in quota and g > quota[t]),
+        "admissions_withdrawn": int(withdrawn),
+    }
+
+
 def admitted_count(srv: Server) -> int:
     """Workloads the admission placed, by the server's "admitted" log lines."""
     total = 0
@@ -283,6 +312,7 @@ def run_mode(cfg: Config, mode: str) -> dict[str, Any]:
             admitted = admitted_count(srv)
         finally:
             srv.stop()
+        checks = final_state_checks(srv.db, cfg)
         ok = [(s, t) for s, t in sent.values() if t is not None]
         first_sent = min(s for s, _ in sent.values())
         last_sent = max(s for s, _ in sent.values())
@@ -314,6 +344,7 @@ def run_mode(cfg: Config, mode: str) -> dict[str, Any]:
                 k.replace("_ms", "_s"): (None if v is None else round(v / 1000, 3)) for k, v in lat.items()
             },
             "admitted_by_admission": admitted,
+            "final_state": checks,
             "rounds_during_load": [
                 {k: r.get(k) for k in ("workloads", "placed", "round_s")} for r in rounds_load
             ],
@@ -328,15 +359,16 @@ def run_mode(cfg: Config, mode: str) -> dict[str, Any]:
 def markdown(doc: Mapping[str, Any]) -> str:
     lines = [
         "| admission | submits/s | probes placed | submit→PLACED p50 / p90 / p99 / max "
-        "| rounds in the load |",
-        "|---|---:|---:|---|---:|",
+        "| rounds in the load | withdrawn | over capacity |",
+        "|---|---:|---:|---|---:|---:|---:|",
     ]
     for r in doc["results"].values():
         s = r["submit_to_placed_s"]
         lines.append(
             f"| {r['mode']} | {r['submit_per_s']:,.0f} | {r['probes_placed']} of {r['probes']} "
             f"| {s['p50_s']} / {s['p90_s']} / {s['p99_s']} / {s['max_s']} s "
-            f"| {len(r['rounds_during_load'])} |"
+            f"| {len(r['rounds_during_load'])} | {r['final_state']['admissions_withdrawn']} "
+            f"| {r['final_state']['nodes_over_capacity']} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -363,6 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         doc["target"] = {
             "submit_to_placed_p99_s": f"<= {TARGET_P99_S} at {cfg.rate:g}/s with {cfg.stored:,} stored",
             "met": on is not None
+            and on["final_state"]["nodes_over_capacity"] == 0
+            and on["final_state"]["tenants_over_quota"] == 0
             and p99 is not None
             and p99 <= TARGET_P99_S
             and on["probes_not_placed_after_drain"] == 0,
