@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import heapq
 import logging
 import math
 import threading
@@ -62,7 +63,7 @@ MAX_BATCH = 256  # candidates placed in one step (the rest in the next, at once)
 @dataclass(frozen=True)
 class AdmissionConfig:
     enabled: bool = True
-    batch_s: float = 0.02  # submissions gathered this long before they are admitted together
+    batch_s: float = 0.05  # submissions gathered this long before they are admitted together
     time_limit_s: float = 2.0  # the solver's budget for one batch (the greedy takes milliseconds)
 
 
@@ -104,6 +105,7 @@ class Admission:
         self._tenant_used: dict[str, dict[str, float]] = {}  # tenant -> GPU type -> GPUs
         self._fresh: dict[str, WorkloadRow] = {}  # PENDING, no plan has seen them
         self._untried: dict[str, WorkloadRow] = {}  # fresh, not tried since capacity last grew
+        self._queue: list[tuple[int, float, str]] = []  # a heap of untried ids, in admission order
         self._grew = False  # capacity may have grown: every fresh workload is tried again
         self._plan: PlanInfo | None = None  # the plan ``_fresh`` is relative to
 
@@ -179,22 +181,30 @@ class Admission:
         if self._grew:
             self._grew = False
             self._untried = dict(self._fresh)
-        rows = sorted(
-            self._untried.values(), key=lambda r: (-int(r.spec.get("priority", 0) or 0), r.created_at, r.id)
-        )
-        if len(rows) > MAX_BATCH:
+            self._queue = [_order(r) for r in self._fresh.values()]
+            heapq.heapify(self._queue)
+        rows: dict[str, WorkloadRow] = {}
+        while self._queue and len(rows) < MAX_BATCH:
+            id = heapq.heappop(self._queue)[2]
+            row = self._untried.get(id)
+            if row is not None:
+                rows[id] = row
+        if self._queue:
             self.wake()  # the rest next
-        return rows[:MAX_BATCH]
+        return list(rows.values())
 
     def _place(self, batch: list[WorkloadRow]) -> dict[str, tuple[int, dict[str, Any]]]:
         """id -> (version, placement) of the candidates that fit, checked on the whole cluster."""
-        nodes = self._free_nodes()
         tenants = tuple(_quota_left(t, self._tenant_used.get(t.name, {})) for t in self._inventory.tenants)
-        # What cannot fit in the free GPUs or its tenant's quota left is not tried (the
+        # What cannot fit in its tenant's quota left or in the free GPUs is not tried (the
         # common case on a busy cluster: a tenant at its quota keeps submitting).
-        free = sum(n.gpus for n in nodes)
         room = {t.name: t.max_gpus for t in tenants if t.max_gpus is not None}
-        batch = [r for r in batch if 0 < _least_gpus(r.spec) <= min(free, room.get(r.tenant, free))]
+        batch = [r for r in batch if 0 < _least_gpus(r.spec) <= room.get(r.tenant, _least_gpus(r.spec))]
+        if not batch:
+            return {}
+        nodes = self._free_nodes()
+        free = sum(n.gpus for n in nodes)
+        batch = [r for r in batch if _least_gpus(r.spec) <= free]
         if not batch:
             return {}
         try:
@@ -291,6 +301,7 @@ class Admission:
         self._domain_nodes = {}
         self._read_inventory()
         self._holds, self._used, self._tenant_used, self._fresh, self._untried = {}, {}, {}, {}, {}
+        self._queue = []
         self._full = set()
         for row in self.store.workloads_in((PLACED, RUNNING, PENDING)):
             self._track(row)
@@ -350,6 +361,7 @@ class Admission:
         plan = self._plan
         if row.state == PENDING and not row.placement and (plan is None or row.id not in plan.included):
             self._fresh[row.id] = self._untried[row.id] = row
+            heapq.heappush(self._queue, _order(row))
 
     def _count(self, hold: _Hold, sign: float) -> None:
         for node, use in hold.held.items():
@@ -370,6 +382,11 @@ class Admission:
             self._full.add(node_id)
         else:
             self._full.discard(node_id)
+
+
+def _order(row: WorkloadRow) -> tuple[int, float, str]:
+    """Admission order: priority first, then submission."""
+    return (-int(row.spec.get("priority", 0) or 0), row.created_at, row.id)
 
 
 def _left(node: Node, used: Use) -> Node | None:
