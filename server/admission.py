@@ -24,11 +24,18 @@ Consistency with the plan. The store writes an admission only if no plan, no
 node and no inventory changed after the state it was computed from (else it
 looks again). A plan solved from a state before an admission keeps it; where
 the two overflow a node or a quota, the lower priority gives way
-(``server.reconcile``). Each batch of submissions is admitted in one write, a
-few milliseconds after the first of them (``AdmissionConfig.batch_s``), so
-under a stream of submissions the thread takes little of the server's time;
-candidates that did not fit are not tried again until capacity frees (a
-workload ends or is cancelled, a plan or the inventory changes).
+(``server.reconcile``).
+
+Cost. The thread shares the server's interpreter with the RPCs, so it works in
+batches: everything submitted meanwhile is admitted in one step and one write,
+at least ``AdmissionConfig.batch_s`` (50 ms) after the first submission, and
+after a step it rests 20 times the CPU time that step took (at most 0.5 s), so
+it takes at most about 5% of the server's interpreter (a step costs ~5-10 ms
+with 250 free nodes; measured with ``bench/admission.py``: without the rest,
+admission cut the submit rate at 1,000/s offered by a fifth). Candidates that
+did not fit are not tried again until capacity frees (a workload ends or is
+cancelled, a plan or the inventory changes), and one that cannot fit in its
+tenant's quota left or in the free GPUs is not handed to the solver at all.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import heapq
 import logging
 import math
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -58,6 +66,8 @@ log = logging.getLogger("apportion.admission")
 EVENT_PAGE = 5000  # events read per query while catching up
 LOOK_AGAIN = 3  # admissions refused because the state moved, retried at once this many times
 MAX_BATCH = 256  # candidates placed in one step (the rest in the next, at once)
+REST_FACTOR = 20.0  # after a step, the thread waits this many times the CPU time it took ...
+MAX_REST_S = 0.5  # ... but never longer than this
 
 
 @dataclass(frozen=True)
@@ -129,21 +139,25 @@ class Admission:
             self._cond.notify_all()
 
     def _run(self) -> None:
+        rest = 0.0
         while True:
             with self._cond:
                 while not self._woken and not self._stopped:
                     self._cond.wait()
                 if self._stopped:
                     return
-                self._cond.wait(self.config.batch_s)  # gather a batch
+                # gather a batch, and rest in proportion to what the last step cost
+                self._cond.wait(max(self.config.batch_s, rest))
                 self._woken = False
                 if self._stopped:
                     return
+            cpu = time.thread_time()
             try:
                 self.step()
             except Exception:  # never let the thread die: the next wake-up looks again
                 log.exception("admission failed")
                 self._seen = -1  # and reads the state whole then
+            rest = min(MAX_REST_S, REST_FACTOR * (time.thread_time() - cpu))
 
     # -- one step --------------------------------------------------------
 
