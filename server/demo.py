@@ -210,9 +210,15 @@ def run(args: argparse.Namespace) -> int:
         for w in workloads(args.steps, args.gpu_type):
             client.submit(w)
         wait_for(lambda: client.get(TRAIN_ID).state in ("PLACED", "RUNNING", "SUCCEEDED"), 30, "the plan")
+        # admitted at once into free capacity (server/admission.py), it may be placed before a plan lists it
+        wait_for(
+            lambda: any(p.workload_id == TRAIN_ID for p in client.current_plan().plan.placements),
+            30,
+            "a plan",
+        )
         say("== the plan (apportion get-plan)")
         show_plan(address)
-        shards = client.get(TRAIN_ID).placement.shards
+        shards = sorted(client.get(TRAIN_ID).placement.shards, key=lambda s: s.node_id)
         say(f"   {TRAIN_ID} runs as one gang on {', '.join(f'{s.node_id} ({s.gpus} GPUs)' for s in shards)}")
 
         say("== training (GetWorkload, every 0.5 s)")

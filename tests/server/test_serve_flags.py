@@ -24,6 +24,8 @@ def test_the_defaults_are_the_configs_defaults() -> None:
     assert config.rate_limit == ServerConfig.rate_limit == 2000.0 and config.rate_burst == 4000
     assert config_of("--rate-limit", "0").rate_limit == 0.0
     assert config_of("--plan-processes", "3").plan_processes == 3
+    # new work is admitted into free capacity between rounds unless asked off
+    assert config.admission.enabled and not config_of("--admission", "off").admission.enabled
 
 
 def test_worker_and_feedback_flags_reach_the_config() -> None:
