@@ -1047,7 +1047,9 @@ def _server_error(exc: ApportionError, address: str) -> int:
         else:
             sys.stderr.write(f"apportion: invalid input: {exc.message}\n")
         return EXIT_BAD_INPUT
-    if code is StatusCode.UNAVAILABLE:
+    if code is StatusCode.UNAVAILABLE and exc.from_server:
+        line = f"the server says: {exc.message}"  # e.g. a service with no live replica
+    elif code is StatusCode.UNAVAILABLE:
         line = f"cannot reach the server at {address} ({exc.message})"
     elif code is StatusCode.DEADLINE_EXCEEDED:
         line = f"the server at {address} did not answer in time ({exc.message})"

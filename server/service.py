@@ -50,6 +50,7 @@ from google.protobuf.message import Message
 from grpc_status import rpc_status
 
 import solver
+from apportion.client import ANSWERED_BY_KEY
 from apportion.v1 import allocator_pb2 as apb
 from apportion.v1 import allocator_pb2_grpc
 from apportion.v1 import types_pb2 as pb
@@ -126,6 +127,9 @@ MAX_MESSAGE_CHARS = 1024  # of its message (both travel in trailers, 8 KiB at mo
 
 
 Status = tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]
+# Trailing metadata of every error the server itself answers, so that a client can tell
+# the server's UNAVAILABLE ("no live replica") from a server it cannot reach.
+SERVER_ANSWERED = (ANSWERED_BY_KEY, "apportion")
 
 
 def _status_for(exc: BaseException) -> Status:
@@ -143,12 +147,12 @@ def _status_for(exc: BaseException) -> Status:
         if len(message) > MAX_MESSAGE_CHARS:
             message = message[:MAX_MESSAGE_CHARS] + "…"
         status = rpc_status.to_status(convert.bad_request_status(shown, message))
-        return status.code, status.details, tuple(status.trailing_metadata)
+        return status.code, status.details, (*status.trailing_metadata, SERVER_ANSWERED)
     code = status_code(exc)
     if code is None:
         log.error("internal error", exc_info=exc)
-        return grpc.StatusCode.INTERNAL, "internal error (see the server log)", ()
-    return code, str(exc), ()
+        return grpc.StatusCode.INTERNAL, "internal error (see the server log)", (SERVER_ANSWERED,)
+    return code, str(exc), (SERVER_ANSWERED,)
 
 
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> grpc.StatusCode:

@@ -119,6 +119,17 @@ class Explainer:
             ]
         return self._holder_memo[key]
 
+    def _of_priority(self, ids: Iterable[str], priority: int) -> str:
+        """ "workloads of equal priority (1)", or of the priorities they really have
+        (a policy that does not order by priority, ``fcfs``, places lower ones first)."""
+        have = sorted({self.index.workloads[h].priority for h in ids})
+        if have == [priority]:
+            return f"workloads of equal priority ({priority})"
+        listed = ", ".join(str(p) for p in have)
+        if have and have[-1] < priority:
+            return f"lower-priority workloads (priority {listed}; this one has {priority})"
+        return f"workloads of equal or lower priority ({listed}; this one has {priority})"
+
     def _ready_nodes(self, types: frozenset[str], selector: frozenset[tuple[str, str]]) -> list[Node]:
         """Ready nodes of ``types`` that carry the labels of ``selector`` (memoized)."""
         key = (types, selector)
@@ -218,8 +229,8 @@ class Explainer:
             who = lower or holders
             return Reason(
                 ReasonCode.CAPACITY,
-                f"on {gpu_type}: no room for {need}; the capacity is held by workloads of equal "
-                f"priority ({w.priority}) that the policy values more: {_names(who)}",
+                f"on {gpu_type}: no room for {need}; the capacity is held by "
+                f"{self._of_priority(who, w.priority)} that the policy values more: {_names(who)}",
             )
         if self._fits_under(fits, "all", 0, keep):
             holders = [

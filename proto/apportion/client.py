@@ -73,23 +73,36 @@ Pem = str | os.PathLike[str] | bytes
 MessageOrDict = Message | Mapping[str, Any]
 
 
+ANSWERED_BY_KEY = "apportion-answered-by"  # trailing metadata of every error the server answers itself
+
+
 class ApportionError(Exception):
     """A call that failed: its status ``code``, the server's ``message`` and, for
     INVALID_ARGUMENT, ``violations``: one ``(field, description)`` per bad field."""
 
     def __init__(
-        self, code: grpc.StatusCode, message: str, violations: Sequence[tuple[str, str]] = ()
+        self,
+        code: grpc.StatusCode,
+        message: str,
+        violations: Sequence[tuple[str, str]] = (),
+        *,
+        from_server: bool = False,
     ) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.violations: list[tuple[str, str]] = list(violations)
+        #: the Apportion server answered this error itself (its UNAVAILABLE means "no
+        #: live replica", not "cannot reach the server")
+        self.from_server = from_server
 
     @classmethod
     def from_rpc_error(cls, exc: grpc.RpcError) -> ApportionError:
         code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
         message = (exc.details() if isinstance(exc, grpc.Call) else None) or str(exc)
-        return cls(code, message, _violations(exc))
+        trailing = (exc.trailing_metadata() if isinstance(exc, grpc.Call) else None) or ()
+        answered = any(key == ANSWERED_BY_KEY for key, _value in trailing)
+        return cls(code, message, _violations(exc), from_server=answered)
 
 
 class ConfigError(ValueError):

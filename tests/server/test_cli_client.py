@@ -371,6 +371,14 @@ def test_unreachable_server_one_line(capsys: Capsys, monkeypatch: pytest.MonkeyP
         assert err.startswith(f"apportion: cannot reach the server at {address}") and err.count("\n") == 1
 
 
+def test_the_servers_own_unavailable_is_not_a_server_it_cannot_reach(at: list[str], capsys: Capsys) -> None:
+    # generate to a training workload: the server answers UNAVAILABLE with its reason
+    # (it was reported as "cannot reach the server")
+    code, out, err = run(capsys, "generate", "llm-pretrain", "--prompt", "hi", *at)
+    assert (code, out) == (1, "")
+    assert err == 'apportion: the server says: "llm-pretrain" is a training workload, not an inference service\n'
+
+
 def test_tls_files_that_cannot_be_read(tmp_path: Path, capsys: Capsys) -> None:
     code, _, err = run(capsys, "list", "--tls-ca", tmp_path / "nope.pem", *unused())
     assert code == 2 and "cannot read the CA certificate" in err

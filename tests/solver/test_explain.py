@@ -295,3 +295,24 @@ def test_shadow_price_of_the_scarce_type_is_positive_and_of_an_idle_type_zero() 
 def test_shadow_prices_are_zero_when_nothing_is_scarce() -> None:
     p = problem(nodes=[node("a1", gpus=8)], workloads=[train("j", 4)])
     assert all(v == pytest.approx(0.0) for v in planned(p).shadow_prices.values())
+
+
+def test_under_fcfs_the_priorities_named_are_the_holders_own() -> None:
+    # fcfs places by submission, not priority: the earlier priority-0 jobs fill the
+    # node and the later priority-1 job waits. The reason names the holders' priority
+    # (0), not the waiting job's (it said "workloads of equal priority (1)").
+    p = problem(
+        nodes=[node("n1", "a100", 4)],
+        workloads=[
+            train("early-a", 2, submit_time_s=1.0),
+            train("early-b", 2, submit_time_s=2.0),
+            train("late-high", 4, priority=1, submit_time_s=3.0),
+        ],
+    )
+    r = plan(p, "fcfs", OPTIONS)
+    assert {x.workload_id for x in r.placements} == {"early-a", "early-b"}
+    code, message = only_reason(r, "late-high")
+    assert code is ReasonCode.CAPACITY
+    assert "lower-priority workloads (priority 0; this one has 1)" in message, message
+    assert "equal priority (1)" not in message
+    assert "early-a, early-b" in message
