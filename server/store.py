@@ -428,6 +428,18 @@ def _observe(observed: JSONDict, obs: Observation) -> JSONDict:
     return merged
 
 
+def _taken(id: str, tenant: str, holder: str, state: str) -> str:
+    """Why ``id`` cannot be submitted: it exists (its state only to its own tenant)."""
+    if holder != tenant:
+        return f"workload {id!r} already exists"
+    if state in TERMINAL:
+        return (
+            f"workload {id!r} already exists and is {state}: an id is never reused "
+            "(its history stays); submit it again under a new id"
+        )
+    return f"workload {id!r} already exists and is {state}: to change it, update it"
+
+
 def _slack(event_history: int) -> int:
     """How far past ``event_history`` the log may grow before it is compacted."""
     return max(1, min(1000, event_history // 100))
@@ -973,8 +985,9 @@ class Store:
             seen = tx.request(request_key, "submit", id, request_digest)
             if seen is not None:
                 return seen, False
-            if tx.one("SELECT 1 FROM workloads WHERE id = ?", (id,)) is not None:
-                raise AlreadyExists(f"workload {id!r} already exists")
+            taken = tx.one("SELECT tenant, state FROM workloads WHERE id = ?", (id,))
+            if taken is not None:
+                raise AlreadyExists(_taken(id, tenant, taken[0], taken[1]))
             t = time.time() if now is None else now
             row = WorkloadRow(
                 id=id,

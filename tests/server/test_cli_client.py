@@ -376,7 +376,8 @@ def test_the_servers_own_unavailable_is_not_a_server_it_cannot_reach(at: list[st
     # (it was reported as "cannot reach the server")
     code, out, err = run(capsys, "generate", "llm-pretrain", "--prompt", "hi", *at)
     assert (code, out) == (1, "")
-    assert err == 'apportion: the server says: "llm-pretrain" is a training workload, not an inference service\n'
+    said = '"llm-pretrain" is a training workload, not an inference service'
+    assert err == f"apportion: the server says: {said}\n"
 
 
 def test_tls_files_that_cannot_be_read(tmp_path: Path, capsys: Capsys) -> None:

@@ -133,8 +133,12 @@ def test_a_taken_id_already_exists_in_any_state(store: Store) -> None:
     with pytest.raises(AlreadyExists, match="'w1'"):
         store.submit_workload("w1", "research", "training", SPEC, request_key="r2")
     store.cancel_workload("w1")
-    with pytest.raises(AlreadyExists):
+    with pytest.raises(AlreadyExists) as taken:
         store.submit_workload("w1", "other", "training", SPEC, request_key=None)
+    assert str(taken.value) == "workload 'w1' already exists"  # another tenant learns nothing more
+    # its own tenant learns what happened and what to do
+    with pytest.raises(AlreadyExists, match="'w1' already exists and is CANCELLED: an id is never reused"):
+        store.submit_workload("w1", "research", "training", SPEC, request_key=None)
     assert store.revision() == 2
     # The failed request did not remember its key: it is free for another workload.
     submit(store, "w2", key="r2")
