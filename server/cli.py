@@ -385,6 +385,14 @@ def _client_commands(sub: Any) -> None:
         "drain", "mark a node draining: its workloads move off, nothing new lands (admin)", _cmd_drain
     )
     drain.add_argument("node_id", metavar="NODE_ID")
+    undrain = command(
+        "undrain", "mark a draining node ready again: new work may land on it (admin)", _cmd_undrain
+    )
+    undrain.add_argument("node_id", metavar="NODE_ID")
+    usage = command(
+        "usage", "show each tenant's GPUs held (placed and running) against its quotas", _cmd_usage
+    )
+    usage.add_argument("--tenant", default="", help="only this tenant (admin; default: all you may see)")
     watch = command("watch", "follow the server's changes, one line each, until Ctrl-C", _cmd_watch)
     watch.add_argument(
         "--from-revision",
@@ -982,6 +990,49 @@ def _cmd_drain(args: argparse.Namespace) -> int:
         node = convert.message_to_dict(client.drain(args.node_id))
     _write(_json(node) if args.output == "json" else "\n".join(render.render_nodes([node])) + "\n", None)
     return EXIT_OK
+
+
+def _cmd_undrain(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        node = convert.message_to_dict(client.undrain(args.node_id))
+    _write(_json(node) if args.output == "json" else "\n".join(render.render_nodes([node])) + "\n", None)
+    return EXIT_OK
+
+
+def _cmd_usage(args: argparse.Namespace) -> int:
+    with _client(args) as client:
+        _nodes, _types, tenants = client.nodes()
+        held: dict[str, dict[str, int]] = {}
+        for state in ("PLACED", "RUNNING"):
+            for status in client.list(tenant=args.tenant, state=state):
+                by_type = held.setdefault(status.workload.tenant, {})
+                gpu_type = status.placement.gpu_type
+                by_type[gpu_type] = by_type.get(gpu_type, 0) + sum(s.gpus for s in status.placement.shards)
+    data = _usage(held, {t.name: convert.message_to_dict(t) for t in tenants}, args.tenant)
+    _write(_json(data) if args.output == "json" else render.render_usage(data), None)
+    return EXIT_OK
+
+
+def _usage(
+    held: Mapping[str, Mapping[str, int]], tenants: Mapping[str, Mapping[str, Any]], only: str
+) -> dict[str, Any]:
+    """Per tenant (those holding GPUs and those with a quota): GPUs held per type and in
+    all, and the quotas."""
+    names = sorted((set(held) | set(tenants)) if not only else {only})
+    rows = []
+    for name in names:
+        spec = tenants.get(name, {})
+        by_type = dict(sorted(held.get(name, {}).items()))
+        rows.append(
+            {
+                "tenant": name,
+                "gpus": sum(by_type.values()),
+                "max_gpus": spec.get("max_gpus"),
+                "gpus_per_type": by_type,
+                "max_gpus_per_type": dict(spec.get("max_gpus_per_type") or {}),
+            }
+        )
+    return {"tenants": rows}
 
 
 def _cmd_watch(args: argparse.Namespace) -> int:

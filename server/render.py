@@ -335,6 +335,22 @@ def render_inventory(inventory: Mapping[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def render_usage(usage: Mapping[str, Any]) -> str:
+    """``apportion usage``: per tenant and GPU type, GPUs held against the quota."""
+    rows: list[list[object]] = []
+    for t in usage.get("tenants", []):
+        name = t["tenant"] or "(none)"
+        limit = t.get("max_gpus")
+        rows.append([name, "all", t["gpus"], "-" if limit is None else limit])
+        per_type = t.get("max_gpus_per_type", {})
+        for gpu_type in sorted(set(t.get("gpus_per_type", {})) | set(per_type)):
+            cap = per_type.get(gpu_type)
+            rows.append([name, gpu_type, t["gpus_per_type"].get(gpu_type, 0), "-" if cap is None else cap])
+    if not rows:
+        return "no tenant holds GPUs or has a quota\n"
+    return "\n".join(table(["TENANT", "GPU TYPE", "HELD", "QUOTA"], rows, indent="")) + "\n"
+
+
 def render_event(event: Mapping[str, Any]) -> str:
     """A ``Watch`` event on one line: revision, time, action, what changed."""
     head = f"{event.get('revision', 0):>6}  {format_time(event.get('time'))}  {event.get('action', ''):<7}"

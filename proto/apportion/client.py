@@ -407,6 +407,22 @@ class Client:
         """Mark node ``id`` draining (admin)."""
         return self._call(self._stub.DrainNode, apb.DrainNodeRequest(id=id), pb.Node)
 
+    def undrain(self, id: str) -> pb.Node:
+        """Mark draining node ``id`` ready again (admin): new work may land on it. It is
+        read and written back with ``UpsertNodes``; FAILED_PRECONDITION (raised here) if
+        it is not draining (a down node comes back when its worker reconnects)."""
+        nodes, _types, _tenants = self.nodes()
+        node = next((n for n in nodes if n.id == id), None)
+        if node is None:
+            raise ApportionError(grpc.StatusCode.NOT_FOUND, f"no node {id!r}")
+        if node.state != "draining":
+            raise ApportionError(
+                grpc.StatusCode.FAILED_PRECONDITION, f"node {id!r} is {node.state or 'ready'}, not draining"
+            )
+        node.state = "ready"
+        response = self.upsert_nodes([], [node], [])
+        return next((n for n in response.nodes if n.id == id), node)
+
     def nodes(
         self, page_size: int = PAGE_SIZE
     ) -> tuple[builtins.list[pb.Node], builtins.list[pb.GpuType], builtins.list[pb.Tenant]]:

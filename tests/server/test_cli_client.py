@@ -291,6 +291,41 @@ def test_drain(at: list[str], write: Write, capsys: Capsys) -> None:
     assert code == 1 and err.startswith("apportion: ")
 
 
+def test_undrain(at: list[str], write: Write, capsys: Capsys) -> None:
+    path = write("i.yaml", "nodes: [{id: cli-u, gpu_type: a100-40g, gpus: 2, zone: z9}]\n")
+    assert main(["apply-inventory", "-f", str(path), *at]) == 0
+    code, _, err = run(capsys, "undrain", "cli-u", *at)
+    assert code == 1 and err == "apportion: node 'cli-u' is ready, not draining\n"
+    assert run(capsys, "drain", "cli-u", *at)[0] == 0
+    code, out, _ = run(capsys, "undrain", "cli-u", "-o", "json", *at)
+    node = json.loads(out)
+    assert code == 0 and node["state"] == "ready" and node["zone"] == "z9"  # the rest kept
+    code, out, _ = run(capsys, "nodes", "-o", "json", *at)
+    assert next(n for n in json.loads(out)["nodes"] if n["id"] == "cli-u")["state"] == "ready"
+    code, _, err = run(capsys, "undrain", "nope", *at)
+    assert code == 1 and err == "apportion: no node 'nope'\n"
+
+
+def test_usage_counts_what_each_tenant_holds_against_its_quota(
+    at: list[str], srv: Running, capsys: Capsys
+) -> None:
+    held: dict[str, dict[str, int]] = {}
+    for w in Client(srv.address).list():
+        if w.state in ("PLACED", "RUNNING"):
+            t = held.setdefault(w.workload.tenant, {})
+            t[w.placement.gpu_type] = t.get(w.placement.gpu_type, 0) + sum(x.gpus for x in w.placement.shards)
+    assert held  # the module's workloads run
+    code, out, _ = run(capsys, "usage", "-o", "json", *at)
+    assert code == 0
+    rows = {r["tenant"]: r for r in json.loads(out)["tenants"]}
+    for tenant, by_type in held.items():
+        assert rows[tenant]["gpus_per_type"] == by_type and rows[tenant]["gpus"] == sum(by_type.values())
+    # the inventory's quotas: research max 64, h100-80g 16
+    assert rows["research"]["max_gpus"] == 64 and rows["research"]["max_gpus_per_type"] == {"h100-80g": 16}
+    code, out, _ = run(capsys, "usage", *at)
+    assert code == 0 and re.search(r"^research\s+h100-80g\s+\d+\s+16$", out, re.M), out
+
+
 def test_get_plan(at: list[str], srv: Running, capsys: Capsys) -> None:
     srv.settle()
     code, out, _ = run(capsys, "get-plan", *at)
