@@ -11,7 +11,6 @@ variables, so it models ``x`` as an integer ``X`` with ``x = X / resolution``.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -112,27 +111,6 @@ class LinearModel:
 
     def objective_value(self, values: tuple[float, ...]) -> float:
         return self.evaluate(self.objective, values) + self.objective_constant
-
-    def restricted(self, fixed: Mapping[int, float]) -> tuple[LinearModel, list[int]]:
-        """The same model over the variables not in ``fixed`` (index -> value): the
-        fixed ones are substituted into the rows and the objective's constant, rows left
-        without a variable are dropped (they hold if the fixed values are feasible).
-        Returns the model and, for each of its variables, the index it has here.
-        A solver builds and presolves it in a fraction of the whole model's time."""
-        sub = LinearModel()
-        free = [v.index for v in self.vars if v.index not in fixed]
-        new = {i: k for k, i in enumerate(free)}
-        sub.vars = [dataclasses.replace(self.vars[i], index=k) for k, i in enumerate(free)]
-        for c in self.constraints:
-            terms = {new[i]: a for i, a in c.terms.items() if i in new}
-            if terms:
-                rhs = c.rhs - sum(a * fixed[i] for i, a in c.terms.items() if i in fixed)
-                sub.constraints.append(Constraint(c.name, terms, c.sense, rhs))
-        sub.objective = {new[i]: a for i, a in self.objective.items() if i in new}
-        sub.objective_constant = self.objective_constant + sum(
-            a * fixed[i] for i, a in self.objective.items() if i in fixed
-        )
-        return sub, free
 
     def violations(self, values: tuple[float, ...], tol: float = 1e-6) -> list[str]:
         """Constraints (and bounds) that ``values`` break: used to check hints."""

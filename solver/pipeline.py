@@ -594,31 +594,6 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             later = len(stages) - k - 1
             budget = left / (later + 1) if st.primary and later else search_end - time.perf_counter()
             budget -= backend.mip_overshoot_s(nvars, budget)
-            if (
-                st.primary
-                and pol.levels(form) is None
-                and lp.status is SolveStatus.OPTIMAL
-                and lp_bound > current + tol
-            ):
-                # First the neighbourhood of the incumbent the LP points to (half the
-                # budget), then the whole model from what that found. Measured on the
-                # families (small, 1k): trtllm 1k cost 31.8% -> 5.0%, fragmented 1k
-                # throughput 5.2% -> 4.8%, nothing worse. Not on a max-min stage (its
-                # levels are searched by bisection; the MIP's half left the small zonal
-                # fairness plan's bound at 48% instead of 4%), and not on the earlier
-                # stages (their floors set with half a search left later bounds looser).
-                t0 = time.perf_counter()
-                with timer.stage(f"solve: {st.name}"):
-                    near = _neighbourhood(
-                        form.model, backend, lp.values, vector(values), fixed, 0.5 * budget, options.seed
-                    )
-                if near is not None and form.model.objective_value(near) > current + tol:
-                    with timer.stage("complete"):
-                        near_placed, near_values = concrete(option_values(form, near))
-                    if at_least(near_values, k, strictly=True):
-                        values, incumbent = near_values, near_placed
-                        current = form.model.objective_value(vector(values))
-                budget -= time.perf_counter() - t0
             with timer.stage(f"solve: {st.name}"):
                 sol = backend.solve_mip(
                     form.model,
@@ -721,46 +696,6 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
     return _finish(
         index, pol.name, pol.name, placed, bound, shadow, timer, options, status, fallback=fallback
     )
-
-
-def _neighbourhood(
-    model: LinearModel,
-    backend: Backend,
-    lp_values: tuple[float, ...],
-    incumbent: tuple[float, ...],
-    fixed_zero: frozenset[int],
-    time_limit_s: float,
-    seed: int,
-) -> tuple[float, ...] | None:
-    """RINS (relaxation induced neighbourhood search; Danna, Rothberg and Le Pape,
-    2005): the integer variables on which the LP optimum and the incumbent agree keep
-    the incumbent's value, and the much smaller MIP over the others is searched from
-    the incumbent (on trtllm at 1k, the first stage's 14,404 variables leave 2,864:
-    560.4 -> 573.1 in 2 s, where the whole model found nothing better in 60 s).
-    The full vector of what it found, or None."""
-    fixed = dict.fromkeys(fixed_zero, 0.0)
-    for v in model.vars:
-        if v.integer and v.index not in fixed and abs(lp_values[v.index] - incumbent[v.index]) < 1e-6:
-            fixed[v.index] = incumbent[v.index]
-    if len(fixed) == len(model.vars) or time_limit_s < 0.05:
-        return None
-    sub, free = model.restricted(fixed)
-    sol = backend.solve_mip(
-        sub,
-        hint=tuple(incumbent[i] for i in free),
-        time_limit_s=time_limit_s,
-        seed=seed,
-        relative_gap=1e-4,
-        num_workers=1,
-    )
-    if not sol.has_values:
-        return None
-    out = list(incumbent)
-    for i, x in fixed.items():
-        out[i] = x
-    for k, i in enumerate(free):
-        out[i] = sol.values[k]
-    return tuple(out)
 
 
 def _rebound(

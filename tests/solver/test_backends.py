@@ -212,32 +212,3 @@ def test_pulp_backend_uses_no_deprecated_api() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         get_backend("pulp").solve_lp(two_rows(), time_limit_s=5)
-
-
-def knapsack() -> LinearModel:
-    """max 5a + 4b + 3c + x  s.t. 2a + 3b + c <= 4, a + b + c + x <= 2, x <= 0.5 (a, b, c in {0, 1})."""
-    m = LinearModel()
-    a, b, c = m.bool_var("a"), m.bool_var("b"), m.bool_var("c")
-    x = m.num_var(0, 0.5, "x")
-    m.add([(a, 2), (b, 3), (c, 1)], Sense.LE, 4, "weight")
-    m.add([(a, 1), (b, 1), (c, 1), (x, 1)], Sense.LE, 2, "count")
-    m.maximize([(a, 5), (b, 4), (c, 3), (x, 1)])
-    return m
-
-
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_a_restricted_model_is_the_model_with_those_variables_fixed(backend: str) -> None:
-    m = knapsack()
-    whole = get_backend(backend).solve_mip(
-        m, hint=None, time_limit_s=10, seed=0, relative_gap=0, num_workers=1
-    )
-    assert whole.objective == pytest.approx(8.0)  # a and c, x = 0: 5 + 3
-    sub, free = m.restricted({1: 1.0})  # b = 1: then a + c <= 1 by weight, and count leaves 1 - a - c for x
-    assert free == [0, 2, 3] and [v.index for v in sub.vars] == [0, 1, 2]
-    assert sub.objective_constant == 4.0
-    assert {c.name: c.rhs for c in sub.constraints} == {"weight": 1.0, "count": 1.0}
-    sol = get_backend(backend).solve_mip(
-        sub, hint=None, time_limit_s=10, seed=0, relative_gap=0, num_workers=1
-    )
-    assert sol.objective == pytest.approx(7.0)  # b and c (x = 0): 4 + 3
-    assert m.restricted({0: 1.0, 1: 0.0, 2: 1.0, 3: 0.0})[0].constraints == []  # every row decided
