@@ -197,10 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute a plan for the workloads on the inventory: here, or with --server ADDR "
         "on that server (the Plan RPC: stateless, no server state touched), with the same output.",
     )
-    plan.add_argument("--format", choices=("table", "json"), default="table", help="output format")
     plan.add_argument(
-        "-o", "--output", type=Path, metavar="FILE", help="write the output here instead of stdout"
+        "-o",
+        "--output",
+        "--format",
+        dest="format",
+        choices=("table", "json"),
+        default="table",
+        help="output format, as in every command (default: table)",
     )
+    plan.add_argument("--out", type=Path, metavar="FILE", help="write the output to FILE instead of stdout")
     _remote_options(plan, explicit=True)
     plan.set_defaults(run=_cmd_plan)
 
@@ -646,10 +652,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     plan = _solve(args, problem) if args.server is None else _solve_remote(args, problem)
     text = _json(convert.plan_to_dict(plan)) if args.format == "json" else render.render_plan(plan, problem)
     try:
-        _write(text, args.output)
+        _write(text, args.out)
     except OSError as exc:
         raise ValidationError(
-            [Violation("--output", f"cannot write {args.output}: {exc.strerror or exc}")]
+            [Violation("--out", f"cannot write {args.out}: {exc.strerror or exc}")]
         ) from exc
     return EXIT_FAILED if plan.status is PlanStatus.INFEASIBLE else EXIT_OK
 

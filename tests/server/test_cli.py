@@ -97,11 +97,27 @@ def test_plan_table(inventory_file: Path, workloads_file: Path, capsys: pytest.C
     assert "Placements" in out and "WORKLOAD" in out
 
 
+def test_plan_o_is_the_output_format_as_in_every_command(
+    inventory_file: Path,
+    workloads_file: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # `plan -o json` wrote a table to a file named "json"; now -o is the format everywhere
+    monkeypatch.chdir(tmp_path)
+    assert main(["plan", *files(inventory_file, workloads_file), *FAST, "-o", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)["placements"]
+    assert not (tmp_path / "json").exists()
+    assert main(["plan", *files(inventory_file, workloads_file), *FAST, "-o", "plan.json"]) == 2
+    assert "invalid choice: 'plan.json'" in capsys.readouterr().err
+
+
 def test_plan_to_file_and_replan_from_it(
     inventory_file: Path, workloads_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     first = tmp_path / "plan.json"
-    argv = ["plan", *files(inventory_file, workloads_file), *FAST, "--format", "json", "-o", str(first)]
+    argv = ["plan", *files(inventory_file, workloads_file), *FAST, "--format", "json", "--out", str(first)]
     assert main(argv) == 0
     assert capsys.readouterr().out == ""
     before = json.loads(first.read_text())
@@ -321,7 +337,7 @@ def test_the_time_limit_is_the_whole_commands(tmp_path: Path) -> None:
     start = time.monotonic()
     done = run_cli(
         "plan", "--inventory", "inv.yaml", "--workloads", "wl.yaml", "--policy", "cost",
-        "--relative-gap", "0", "--time-limit", "5", "--format", "json", "--output", "plan.json",
+        "--relative-gap", "0", "--time-limit", "5", "--format", "json", "--out", "plan.json",
         cwd=tmp_path,
     )  # fmt: skip
     wall = time.monotonic() - start

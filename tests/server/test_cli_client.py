@@ -105,7 +105,7 @@ def test_plan_on_the_server_prints_the_file_modes_table_and_current(
 ) -> None:
     files = ["--inventory", inventory_file, "--workloads", workloads_file, *FAST]
     current = tmp_path / "current.json"
-    assert main([*map(str, ["plan", *files]), "--format", "json", "-o", str(current)]) == 0
+    assert main([*map(str, ["plan", *files]), "--format", "json", "--out", str(current)]) == 0
 
     def masked(text: str) -> str:
         text = re.sub(r"time \d+\.\d+ s", "time T s", text)
