@@ -362,3 +362,20 @@ def test_with_admission_off_a_submitted_workload_waits_for_the_round(tmp_path: P
         assert stub.GetWorkload(apb.GetWorkloadRequest(id="slow")).state == "PENDING"
         srv.settle()
         assert stub.GetWorkload(apb.GetWorkloadRequest(id="slow")).state == "PLACED"
+
+
+def test_host_cpus_and_memory_count_where_the_node_tracks_them(tmp_path: Path) -> None:
+    with Store(tmp_path / "state.db") as store:
+        nodes = [{"id": "c1", "gpu_type": "h100", "gpus": 8, "cpus": 16, "memory_gib": 64}]
+        store.upsert_inventory(gpu_types=TYPES, nodes=nodes, tenants=[])
+        seen = Seen(store)
+        submit(store, training("hungry", 4, cpus_per_gpu=3.0))  # 12 of 16 CPUs
+        placed_on(store, "hungry", ("c1", 4))
+        seen.plan_everything()
+        submit(store, training("too-many-cpus", 2, cpus_per_gpu=3.0))  # 6 > the 4 left
+        submit(store, training("fits", 2, cpus_per_gpu=2.0, memory_gib_per_gpu=30.0))  # 4 CPUs, 60 GiB
+        assert [r.id for r in Admission(store, seen).step()] == ["fits"]
+        assert store.get_workload("too-many-cpus").state == PENDING
+        # every CPU is taken now: the node reads as full (a 0 left would read as "not tracked")
+        submit(store, training("no-cpus-asked", 1))
+        assert Admission(store, seen).step() == []
