@@ -16,6 +16,7 @@ module never sees a protobuf message: :func:`render_workloads`,
 from __future__ import annotations
 
 import datetime
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -224,10 +225,16 @@ def _where(status: Mapping[str, Any]) -> str:
     return status.get("message") or "-"
 
 
-def render_workloads(statuses: Sequence[Mapping[str, Any]]) -> str:
-    """Workload statuses (``WorkloadStatus`` dicts) as one table: a row each."""
+def render_workloads(statuses: Sequence[Mapping[str, Any]], now: float | None = None) -> str:
+    """Workload statuses (``WorkloadStatus`` dicts) as one table: a row each. GPUS: what
+    it holds where placed, else the fewest it can run on; AGE: since it was submitted;
+    QUEUE: a pending workload's place among the pending ones listed, by priority, then
+    submission (the order admission and the greedy try them; the optimizer may place
+    another first where that serves its objective better)."""
     if not statuses:
         return "(no workloads)\n"
+    now = time.time() if now is None else now
+    queue = _queue_positions(statuses)
     rows = []
     for s in statuses:
         w = s.get("workload", {})
@@ -235,10 +242,54 @@ def render_workloads(statuses: Sequence[Mapping[str, Any]]) -> str:
         if "serving_version" in s:
             version += f" (serving {s['serving_version']})"
         rows.append(
-            [w.get("id", ""), w.get("tenant") or "-", _kind(w), s.get("state", ""), version, _where(s)]
+            [
+                w.get("id", ""),
+                w.get("tenant") or "-",
+                _kind(w),
+                s.get("state", ""),
+                version,
+                _gpus(s),
+                _age(now - float(s.get("created_at", now) or now)),
+                queue.get(w.get("id", ""), "-"),
+                _where(s),
+            ]
         )
-    lines = table(["ID", "TENANT", "KIND", "STATE", "VERSION", "PLACEMENT / REASON"], rows, indent="")
-    return "\n".join(lines) + "\n"
+    headers = ["ID", "TENANT", "KIND", "STATE", "VERSION", "GPUS", "AGE", "QUEUE", "PLACEMENT / REASON"]
+    return "\n".join(table(headers, rows, indent="")) + "\n"
+
+
+def _queue_positions(statuses: Sequence[Mapping[str, Any]]) -> dict[str, int]:
+    pending = [s for s in statuses if s.get("state") == "PENDING"]
+    pending.sort(
+        key=lambda s: (
+            -int(s.get("workload", {}).get("priority", 0) or 0),
+            float(s.get("created_at", 0) or 0),
+            s.get("workload", {}).get("id", ""),
+        )
+    )
+    return {s.get("workload", {}).get("id", ""): k for k, s in enumerate(pending, start=1)}
+
+
+def _gpus(status: Mapping[str, Any]) -> int:
+    placement = status.get("placement") or {}
+    if placement.get("shards"):
+        return sum(int(x.get("gpus", 0) or 0) for x in placement["shards"])
+    w = status.get("workload", {})
+    if "training" in w:
+        t = w["training"]
+        sizes = [int(t.get("gpus", 0) or 0)] + [int(e.get("gpus", 0) or 0) for e in t.get("elastic", ())]
+        return min((g for g in sizes if g > 0), default=0)
+    inference = w.get("inference", {})
+    per_replica = [int(g) for g in (inference.get("gpus_per_replica") or {}).values() if int(g) > 0]
+    return max(1, int(inference.get("min_replicas", 1) or 1)) * min(per_replica, default=0)
+
+
+def _age(seconds: float) -> str:
+    seconds = max(0.0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
 
 
 def render_workload(status: Mapping[str, Any]) -> str:

@@ -99,3 +99,47 @@ def test_progress_lines() -> None:
     progress("solve", 1.25)
     progress.close()
     assert tty.getvalue() == "\r\x1b[Kplanning: solve (1.2 s)\r\x1b[K"
+
+
+def test_list_shows_gpus_age_queue_position_and_the_pending_reason() -> None:
+    from server.render import render_workloads
+
+    now = 10_000.0
+    statuses = [
+        {
+            "workload": {"id": "run", "tenant": "t", "training": {"gpus": 4}},
+            "state": "RUNNING",
+            "version": 1,
+            "placement": {
+                "gpu_type": "h100",
+                "shards": [{"node_id": "n1", "gpus": 2}, {"node_id": "n2", "gpus": 2}],
+            },
+            "created_at": now - 7200,
+        },
+        {
+            "workload": {"id": "low", "priority": 0, "training": {"elastic": [{"gpus": 8}, {"gpus": 2}]}},
+            "state": "PENDING",
+            "version": 1,
+            "reasons": [{"code": "CAPACITY", "message": "no room"}],
+            "created_at": now - 30,
+        },
+        {
+            "workload": {
+                "id": "high",
+                "priority": 5,
+                "inference": {"gpus_per_replica": {"h100": 2}, "min_replicas": 3},
+            },
+            "state": "PENDING",
+            "version": 1,
+            "reasons": [{"code": "HIGHER_PRIORITY", "message": "held"}],
+            "created_at": now - 5,
+        },
+    ]
+    lines = render_workloads(statuses, now=now).splitlines()
+    assert lines[0].split() == [
+        "ID", "TENANT", "KIND", "STATE", "VERSION", "GPUS", "AGE", "QUEUE", "PLACEMENT", "/", "REASON"
+    ]  # fmt: skip
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows["run"][5:8] == ["4", "2h", "-"]
+    assert rows["high"][5:8] == ["6", "5s", "1"]  # 3 replicas of 2 GPUs; first: the higher priority
+    assert rows["low"][5:8] == ["2", "30s", "2"] and "CAPACITY: no room" in lines[2] + lines[3]
