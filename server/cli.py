@@ -946,10 +946,18 @@ def _inventory_dict(nodes: Iterable[Any], gpu_types: Iterable[Any], tenants: Ite
 
 
 def _cmd_nodes(args: argparse.Namespace) -> int:
+    """The inventory; the table also shows what is placed on each node (the workloads the
+    caller may see). JSON stays the inventory file's format (apply-inventory reads it)."""
+    held: dict[str, list[tuple[str, int]]] = {}
     with _client(args) as client:
         nodes, gpu_types, tenants = client.nodes()
+        if args.output != "json":
+            for state in ("PLACED", "RUNNING"):
+                for status in client.list(state=state):
+                    for shard in status.placement.shards:
+                        held.setdefault(shard.node_id, []).append((status.workload.id, shard.gpus))
     data = _inventory_dict(nodes, gpu_types, tenants)
-    _write(_json(data) if args.output == "json" else render.render_inventory(data), None)
+    _write(_json(data) if args.output == "json" else render.render_inventory(data, held), None)
     return EXIT_OK
 
 

@@ -323,10 +323,21 @@ def _labels(labels: Mapping[str, str] | None) -> str:
     return ",".join(f"{k}={v}" for k, v in sorted((labels or {}).items())) or "-"
 
 
-def render_nodes(nodes: Sequence[Mapping[str, Any]], *, indent: str = "") -> list[str]:
-    """Lines of a table of nodes (``Node`` dicts)."""
-    rows = [
-        [
+def render_nodes(
+    nodes: Sequence[Mapping[str, Any]],
+    *,
+    indent: str = "",
+    held: Mapping[str, Sequence[tuple[str, int]]] | None = None,
+) -> list[str]:
+    """Lines of a table of nodes (``Node`` dicts). With ``held`` (node id -> the
+    (workload, GPUs) placed or running there): GPUs used and free, and the workloads."""
+    headers = ["ID", "TYPE", "GPUS", "STATE", "ZONE", "DOMAIN", "CPUS", "MEMORY GIB", "LABELS"]
+    if held is not None:
+        headers[3:3] = ["USED", "FREE"]
+        headers.append("WORKLOADS")
+    rows = []
+    for n in nodes:
+        row: list[object] = [
             n.get("id", ""),
             n.get("gpu_type", ""),
             n.get("gpus", 0),
@@ -337,18 +348,30 @@ def render_nodes(nodes: Sequence[Mapping[str, Any]], *, indent: str = "") -> lis
             f"{float(n.get('memory_gib', 0.0)):g}",
             _labels(n.get("labels")),
         ]
-        for n in nodes
-    ]
-    headers = ["ID", "TYPE", "GPUS", "STATE", "ZONE", "DOMAIN", "CPUS", "MEMORY GIB", "LABELS"]
+        if held is not None:
+            here = held.get(n.get("id", ""), ())
+            used = sum(g for _w, g in here)
+            row[3:3] = [used, int(n.get("gpus", 0)) - used]
+            row.append(_names_of(sorted(w for w, _g in here)))
+        rows.append(row)
     return table(headers, rows, indent=indent)
 
 
-def render_inventory(inventory: Mapping[str, Any]) -> str:
+def _names_of(ids: Sequence[str], limit: int = 3) -> str:
+    if not ids:
+        return "-"
+    return ",".join(ids[:limit]) + (f" +{len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def render_inventory(
+    inventory: Mapping[str, Any], held: Mapping[str, Sequence[tuple[str, int]]] | None = None
+) -> str:
     """An inventory (``{"gpu_types", "nodes", "tenants"}``, as the inventory file):
-    the nodes, then the GPU types and the tenants."""
+    the nodes (with ``held``: what is placed on each, see :func:`render_nodes`), then
+    the GPU types and the tenants."""
     nodes = inventory.get("nodes") or []
     out = ["Nodes"]
-    out += render_nodes(nodes, indent="  ") if nodes else ["  (none)"]
+    out += render_nodes(nodes, indent="  ", held=held) if nodes else ["  (none)"]
     gpu_types = inventory.get("gpu_types") or []
     if gpu_types:
         used: dict[str, int] = {}

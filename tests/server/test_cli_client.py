@@ -166,7 +166,9 @@ def test_submit_prints_a_table_and_is_idempotent(at: list[str], write: Write, ca
     code, out, _ = run(capsys, "submit", "-f", path, *at)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["ID", "TENANT", "KIND", "STATE", "VERSION", "PLACEMENT", "/", "REASON"]
+    assert lines[0].split() == [
+        "ID", "TENANT", "KIND", "STATE", "VERSION", "GPUS", "AGE", "QUEUE", "PLACEMENT", "/", "REASON"
+    ]  # fmt: skip
     assert [line.split()[:5] for line in lines[1:]] == [
         ["cli-a", "research", "training", "PENDING", "1"],
         ["cli-b", "product", "training", "PENDING", "1"],
@@ -257,7 +259,21 @@ def test_nodes_round_trip_through_apply_inventory(at: list[str], tmp_path: Path,
     code, out, _ = run(capsys, "nodes", *at)
     assert code == 0
     assert out.startswith("Nodes\n") and "GPU types" in out and "Tenants" in out
-    assert re.search(r"^\s+n2\s+h100-80g\s+8\s+ready\s+z1\s+rack1.*pool=batch$", out, re.M)
+    # per node: GPUs used and free, and what runs there (the module's workloads hold n1 and n2)
+    row = re.search(
+        r"^\s+n2\s+h100-80g\s+8\s+(\d+)\s+(\d+)\s+ready\s+z1\s+rack1.*pool=batch\s+(\S.*)$", out, re.M
+    )
+    assert row is not None, out
+    used, free, names = int(row[1]), int(row[2]), row[3]
+    assert used + free == 8
+    placed = [
+        (w.workload.id, s.gpus)
+        for w in Client(at[1]).list()
+        if w.state in ("PLACED", "RUNNING")
+        for s in w.placement.shards
+        if s.node_id == "n2"
+    ]
+    assert used == sum(g for _w, g in placed) and (names == "-") == (not placed)
     code, out, _ = run(capsys, "nodes", "-o", "json", *at)
     assert code == 0
     inventory = json.loads(out)
