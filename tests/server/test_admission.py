@@ -317,6 +317,10 @@ def test_a_submitted_workload_is_placed_before_the_next_round(tmp_path: Path) ->
     workload is PLACED at once, by the admission, and dispatched like any other."""
     slow = LoopConfig(time_limit_s=2.0, debounce_s=60.0, max_delay_s=60.0)
     with running_server(tmp_path, loop=slow) as srv:
+        deadline = time.monotonic() + 30
+        while srv.server.loop.latest is None:  # the round on start; every later one waits a minute
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
         stub = srv.stub()
         stub.UpsertNodes(
             apb.UpsertNodesRequest(
@@ -324,10 +328,6 @@ def test_a_submitted_workload_is_placed_before_the_next_round(tmp_path: Path) ->
                 nodes=[convert.node_from_dict(n) for n in NODES],
             )
         )
-        deadline = time.monotonic() + 30
-        while srv.server.loop.latest is None:  # the round on start (the inventory's waits a minute)
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
         w = convert.workload_from_dict(training("quick", 2))
         start = time.monotonic()
         stub.SubmitWorkload(apb.SubmitWorkloadRequest(workload=w))
