@@ -49,7 +49,8 @@ from server.control import ControlLoop, LoopConfig, RoundResult
 from server.gcpolicy import Collector
 from server.inference import InferenceServicer, Router
 from server.metrics import Metrics
-from server.service import DEFAULT_STREAMS_PER_CALLER, AllocatorServicer, Shared, StreamCap
+from server.rpc import DEFAULT_STREAMS_PER_CALLER, Shared, StreamCap
+from server.service import AllocatorServicer
 from server.solving import SolverPool
 from server.store import Store, WorkloadRow
 from server.workers import Dispatcher, WorkersConfig

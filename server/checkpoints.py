@@ -80,7 +80,7 @@ import grpc
 from apportion.v1 import workers_pb2 as wpb
 from server.auth import Principal
 from server.errors import FailedPrecondition, NotFound, PermissionDenied, ResourceExhausted, Upstream
-from server.service import Shared, _stream, _unary
+from server.rpc import Shared, stream, unary
 from server.store import CANCELLED
 from server.workers import Dispatcher, WorkersServicer
 from solver import ValidationError, Violation
@@ -360,7 +360,7 @@ class CheckpointsServicer(WorkersServicer):
 
     # -- the RPCs ----------------------------------------------------------------
 
-    @_unary
+    @unary
     def PutCheckpoint(
         self, request_iterator: Iterator[wpb.CheckpointChunk], context: grpc.ServicerContext, who: Principal
     ) -> wpb.PutCheckpointResponse:
@@ -376,7 +376,7 @@ class CheckpointsServicer(WorkersServicer):
         step = self.checkpoints.put(header, request_iterator)
         return wpb.PutCheckpointResponse(step=step)
 
-    @_stream
+    @stream
     def GetCheckpoint(
         self, request: wpb.GetCheckpointRequest, context: grpc.ServicerContext, who: Principal
     ) -> Iterator[wpb.CheckpointChunk]:

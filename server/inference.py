@@ -53,7 +53,7 @@ from apportion.v1 import inference_pb2 as ipb
 from apportion.v1 import inference_pb2_grpc
 from server.auth import Principal
 from server.errors import NotFound, Unavailable, Upstream
-from server.service import Shared, _unary
+from server.rpc import Shared, unary
 from server.store import PLACED, RUNNING
 from server.workers import Dispatcher
 from solver import ValidationError, Violation
@@ -163,7 +163,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             return 1.0
         return value if value > 0 else 1.0
 
-    @_unary
+    @unary
     def Generate(
         self, request: ipb.GenerateRequest, context: grpc.ServicerContext, who: Principal
     ) -> ipb.GenerateResponse:

@@ -1,6 +1,6 @@
 """The ``Allocator`` servicer: validate, convert, delegate, convert back.
 
-Every RPC goes through one error boundary (:func:`_unary` / :func:`_stream`):
+Every RPC goes through one error boundary (:func:`unary` / :func:`stream`):
 it authenticates the caller, applies the rate limit, runs the method, maps
 domain errors to status codes through :data:`server.errors.STATUS_CODES`
 (INVALID_ARGUMENT carries a ``google.rpc.BadRequest`` with one field violation
@@ -37,40 +37,36 @@ import asyncio
 import base64
 import binascii
 import contextlib
-import functools
 import hashlib
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 from google.protobuf.message import Message
-from grpc_status import rpc_status
 
 import solver
-from apportion.client import ANSWERED_BY_KEY
 from apportion.v1 import allocator_pb2 as apb
 from apportion.v1 import allocator_pb2_grpc
 from apportion.v1 import types_pb2 as pb
-from server import aio, audit, control, convert
-from server.aio import Undecodable
-from server.audit import AuditTrail
-from server.auth import Authenticator, Principal, RateLimiter
-from server.control import ControlLoop
+from server import aio, control, convert
+from server.auth import Principal
 from server.errors import (
     Cancelled,
     DeadlineExceeded,
     NotFound,
-    PermissionDenied,
     ResourceExhausted,
     Unavailable,
-    status_code,
 )
-from server.metrics import Metrics
 from server.redact import redact
-from server.solving import SolverCancelled, SolverCrashed, SolverPool, SolverTimeout
+from server.rpc import (
+    Shared,
+    async_stream,
+    unary,
+)
+from server.solving import SolverCancelled, SolverCrashed, SolverTimeout
 from server.store import STATES, TERMINAL, Event, Store
 from server.watching import EventTail
 from solver import ValidationError, Violation
@@ -88,7 +84,6 @@ DEADLINE_MARGIN_S = 0.1  # of a Plan call's deadline, left for conversion and th
 PLAN_DEADLINE_FACTOR = 2.0
 PLAN_DEADLINE_GRACE_S = 10.0
 WATCH_POLL_S = 2.0  # a Watch wakes on every commit; the poll only notices a stop
-DEFAULT_STREAMS_PER_CALLER = 64
 WATCH_BATCH = 500  # events a Watch takes at a time
 LOGS_POLL_S = 0.5
 
@@ -97,227 +92,9 @@ Resp = TypeVar("Resp")
 M = TypeVar("M", bound="Message")
 
 
-class Shared:
-    """What the servicers share: the store, the control loop, the solver pool, auth and metrics."""
-
-    def __init__(
-        self,
-        store: Store,
-        loop: ControlLoop,
-        pool: SolverPool,
-        auth: Authenticator,
-        limiter: RateLimiter,
-        metrics: Metrics,
-        audit: AuditTrail,
-        streams: StreamCap | None = None,
-    ) -> None:
-        self.audit = audit
-        self.store = store
-        self.loop = loop
-        self.pool = pool
-        self.auth = auth
-        self.limiter = limiter
-        self.metrics = metrics
-        self.streams = streams or StreamCap(DEFAULT_STREAMS_PER_CALLER)
-        self.stopping = False
-
-
-MAX_VIOLATIONS = 20  # field violations listed in one INVALID_ARGUMENT (then "... and N more")
-MAX_MESSAGE_CHARS = 1024  # of its message (both travel in trailers, 8 KiB at most by default)
-
-
-Status = tuple[grpc.StatusCode, str, tuple[tuple[str, str | bytes], ...]]
-# Trailing metadata of every error the server itself answers, so that a client can tell
-# the server's UNAVAILABLE ("no live replica") from a server it cannot reach.
-SERVER_ANSWERED = (ANSWERED_BY_KEY, "apportion")
-
-
-def _status_for(exc: BaseException) -> Status:
-    """The status that answers ``exc``: code, details and trailing metadata."""
-    if isinstance(exc, ValidationError):
-        count = len(exc.violations)
-        head = f"invalid input ({count} problem{'s' if count != 1 else ''}): "
-        # At most MAX_VIOLATIONS are listed: 100,000 of them (one per unknown GPU type)
-        # made trailers larger than gRPC's metadata limit, and the client saw only
-        # "Stream removed".
-        shown = list(exc.violations[:MAX_VIOLATIONS])
-        if count > len(shown):
-            shown.append(Violation("", f"... and {count - len(shown)} more"))
-        message = head + "; ".join(str(v) for v in shown)
-        if len(message) > MAX_MESSAGE_CHARS:
-            message = message[:MAX_MESSAGE_CHARS] + "…"
-        status = rpc_status.to_status(convert.bad_request_status(shown, message))
-        return status.code, status.details, (*status.trailing_metadata, SERVER_ANSWERED)
-    code = status_code(exc)
-    if code is None:
-        log.error("internal error", exc_info=exc)
-        return grpc.StatusCode.INTERNAL, "internal error (see the server log)", (SERVER_ANSWERED,)
-    return code, str(exc), (SERVER_ANSWERED,)
-
-
-def _abort(context: grpc.ServicerContext, exc: BaseException) -> grpc.StatusCode:
-    """Answer ``exc`` with its status (never returns: ``context.abort`` raises). ``context``
-    is a blocking handler's: a :class:`server.aio.CallContext` or grpc's own."""
-    code, details, trailing = _status_for(exc)
-    context.abort(code, details, trailing)
-    return code
-
-
 def _digest(msg: Message) -> str:
     """What a request sent, for telling a retry from another request with the same id."""
     return hashlib.sha256(msg.SerializeToString(deterministic=True)).hexdigest()
-
-
-def _decoded(request: Any) -> None:
-    """Raise ValidationError for a request whose bytes did not parse."""
-    if isinstance(request, Undecodable):
-        raise ValidationError([Violation("", f"the request is not a valid message: {request.error}")])
-
-
-def _caller(servicer: Any, context: grpc.ServicerContext) -> Principal:
-    """The authenticated, rate-limited caller. A node's token opens only the servicers that
-    say ``NODES_ALLOWED`` (the worker protocol): a worker's credential reads nothing."""
-    principal: Principal = servicer.shared.auth.authenticate(context.invocation_metadata())
-    servicer.shared.limiter.check(principal.name)
-    if principal.node is not None and not getattr(servicer, "NODES_ALLOWED", False):
-        raise PermissionDenied(f"{principal.name} is a node's token: it may only run the worker protocol")
-    return principal
-
-
-def _unary(
-    method: Callable[[Any, Req, grpc.ServicerContext, Principal], Resp],
-) -> Callable[[Any, Req, grpc.ServicerContext], Resp]:
-    name = method.__name__
-
-    @functools.wraps(method)
-    def wrapper(self: AllocatorServicer, request: Req, context: grpc.ServicerContext) -> Resp:
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        principal: Principal | None = None
-        error = ""
-        try:
-            _decoded(request)
-            principal = _caller(self, context)
-            return method(self, request, context, principal)
-        except Exception as exc:
-            code = _code_of(exc)
-            error = "internal error" if code is grpc.StatusCode.INTERNAL else str(exc)
-            _abort(context, exc)
-            raise  # not reached: abort raises
-        finally:
-            _record(self.shared, name, code, start, principal)
-            if name in audit.AUDITED:
-                self.shared.audit.record(name, principal, request, code.name, error)
-
-    return wrapper
-
-
-def _stream(
-    method: Callable[[Any, Req, grpc.ServicerContext, Principal], Iterator[Resp]],
-) -> Callable[[Any, Req, grpc.ServicerContext], Iterator[Resp]]:
-    name = method.__name__
-
-    @functools.wraps(method)
-    def wrapper(self: AllocatorServicer, request: Req, context: grpc.ServicerContext) -> Iterator[Resp]:
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        principal: Principal | None = None
-        try:
-            _decoded(request)
-            principal = _caller(self, context)
-            yield from method(self, request, context, principal)
-        except Exception as exc:
-            code = _code_of(exc)
-            _abort(context, exc)
-        finally:
-            _record(self.shared, name, code, start, principal)
-
-    return wrapper
-
-
-def _async_stream(
-    method: Callable[[Any, Req, Any, Principal], AsyncIterator[Resp]],
-) -> Callable[[Any, Req, Any], AsyncIterator[Resp]]:
-    """The error boundary of a stream served on the event loop (see ``server.aio``)."""
-    name = method.__name__
-
-    @functools.wraps(method)
-    async def wrapper(
-        self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> AsyncIterator[Resp]:
-        start = time.perf_counter()
-        code = grpc.StatusCode.OK
-        principal: Principal | None = None
-        try:
-            _decoded(request)
-            principal = _caller(self, context)
-            async for item in method(self, request, context, principal):
-                yield item
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            raise
-        except Exception as exc:
-            code, details, trailing = _status_for(exc)
-            await context.abort(code, details, trailing)
-        finally:
-            _record(self.shared, name, code, start, principal)
-
-    return wrapper
-
-
-class StreamCap:
-    """At most ``limit`` open streams (``Watch``, ``Logs``) per caller: streams hold no
-    thread (``server.aio``), but each costs memory and wake-ups, and one caller's
-    thousands should not be everyone's cost."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._lock = threading.Lock()
-        self._open: dict[str, int] = {}
-
-    @contextlib.contextmanager
-    def hold(self, who: Principal) -> Iterator[None]:
-        with self._lock:
-            count = self._open.get(who.name, 0)
-            if count >= self.limit:
-                raise ResourceExhausted(
-                    f"{who.name} has {count} open streams (Watch, Logs), the most one caller may have; "
-                    "close one (--max-streams-per-caller)"
-                )
-            self._open[who.name] = count + 1
-        try:
-            yield
-        finally:
-            with self._lock:
-                left = self._open[who.name] - 1
-                if left:
-                    self._open[who.name] = left
-                else:
-                    del self._open[who.name]
-
-
-def _code_of(exc: BaseException) -> grpc.StatusCode:
-    if isinstance(exc, ValidationError):
-        return grpc.StatusCode.INVALID_ARGUMENT
-    return status_code(exc) or grpc.StatusCode.INTERNAL
-
-
-def _record(
-    shared: Shared, name: str, code: grpc.StatusCode, start: float, principal: Principal | None
-) -> None:
-    seconds = time.perf_counter() - start
-    shared.metrics.observe_request(name, code.name, seconds)
-    if log.isEnabledFor(logging.DEBUG) or code is not grpc.StatusCode.OK:
-        log.log(
-            logging.DEBUG if code is grpc.StatusCode.OK else logging.INFO,
-            "rpc",
-            extra={
-                "method": name,
-                "code": code.name,
-                "duration_ms": round(seconds * 1000, 3),
-                "principal": principal.name if principal else "",
-            },
-        )
 
 
 _TOKEN_PREFIX = "after:"
@@ -380,7 +157,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
     # -- Plan (stateless) ------------------------------------------------
 
-    @_unary
+    @unary
     def Plan(
         self, request: apb.PlanRequest, context: grpc.ServicerContext, who: Principal
     ) -> apb.PlanResponse:
@@ -470,7 +247,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
                 ]
             )
 
-    @_unary
+    @unary
     def SubmitWorkload(
         self, request: apb.SubmitWorkloadRequest, context: grpc.ServicerContext, who: Principal
     ) -> apb.WorkloadStatus:
@@ -496,13 +273,13 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             return self._shown(who, convert.workload_status(row, workload=workload))  # as stored, unparsed
         return self._shown(who, convert.workload_status(row))
 
-    @_unary
+    @unary
     def GetWorkload(
         self, request: apb.GetWorkloadRequest, context: grpc.ServicerContext, who: Principal
     ) -> apb.WorkloadStatus:
         return self._shown(who, convert.workload_status(self._visible(who, request.id)))
 
-    @_unary
+    @unary
     def ListWorkloads(
         self, request: apb.ListWorkloadsRequest, context: grpc.ServicerContext, who: Principal
     ) -> apb.ListWorkloadsResponse:
@@ -540,7 +317,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             ),
         )
 
-    @_unary
+    @unary
     def CancelWorkload(
         self, request: apb.CancelWorkloadRequest, context: grpc.ServicerContext, who: Principal
     ) -> apb.WorkloadStatus:
@@ -550,7 +327,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             self.shared.loop.notify()
         return self._shown(who, convert.workload_status(cancelled))
 
-    @_unary
+    @unary
     def UpdateWorkload(
         self, request: apb.UpdateWorkloadRequest, context: grpc.ServicerContext, who: Principal
     ) -> apb.WorkloadStatus:
@@ -586,7 +363,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
     # -- inventory -------------------------------------------------------
 
-    @_unary
+    @unary
     def UpsertNodes(
         self, request: apb.UpsertNodesRequest, context: grpc.ServicerContext, who: Principal
     ) -> apb.UpsertNodesResponse:
@@ -609,7 +386,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             nodes=[convert.node_from_dict(r.spec) for r in rows], revision=self.store.revision()
         )
 
-    @_unary
+    @unary
     def DrainNode(
         self, request: apb.DrainNodeRequest, context: grpc.ServicerContext, who: Principal
     ) -> pb.Node:
@@ -618,7 +395,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         self.shared.loop.notify()
         return convert.node_from_dict(row.spec)
 
-    @_unary
+    @unary
     def ListNodes(
         self, request: apb.ListNodesRequest, context: grpc.ServicerContext, who: Principal
     ) -> apb.ListNodesResponse:
@@ -636,7 +413,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
     # -- the plan --------------------------------------------------------
 
-    @_unary
+    @unary
     def GetPlan(
         self, request: apb.GetPlanRequest, context: grpc.ServicerContext, who: Principal
     ) -> apb.PlanRecord:
@@ -671,7 +448,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
                 return ids
             after = rows[-1].id
 
-    @_unary
+    @unary
     def Explain(
         self, request: apb.ExplainRequest, context: grpc.ServicerContext, who: Principal
     ) -> apb.Explanation:
@@ -681,7 +458,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
     # -- watch -----------------------------------------------------------
 
-    @_async_stream
+    @async_stream
     async def Watch(
         self, request: apb.WatchRequest, context: grpc.aio.ServicerContext[Any, Any], who: Principal
     ) -> AsyncIterator[apb.Event]:
@@ -714,7 +491,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
     # -- audit -----------------------------------------------------------
 
-    @_unary
+    @unary
     def Audit(
         self, request: apb.AuditRequest, context: grpc.ServicerContext, who: Principal
     ) -> apb.AuditResponse:
@@ -747,7 +524,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
 
     # -- logs ------------------------------------------------------------
 
-    @_async_stream
+    @async_stream
     async def Logs(
         self, request: apb.LogsRequest, context: grpc.aio.ServicerContext[Any, Any], who: Principal
     ) -> AsyncIterator[apb.LogLine]:

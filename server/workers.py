@@ -165,7 +165,7 @@ from server.auth import Principal
 from server.control import FEEDBACK_MIN_S
 from server.convert import SERVE_FROM, checkpoint_name, serve_from
 from server.errors import FailedPrecondition, NotFound, PermissionDenied, ServiceError, Unavailable
-from server.service import Shared, _async_stream, _unary
+from server.rpc import Shared, async_stream, unary
 from server.store import FAILED, PLACED, RUNNING, SUCCEEDED, TERMINAL, Observation, Store, WorkloadRow
 
 log = logging.getLogger("apportion.workers")
@@ -1269,7 +1269,7 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
         self.shared = shared
         self.dispatcher = dispatcher
 
-    @_unary
+    @unary
     def Register(
         self, request: wpb.RegisterRequest, context: grpc.ServicerContext, who: Principal
     ) -> wpb.RegisterResponse:
@@ -1283,7 +1283,7 @@ class WorkersServicer(workers_pb2_grpc.WorkersServicer):
             lease_s=config.lease_s,
         )
 
-    @_async_stream
+    @async_stream
     async def Connect(
         self,
         request_iterator: AsyncIterator[wpb.WorkerMessage],
