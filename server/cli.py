@@ -125,6 +125,7 @@ PLAN_MARGIN_S = 30.0  # of a Plan call's deadline beyond the solver's time limit
 PIPELINE: tuple[str, ...] = ("validate", "aggregate", "greedy", "model", "lp", "round", "solve")
 PIPELINE += ("complete", "disaggregate", "repair", "verify", "explain")
 # Errors after which submitting the next workloads of a file is pointless.
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 FATAL = frozenset(
     {
         StatusCode.UNAVAILABLE,
@@ -356,6 +357,15 @@ def _client_commands(sub: Any) -> None:
 
     submit = command("submit", "submit the workloads of a file to the server", _cmd_submit)
     submit.add_argument(
+        "-f", "--file", required=True, type=Path, metavar="FILE", help="workloads (YAML or JSON)"
+    )
+    apply_workloads = command(
+        "apply",
+        "make the server's workloads what a file says: create the new ones, update the changed "
+        "ones (a new version), leave the others; says which per workload",
+        _cmd_apply_workloads,
+    )
+    apply_workloads.add_argument(
         "-f", "--file", required=True, type=Path, metavar="FILE", help="workloads (YAML or JSON)"
     )
     get = command("get", "show a workload of the server", _cmd_get)
@@ -890,6 +900,60 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         _report(invalid)
         return EXIT_BAD_INPUT
     return EXIT_FAILED if failed else EXIT_OK
+
+
+def _cmd_apply_workloads(args: argparse.Namespace) -> int:
+    """``apply -f``: per workload of the file, created, updated (a new version) or
+    unchanged, like ``kubectl apply``. A workload that exists and has ended is reported
+    (its id is never reused), not changed."""
+    workloads = _load_workloads(args.file)
+    results: list[dict[str, Any]] = []
+    failed = False
+    with _client(args) as client:
+        for workload in workloads:
+            try:
+                action, status = _apply_one(client, workload)
+            except ApportionError as exc:
+                if exc.code in FATAL:
+                    raise
+                sys.stderr.write(f"apportion: {workload.id}: {exc.message}\n")
+                failed = True
+                continue
+            results.append({"id": workload.id, "action": action, "status": convert.message_to_dict(status)})
+    if args.output == "json":
+        _write(_json({"workloads": results}), None)
+    else:
+        rows = [
+            [r["id"], r["action"], r["status"].get("state", ""), r["status"].get("version", 0)]
+            for r in results
+        ]
+        _write("\n".join(render.table(["ID", "ACTION", "STATE", "VERSION"], rows, indent="")) + "\n", None)
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _apply_one(client: Client, workload: pb.Workload) -> tuple[str, apb.WorkloadStatus]:
+    """(created | updated | unchanged | ended, the status) of one workload of a file."""
+    try:
+        current = client.get(workload.id)
+    except ApportionError as exc:
+        if exc.code is not StatusCode.NOT_FOUND:
+            raise
+        return "created", client.submit(workload, request_id=_request_id(workload))
+    wanted = pb.Workload()
+    wanted.CopyFrom(workload)
+    # what the server fills in when the file leaves it out
+    if not wanted.submit_time_s:
+        wanted.submit_time_s = current.workload.submit_time_s
+    if not wanted.tenant:
+        wanted.tenant = current.workload.tenant
+    if convert.message_to_dict(wanted) == convert.message_to_dict(current.workload):
+        return "unchanged", current
+    if current.state in TERMINAL_STATES:
+        return f"ended ({current.state}): not changed", current
+    # the request id names the version it replaces too: applying A, B, then A again is
+    # three updates, not a replay of the first
+    key = hashlib.sha256(f"{_request_id(wanted)}@{current.version}".encode()).hexdigest()[:32]
+    return "updated", client.update(wanted, request_id=f"cli-{key}")
 
 
 def _cmd_get(args: argparse.Namespace) -> int:

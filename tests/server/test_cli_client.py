@@ -179,6 +179,36 @@ def test_submit_prints_a_table_and_is_idempotent(at: list[str], write: Write, ca
     assert [(s["workload"]["id"], s["version"]) for s in data["workloads"]] == [("cli-a", 1), ("cli-b", 1)]
 
 
+def test_apply_creates_updates_and_leaves_unchanged_per_workload(
+    at: list[str], write: Write, capsys: Capsys
+) -> None:
+    def apply(speed: float, gpus: int) -> dict[str, tuple[str, int]]:
+        path = write(
+            "apply.yaml",
+            f"""workloads:
+  - {{id: ap-one, tenant: product, training: {{gpus: 1, throughput: {{h100-80g: {speed}}}}}}}
+  - {{id: ap-two, tenant: research, training: {{gpus: {gpus}, throughput: {{h100-80g: 1.0}}}}}}
+""",
+        )
+        code, out, _ = run(capsys, "apply", "-f", path, "-o", "json", *at)
+        assert code == 0
+        return {r["id"]: (r["action"], r["status"]["version"]) for r in json.loads(out)["workloads"]}
+
+    assert apply(2.0, 1) == {"ap-one": ("created", 1), "ap-two": ("created", 1)}
+    assert apply(2.0, 1) == {"ap-one": ("unchanged", 1), "ap-two": ("unchanged", 1)}
+    assert apply(3.0, 1) == {"ap-one": ("updated", 2), "ap-two": ("unchanged", 1)}
+    assert apply(2.0, 1) == {"ap-one": ("updated", 3), "ap-two": ("unchanged", 1)}  # back: a third version
+    assert apply(3.0, 1)["ap-one"] == ("updated", 4)  # not a replay of the second
+    assert run(capsys, "cancel", "ap-two", *at)[0] == 0
+    assert apply(3.0, 2)["ap-two"] == ("ended (CANCELLED): not changed", 1)
+    one = write(
+        "one.yaml",
+        "workloads: [{id: ap-one, tenant: product, training: {gpus: 1, throughput: {h100-80g: 3.0}}}]",
+    )
+    code, out, _ = run(capsys, "apply", "-f", one, *at)
+    assert code == 0 and re.search(r"^ap-one\s+unchanged\s+\w+\s+4$", out, re.M), out
+
+
 def test_submit_checks_the_file_before_any_call(write: Write, capsys: Capsys) -> None:
     path = write(
         "w.yaml",
