@@ -221,8 +221,14 @@ class Admission:
         batch = [r for r in batch if _least_gpus(r.spec) <= free]
         if not batch:
             return {}
+        # (what a spec says of GPU types the inventory does not have yet is left out)
+        known = {t.name for t in self._inventory.gpu_types}
+        specs = {r.id: s for r in batch if (s := convert.without_unknown_types(r.spec, known)) is not None}
+        batch = [r for r in batch if r.id in specs]
+        if not batch:
+            return {}
         try:
-            workloads = convert.domain_of(workloads=[r.spec for r in batch]).workloads
+            workloads = convert.domain_of(workloads=[specs[r.id] for r in batch]).workloads
         except ValidationError:
             return {}  # a spec the store should not hold: the control loop reports it
         problem = Problem(self._inventory.gpu_types, tuple(nodes), workloads, tenants)

@@ -169,6 +169,8 @@ class PlanInfo:
                     )
                 nodes = [n.spec for n in store.all_nodes()]
                 node_ids = {n.get("id") for n in nodes}
+                known = {str(t.get("name", "")) for t in store.gpu_types()}
+                specs = {id: convert.without_unknown_types(spec, known) or spec for id, spec in specs.items()}
                 current = [p for row in rows if (p := _current_placement(row, node_ids, any_state=True))]
                 problem = convert.state_problem(
                     gpu_types=store.gpu_types(),
@@ -551,6 +553,10 @@ def build_problem(
     included = list(rows)
     invalid: dict[str, list[dict[str, Any]]] = {}
     current = {r.id: _current_placement(r, node_ids) for r in included}
+    # What a workload says of GPU types not in the inventory yet (accepted at submission)
+    # is left out where it names a type that is; else it waits with NO_GPU_TYPE.
+    known = {str(t.get("name", "")) for t in gpu_types}
+    specs = {id: convert.without_unknown_types(spec, known) or spec for id, spec in specs.items()}
     for _ in range(len(rows) + 2):
         workloads = [specs[r.id] for r in included]
         placements = [p for r in included if (p := current.get(r.id)) is not None]
@@ -574,11 +580,13 @@ def build_problem(
                 current[placed_ids[i]] = None
             for i in sorted(bad_workloads, reverse=True):
                 row = included.pop(i)
-                invalid[row.id] = [
-                    {"code": "INVALID", "message": str(v)}
-                    for v in exc.violations
-                    if v.path.startswith(f"workloads[{i}]")
-                ]
+                mine = [v for v in exc.violations if v.path.startswith(f"workloads[{i}]")]
+                unknown = convert.unknown_gpu_types(mine)
+                invalid[row.id] = (
+                    convert.unknown_type_reasons(unknown, sorted(known))
+                    if unknown
+                    else [{"code": "INVALID", "message": str(v)} for v in mine]
+                )
     raise RuntimeError("could not build a valid problem from the state")
 
 
@@ -671,6 +679,17 @@ def explain(loop: ControlLoop, store: Store, workload_id: str) -> tuple[solver.E
                 placed=False,
                 summary=f"{row.state.lower()}: it is not planned any more",
                 details=(row.message,) if row.message else (),
+            ),
+            row.state,
+        )
+    waiting_for_types = [r.get("message", "") for r in row.reasons if r.get("code") == "NO_GPU_TYPE"]
+    if waiting_for_types and (latest is None or row.id not in latest.included):
+        return (
+            solver.Explanation(
+                workload_id=row.id,
+                placed=False,
+                summary="pending: it names only GPU types the inventory does not have yet",
+                details=tuple(waiting_for_types),
             ),
             row.state,
         )

@@ -50,7 +50,7 @@ import math
 import os
 import re
 import stat
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar, cast
 
@@ -973,6 +973,81 @@ class WorkloadChecker:
         out += _semantic_extra(problem, out)
         out += check_runtime(msg.runtime, "workloads[0].runtime") if msg.HasField("runtime") else []
         _raise_if(_rebase(_in_file_order(out), "workloads[0]", path))
+
+
+UNKNOWN_TYPE = 'unknown GPU type "'  # how solver.validate names a GPU type the inventory lacks
+
+
+MAX_UNKNOWN_TYPES = 16  # a workload naming more GPU types the cluster lacks is refused
+NO_KNOWN_TYPE = frozenset(  # solver.validate's messages for a workload with no known type at all
+    {
+        "needs a positive throughput on at least one known GPU type",
+        "needs a known GPU type present in both gpus_per_replica and replica_rps",
+    }
+)
+
+
+def unknown_gpu_types(violations: Iterable[Violation]) -> list[str]:
+    """The GPU types ``violations`` say are unknown, or [] if any violation is another
+    kind (then the workload is invalid, not early) or they are more than
+    :data:`MAX_UNKNOWN_TYPES` (a mistake, or a way to fill the store with reasons)."""
+    names = set()
+    for v in violations:
+        if v.message in NO_KNOWN_TYPE:
+            continue  # what follows from naming only unknown types
+        if not v.message.startswith(UNKNOWN_TYPE):
+            return []
+        names.add(v.message[len(UNKNOWN_TYPE) :].rstrip('"'))
+    return sorted(names) if len(names) <= MAX_UNKNOWN_TYPES else []
+
+
+def unknown_type_reasons(names: Iterable[str], known: Iterable[str]) -> list[dict[str, Any]]:
+    """NO_GPU_TYPE reasons of a workload that names GPU types the server does not know
+    yet, each with the closest known name."""
+    known = list(known)
+    out = []
+    for name in names:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f' (did you mean "{close[0]}"?)' if close else ""
+        out.append(
+            {
+                "code": "NO_GPU_TYPE",
+                "message": f'GPU type "{name}" is not in the inventory yet{hint}: '
+                "planned with the types it names that are, or once it is added",
+            }
+        )
+    return out
+
+
+def without_unknown_types(spec: Mapping[str, Any], known: Collection[str]) -> dict[str, Any] | None:
+    """``spec`` without what it says of GPU types not in ``known`` (throughputs, replica
+    sizes and rates, allowed types); None if no known type is left to run on."""
+    out: dict[str, Any] = json.loads(json.dumps(spec))
+    training, inference = out.get("training"), out.get("inference")
+    maps: list[dict[str, Any]] = []
+    if training is not None:
+        maps += [training.get("throughput") or {}] + [
+            e.get("throughput") or {} for e in training.get("elastic", [])
+        ]
+    if inference is not None:
+        maps += [inference.get("gpus_per_replica") or {}, inference.get("replica_rps") or {}]
+    allowed = [t for t in out.get("allowed_gpu_types", []) if t in known]
+    named = {t for m in maps for t in m} | set(out.get("allowed_gpu_types", []))
+    usable = {t for m in maps for t in m if t in known}
+    if out.get("allowed_gpu_types"):
+        usable &= set(allowed)
+    if named <= set(known):
+        return dict(spec)
+    if not usable:
+        return None
+    for m in maps:
+        for t in [t for t in m if t not in known]:
+            del m[t]
+    if training is not None and training.get("elastic"):
+        training["elastic"] = [e for e in training["elastic"] if e.get("throughput")]
+    if out.get("allowed_gpu_types"):
+        out["allowed_gpu_types"] = allowed
+    return out
 
 
 def check_inventory_update(

@@ -219,13 +219,25 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             raise NotFound(f'no workload "{workload_id}"')
         return row
 
-    def _check(self, workload: pb.Workload) -> None:
+    def _check(self, workload: pb.Workload) -> list[dict[str, Any]]:
+        """Raise ValidationError for a workload the server cannot take. One that only names
+        GPU types the inventory does not have yet is taken (workers may register after
+        their work is submitted): its NO_GPU_TYPE reasons, each with the closest known
+        name, are returned."""
         gpu_types, tenants = self.store.gpu_types(), self.store.tenants()
         checker = self._checker
         if checker is None or checker.gpu_types != gpu_types or checker.tenants != tenants:
             checker = self._checker = convert.WorkloadChecker(gpu_types, tenants)
-        checker.check(workload)
+        reasons: list[dict[str, Any]] = []
+        try:
+            checker.check(workload)
+        except ValidationError as exc:
+            unknown = convert.unknown_gpu_types(exc.violations)
+            if not unknown:
+                raise
+            reasons = convert.unknown_type_reasons(unknown, (str(t.get("name", "")) for t in gpu_types))
         self._check_serve_from(workload)
+        return reasons
 
     def _check_serve_from(self, workload: pb.Workload) -> None:
         """A service may serve from a training workload of its own tenant only (one that
@@ -259,7 +271,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             who.require_tenant(workload.tenant, "submitting a workload")
         if not workload.submit_time_s:
             workload.submit_time_s = time.time()
-        self._check(workload)
+        early = self._check(workload)
         row, created = self.store.submit_workload(
             workload.id,
             workload.tenant,
@@ -267,6 +279,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             convert.message_to_dict(workload),
             request_key=_request_key(who, request.request_id),
             request_digest=_digest(request.workload),
+            reasons=early,
         )
         if created:
             self.shared.loop.notify()
@@ -350,7 +363,7 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
             raise ValidationError(violations)
         if not workload.submit_time_s:
             workload.submit_time_s = row.spec.get("submit_time_s", row.created_at)
-        self._check(workload)
+        early = self._check(workload)
         updated = self.store.update_workload(
             workload.id,
             convert.message_to_dict(workload),
@@ -359,7 +372,11 @@ class AllocatorServicer(allocator_pb2_grpc.AllocatorServicer):
         )
         if updated.revision != row.revision:
             self.shared.loop.notify()
-        return self._shown(who, convert.workload_status(updated))
+        status = convert.workload_status(updated)
+        status.reasons.extend(
+            pb.Reason(code=r["code"], message=r["message"]) for r in early
+        )  # told, not stored
+        return self._shown(who, status)
 
     # -- inventory -------------------------------------------------------
 

@@ -970,8 +970,10 @@ class Store:
         request_key: str | None,
         request_digest: str = "",
         now: float | None = None,
+        reasons: list[JSONDict] | None = None,
     ) -> tuple[WorkloadRow, bool]:
-        """Create workload ``id`` (PENDING, version 1); the row and whether it was created now.
+        """Create workload ``id`` (PENDING, version 1, with ``reasons`` it waits for, if
+        known already); the row and whether it was created now.
 
         A ``request_key`` seen before returns the current row of the workload that request
         created, and False; with another ``request_digest`` (what the caller sent) it is
@@ -997,7 +999,7 @@ class Store:
                 version=1,
                 spec=json.loads(spec_json),
                 placement=None,
-                reasons=[],
+                reasons=list(reasons or []),
                 message="",
                 created_at=t,
                 updated_at=t,

@@ -186,13 +186,74 @@ def test_submit_bad_input_names_every_field_like_the_cli(srv: Running) -> None:
     w.inference.spread = "zone"
     found = violations_of(lambda: submit(stub, w, PRODUCT))
     assert ("workload.inference.target_rps", "must be > 0") in found
+    # a GPU type the inventory lacks is listed with the other violations of a refused workload
     unknown = training("bad-type")
     unknown.training.throughput["tpu-v9"] = 2.0
+    unknown.training.gpu_memory_gib = -1
     found = violations_of(lambda: submit(stub, unknown))
     assert any(p == "workload.training.throughput" and "tpu-v9" in m for p, m in found)
+    assert any(p == "workload.training.gpu_memory_gib" for p, _ in found)
     assert violations_of(lambda: submit(stub, pb.Workload(tenant="research"))) == [
         ("workload.id", "must not be empty")
     ]
+
+
+def test_a_gpu_type_the_inventory_lacks_yet_is_taken_and_waits_for_it(tmp_path: Path) -> None:
+    """Workers may register after their work is submitted: a workload that names GPU
+    types the server does not know yet (and nothing else wrong) is accepted, PENDING
+    with NO_GPU_TYPE (and the closest known name); it is planned on the types it names
+    that exist, and once the inventory has the others."""
+    with running_server(tmp_path) as srv:
+        stub = srv.stub()
+        stub.UpsertNodes(
+            apb.UpsertNodesRequest(
+                gpu_types=[pb.GpuType(name="h100", memory_gib=80)],
+                nodes=[pb.Node(id="n1", gpu_type="h100", gpus=8)],
+            )
+        )
+        early = pb.Workload(id="early")
+        early.training.gpus = 8
+        early.training.throughput["h200"] = 2.0
+        status = stub.SubmitWorkload(apb.SubmitWorkloadRequest(workload=early))
+        assert status.state == "PENDING" and [r.code for r in status.reasons] == ["NO_GPU_TYPE"]
+        assert (
+            'GPU type "h200" is not in the inventory yet (did you mean "h100"?)' in status.reasons[0].message
+        )
+        either = pb.Workload(id="either")
+        either.training.gpus = 4
+        either.training.throughput.update({"h100": 1.0, "b200": 3.0})
+        stub.SubmitWorkload(apb.SubmitWorkloadRequest(workload=either))
+        srv.settle()
+        early_now = stub.GetWorkload(apb.GetWorkloadRequest(id="early"))
+        assert early_now.state == "PENDING" and [r.code for r in early_now.reasons] == ["NO_GPU_TYPE"]
+        why = stub.Explain(apb.ExplainRequest(id="early"))
+        assert "GPU types the inventory does not have yet" in why.summary
+        placed = stub.GetWorkload(apb.GetWorkloadRequest(id="either"))
+        assert placed.state == "PLACED" and placed.placement.gpu_type == "h100"  # on the type that exists
+        assert "either" in {p.workload_id for p in stub.GetPlan(apb.GetPlanRequest()).plan.placements}
+        assert stub.Explain(apb.ExplainRequest(id="either")).placed
+        stub.UpsertNodes(
+            apb.UpsertNodesRequest(
+                gpu_types=[pb.GpuType(name="h200", memory_gib=141)],
+                nodes=[pb.Node(id="n2", gpu_type="h200", gpus=8)],
+            )
+        )
+        srv.settle()
+        now = stub.GetWorkload(apb.GetWorkloadRequest(id="early"))
+        assert now.state == "PLACED" and now.placement.gpu_type == "h200" and not now.reasons
+        # more unknown types than a real workload names: refused, each one listed
+        many = pb.Workload(id="many")
+        many.training.gpus = 1
+        many.training.throughput.update({f"t{i}": 1.0 for i in range(20)})
+        found = violations_of(lambda: stub.SubmitWorkload(apb.SubmitWorkloadRequest(workload=many)))
+        assert sum(1 for _p, m in found if m.startswith("unknown GPU type")) == 20
+        # planning files (the stateless Plan, like `apportion plan`) still refuses them
+        inventory = pb.Inventory(
+            gpu_types=[pb.GpuType(name="h100", memory_gib=80)],
+            nodes=[pb.Node(id="n1", gpu_type="h100", gpus=8)],
+        )
+        what_if = apb.PlanRequest(inventory=inventory, workloads=[early])
+        assert code_of(lambda: stub.Plan(what_if)) is grpc.StatusCode.INVALID_ARGUMENT
 
 
 def test_submit_messages_match_the_cli_file_mode(srv: Running, tmp_path: Path) -> None:
