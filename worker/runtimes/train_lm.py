@@ -395,5 +395,17 @@ def main(env: Mapping[str, str] | None = None, argv: Sequence[str] | None = None
     return 0
 
 
+def exit_now(code: int) -> None:
+    """End the process with ``code`` once its output is flushed, without the interpreter's
+    teardown: after ``destroy_process_group`` a gloo thread can still be joinable when
+    C++ static destructors run, and std::terminate then aborts a rank that had finished
+    (SIGABRT, "terminate called without an active exception": seen in about one of four
+    full test runs, a finished job reported as crashed). Everything the job writes
+    (checkpoints, progress) is written and closed before ``main`` returns."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())
