@@ -660,10 +660,14 @@ class Agent:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
                 if code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
-                log.info("server unavailable; retrying", extra={"server": self.config.server})
+                details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+                self._say_retrying(details or "", delay)
             except ApportionError as exc:
                 if exc.code not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                     raise
+                # (the GPU type check goes through the client: it was silent here, and a
+                # worker started before its server said nothing for 25 s)
+                self._say_retrying(exc.message, delay)
             else:
                 self._session = reply.session_id
                 self._interval = self.config.heartbeat_s or reply.heartbeat_interval_s or 2.0
@@ -673,6 +677,12 @@ class Agent:
                 return
             self._stopping.wait(delay)
             delay = min(5.0, delay * 2)
+
+    def _say_retrying(self, error: str, delay: float) -> None:
+        log.info(
+            "server unavailable; retrying",
+            extra={"server": self.config.server, "error": error[:300], "retry_in_s": round(delay, 2)},
+        )
 
     # -- the stream --------------------------------------------------------------
 

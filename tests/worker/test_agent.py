@@ -3,9 +3,12 @@ of a rank, APPORTION_* lines, GPU options, and the clean-up of leftover processe
 
 from __future__ import annotations
 
+import contextlib
 import os
+import queue
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +17,8 @@ import pytest
 from apportion.v1 import types_pb2 as pb
 from apportion.v1 import workers_pb2 as wpb
 from worker import agent
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_runtime_argv_for_each_kind() -> None:
@@ -267,3 +272,36 @@ def test_a_launch_with_an_unsafe_id_builds_no_path(tmp_path: Path) -> None:
         assert not (tmp_path / "escape").exists() and not (tmp_path / "w").exists()
     finally:
         node.client.close()
+
+
+def test_a_worker_started_before_its_server_says_it_is_retrying(tmp_path: Path) -> None:
+    # (it went through the client's GPU type check, which said nothing: 25 s of silence)
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens there
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "proto")]))
+    env.pop("APPORTION_TOKEN", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server", "worker", "--server", f"127.0.0.1:{port}", "--node-id", "early",
+         "--gpus", "1", "--gpu-type", "h100", "--gpu-memory-gib", "80", "--work-dir", str(tmp_path)],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    lines: queue.Queue[str] = queue.Queue()
+    assert proc.stdout is not None
+    reader = threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout or ()], daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + 10  # its first retry is due after 0.2 s
+        seen = []
+        while "server unavailable; retrying" not in "".join(seen):
+            left = deadline - time.monotonic()
+            assert left > 0, f"nothing said in 10 s: {''.join(seen)!r}"
+            with contextlib.suppress(queue.Empty):
+                seen.append(lines.get(timeout=left))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        if proc.stdout is not None:
+            proc.stdout.close()
