@@ -56,7 +56,7 @@ from server import convert
 from server.control import PlanInfo, placement_doc
 from server.errors import FailedPrecondition
 from server.store import PENDING, PLACED, RUNNING, Event, Store, WorkloadRow
-from server.usage import Use, placement_use, ready
+from server.usage import Use, least_gpus, placement_use, ready
 from solver import Node, PlanOptions, Problem, Tenant, ValidationError
 
 __all__ = ["Admission", "AdmissionConfig"]
@@ -213,12 +213,13 @@ class Admission:
         # What cannot fit in its tenant's quota left or in the free GPUs is not tried (the
         # common case on a busy cluster: a tenant at its quota keeps submitting).
         room = {t.name: t.max_gpus for t in tenants if t.max_gpus is not None}
-        batch = [r for r in batch if 0 < _least_gpus(r.spec) <= room.get(r.tenant, _least_gpus(r.spec))]
+        need = {r.id: least_gpus(r.spec) for r in batch}
+        batch = [r for r in batch if 0 < need[r.id] <= room.get(r.tenant, need[r.id])]
         if not batch:
             return {}
         nodes = self._free_nodes()
         free = sum(n.gpus for n in nodes)
-        batch = [r for r in batch if _least_gpus(r.spec) <= free]
+        batch = [r for r in batch if need[r.id] <= free]
         if not batch:
             return {}
         # (what a spec says of GPU types the inventory does not have yet is left out)
@@ -434,15 +435,3 @@ def _quota_left(tenant: Tenant, held: Mapping[str, float]) -> Tenant:
     total = None if tenant.max_gpus is None else max(0, tenant.max_gpus - round(sum(held.values())))
     per_type = {t: max(0, cap - round(held.get(t, 0.0))) for t, cap in tenant.max_gpus_per_type.items()}
     return dataclasses.replace(tenant, max_gpus=total, max_gpus_per_type=per_type)
-
-
-def _least_gpus(spec: Mapping[str, Any]) -> int:
-    """The fewest GPUs a workload of ``spec`` can run on (0: it cannot run anywhere)."""
-    training = spec.get("training")
-    if training is not None:
-        sizes = [int(training.get("gpus", 0) or 0)]
-        sizes += [int(e.get("gpus", 0) or 0) for e in training.get("elastic", ())]
-        return min((g for g in sizes if g > 0), default=0)
-    inference = spec.get("inference") or {}
-    per_replica = [int(g) for g in (inference.get("gpus_per_replica") or {}).values() if int(g) > 0]
-    return max(1, int(inference.get("min_replicas", 1) or 1)) * min(per_replica, default=0)

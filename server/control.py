@@ -445,7 +445,7 @@ def plan_round(db_path: str, config: LoopConfig, exclude: frozenset[str] = froze
     )
     for _ in range(2):  # a second solve only when a rolling update must keep its old version
         gpu_types, tenants = list(snapshot.gpu_types), list(snapshot.tenants)
-        problem, invalid = build_problem(rows, specs, gpu_types, tenants, nodes, node_ids)
+        problem, invalid = _problem(rows, specs, gpu_types, tenants, nodes, node_ids)
         plan = solver.plan(problem, config.policy, options)
         stuck = _stuck_updates(rows, plan) - pinned_old
         if not stuck:
@@ -540,7 +540,7 @@ def planned_spec(spec: dict[str, Any], observed: dict[str, Any], feedback: str) 
     return {**spec, "training": out}
 
 
-def build_problem(
+def _problem(
     rows: list[WorkloadRow],
     specs: dict[str, dict[str, Any]],
     gpu_types: list[dict[str, Any]],

@@ -1019,34 +1019,41 @@ def unknown_type_reasons(names: Iterable[str], known: Iterable[str]) -> list[dic
     return out
 
 
-def without_unknown_types(spec: Mapping[str, Any], known: Collection[str]) -> dict[str, Any] | None:
-    """``spec`` without what it says of GPU types not in ``known`` (throughputs, replica
-    sizes and rates, allowed types); None if no known type is left to run on."""
-    out: dict[str, Any] = json.loads(json.dumps(spec))
-    training, inference = out.get("training"), out.get("inference")
-    maps: list[dict[str, Any]] = []
+def _type_maps(spec: Mapping[str, Any]) -> list[Any]:
+    """The maps of ``spec`` keyed by GPU type (throughputs, replica sizes and rates)."""
+    training, inference = spec.get("training"), spec.get("inference")
+    maps: list[Any] = []
     if training is not None:
-        maps += [training.get("throughput") or {}] + [
-            e.get("throughput") or {} for e in training.get("elastic", [])
-        ]
+        maps += [training.get("throughput") or {}]
+        maps += [e.get("throughput") or {} for e in training.get("elastic", [])]
     if inference is not None:
         maps += [inference.get("gpus_per_replica") or {}, inference.get("replica_rps") or {}]
-    allowed = [t for t in out.get("allowed_gpu_types", []) if t in known]
-    named = {t for m in maps for t in m} | set(out.get("allowed_gpu_types", []))
-    usable = {t for m in maps for t in m if t in known}
-    if out.get("allowed_gpu_types"):
-        usable &= set(allowed)
-    if named <= set(known):
+    return maps
+
+
+def without_unknown_types(spec: Mapping[str, Any], known: Collection[str]) -> dict[str, Any] | None:
+    """``spec`` without what it says of GPU types not in ``known`` (throughputs, replica
+    sizes and rates, allowed types); None if no known type is left to run on. A spec
+    that names only known types (every spec, on a round's hot path, but the few
+    submitted early) is returned as it is, not copied."""
+    allowed = spec.get("allowed_gpu_types") or []
+    named = {t for m in _type_maps(spec) for t in m} | set(allowed)
+    if all(t in known for t in named):
         return dict(spec)
+    usable = {t for m in _type_maps(spec) for t in m if t in known}
+    if allowed:
+        usable &= set(allowed)
     if not usable:
         return None
-    for m in maps:
+    out: dict[str, Any] = json.loads(json.dumps(spec))
+    for m in _type_maps(out):
         for t in [t for t in m if t not in known]:
             del m[t]
+    training = out.get("training")
     if training is not None and training.get("elastic"):
         training["elastic"] = [e for e in training["elastic"] if e.get("throughput")]
-    if out.get("allowed_gpu_types"):
-        out["allowed_gpu_types"] = allowed
+    if allowed:
+        out["allowed_gpu_types"] = [t for t in allowed if t in known]
     return out
 
 

@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
+from server.usage import least_gpus
 from solver import Placement, Plan, Problem, Reason
 
 __all__ = [
@@ -274,14 +275,7 @@ def _gpus(status: Mapping[str, Any]) -> int:
     placement = status.get("placement") or {}
     if placement.get("shards"):
         return sum(int(x.get("gpus", 0) or 0) for x in placement["shards"])
-    w = status.get("workload", {})
-    if "training" in w:
-        t = w["training"]
-        sizes = [int(t.get("gpus", 0) or 0)] + [int(e.get("gpus", 0) or 0) for e in t.get("elastic", ())]
-        return min((g for g in sizes if g > 0), default=0)
-    inference = w.get("inference", {})
-    per_replica = [int(g) for g in (inference.get("gpus_per_replica") or {}).values() if int(g) > 0]
-    return max(1, int(inference.get("min_replicas", 1) or 1)) * min(per_replica, default=0)
+    return least_gpus(status.get("workload", {}))
 
 
 def _age(seconds: float) -> str:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["Usage", "Use", "node_fits", "over_quota", "placement_use", "ready", "tenant_gpus_left"]
+__all__ = ["Usage", "Use", "least_gpus", "node_fits", "over_quota", "placement_use", "ready"]
 
 EPS = 1e-9
 
@@ -107,14 +107,13 @@ def over_quota(tenant: Mapping[str, Any] | None, held: Mapping[str, float]) -> b
     return any(held.get(t, 0.0) > float(cap) + EPS for t, cap in per_type.items())
 
 
-def tenant_gpus_left(tenant: Mapping[str, Any], held: Mapping[str, float]) -> dict[str, Any]:
-    """The tenant document with its quotas reduced by what it holds."""
-    out = dict(tenant)
-    if tenant.get("max_gpus") is not None:
-        out["max_gpus"] = max(0, int(tenant["max_gpus"]) - round(sum(held.values())))
-    per_type: Mapping[str, Any] = tenant.get("max_gpus_per_type") or {}
-    if per_type:
-        out["max_gpus_per_type"] = {
-            t: max(0, int(cap) - round(held.get(t, 0.0))) for t, cap in per_type.items()
-        }
-    return out
+def least_gpus(spec: Mapping[str, Any]) -> int:
+    """The fewest GPUs a workload of ``spec`` can run on (0: it cannot run anywhere)."""
+    training = spec.get("training")
+    if training is not None:
+        sizes = [int(training.get("gpus", 0) or 0)]
+        sizes += [int(e.get("gpus", 0) or 0) for e in training.get("elastic", ())]
+        return min((g for g in sizes if g > 0), default=0)
+    inference = spec.get("inference") or {}
+    per_replica = [int(g) for g in (inference.get("gpus_per_replica") or {}).values() if int(g) > 0]
+    return max(1, int(inference.get("min_replicas", 1) or 1)) * min(per_replica, default=0)
