@@ -103,6 +103,7 @@ from server import convert, render
 from server.auth import DEFAULT_RATE_PER_S
 from solver import PlanOptions, PlanStatus, Problem, ValidationError, Violation
 from solver.backends import BACKENDS
+from solver.model import WORK_SHARE
 
 if TYPE_CHECKING:
     from server import app
@@ -278,7 +279,16 @@ def _inputs_parser(*, required: bool) -> _Parser:
         type=_positive_float,
         default=PlanOptions.time_limit_s,
         metavar="S",
-        help=f"wall-clock budget of the solver in seconds (default: {PlanOptions.time_limit_s:g})",
+        help=f"wall-clock limit of the whole command in seconds (default: {PlanOptions.time_limit_s:g})",
+    )
+    solve.add_argument(
+        "--work-limit",
+        type=_positive_float,
+        default=None,
+        metavar="S",
+        help="the search's budget of deterministic work in work seconds, about a CPU second each on"
+        f" the reference machine (default: {WORK_SHARE:g} x --time-limit); the same input, seed and"
+        " work limit give the same plan on any machine, unless the time limit cuts it",
     )
     solve.add_argument("--seed", type=int, default=PlanOptions.seed, help="solver random seed (default: 0)")
     solve.add_argument(
@@ -616,6 +626,9 @@ def _solve(args: argparse.Namespace, problem: Problem) -> solver.Plan:
     budget = max(0.05, args.time_limit * (1 - OUTPUT_SHARE) - spent)
     options = PlanOptions(
         time_limit_s=budget,
+        # From the limit asked for, not the budget left: the plan must not depend on
+        # how long starting up took.
+        work_limit_s=args.work_limit if args.work_limit is not None else WORK_SHARE * args.time_limit,
         seed=args.seed,
         relative_gap=args.relative_gap,
         backend=args.backend,
@@ -759,6 +772,8 @@ def _solve_remote(args: argparse.Namespace, problem: Problem) -> solver.Plan:
         backend=args.backend,
         num_workers=args.num_workers,
     )
+    if args.work_limit is not None:
+        options.work_limit_s = args.work_limit
     if args.max_migrations is not None:
         options.max_migrations = args.max_migrations
     show = sys.stderr.isatty() if args.progress is None else args.progress

@@ -89,6 +89,7 @@ from solver import (
     Workload,
 )
 from solver.backends import BACKENDS
+from solver.model import WORK_SHARE
 
 __all__ = [
     "check_document",
@@ -758,6 +759,8 @@ def plan_from_message(msg: pb.Plan) -> Plan:
         objective=msg.objective,
         best_bound=msg.best_bound if msg.HasField("best_bound") else None,
         gap=msg.gap if msg.HasField("gap") else None,
+        work_s=msg.work_s,
+        stopped_by=msg.stopped_by or "heuristic",
         placements=tuple(_placement(p) for p in msg.placements),
         unplaced=tuple(
             Unplaced(workload_id=u.workload_id, reasons=reasons(u.details, f"unplaced[{i}]"))
@@ -815,6 +818,8 @@ def plan_to_message(plan: Plan) -> pb.Plan:
         placements=[placement_to_message(p) for p in plan.placements],
         stage_times_s=dict(plan.stage_times_s),
         shadow_prices=dict(plan.shadow_prices),
+        work_s=plan.work_s,
+        stopped_by=plan.stopped_by,
         metrics=pb.PlanMetrics(
             gpus_used=plan.metrics.gpus_used,
             gpus_total=plan.metrics.gpus_total,
@@ -1140,6 +1145,10 @@ def state_problem(
     return problem
 
 
+# A day of work: more is a mistake (the wall-clock cap would cut it anyway).
+MAX_WORK_LIMIT_S = 86_400.0
+
+
 def plan_options(msg: apb.PlanOptions, *, deadline_s: float | None = None) -> PlanOptions:
     """Solver options of a ``Plan`` request; the time limit is cut to fit ``deadline_s``
     (seconds left before the call's deadline) so the best plan found in time comes back.
@@ -1152,6 +1161,9 @@ def plan_options(msg: apb.PlanOptions, *, deadline_s: float | None = None) -> Pl
     time_limit = msg.time_limit_s if msg.HasField("time_limit_s") else defaults.time_limit_s
     if not time_limit > 0 or not math.isfinite(time_limit):
         out.append(Violation("options.time_limit_s", "must be > 0"))
+    work_limit = msg.work_limit_s if msg.HasField("work_limit_s") else None
+    if work_limit is not None and not (0 < work_limit <= MAX_WORK_LIMIT_S):
+        out.append(Violation("options.work_limit_s", f"must be > 0 and ≤ {MAX_WORK_LIMIT_S:g}"))
     gap = msg.relative_gap if msg.HasField("relative_gap") else defaults.relative_gap
     if not gap >= 0 or not math.isfinite(gap):
         out.append(Violation("options.relative_gap", "must be ≥ 0"))
@@ -1166,9 +1178,13 @@ def plan_options(msg: apb.PlanOptions, *, deadline_s: float | None = None) -> Pl
         )
     _raise_if(out)
     if deadline_s is not None:
+        # The work budget comes from the limit asked for: a shorter deadline cuts the
+        # search by the wall clock, and the plan says so (stopped_by: wall_clock).
+        work_limit = work_limit if work_limit is not None else WORK_SHARE * time_limit
         time_limit = max(0.05, min(time_limit, deadline_s))
     return PlanOptions(
         time_limit_s=time_limit,
+        work_limit_s=work_limit,
         seed=msg.seed if msg.HasField("seed") else defaults.seed,
         relative_gap=gap,
         backend=backend,

@@ -127,7 +127,12 @@ def render_plan(plan: Plan, problem: Problem | None = None, *, kinds: Mapping[st
     gap = "-" if plan.gap is None else f"{plan.gap:.2%}"
     out = [
         f"{plan.status.value}  policy {plan.policy}  objective {_number(plan.objective)}"
-        f"  bound {_number(plan.best_bound)}  gap {gap}  time {total_s:.2f} s",
+        f"  bound {_number(plan.best_bound)}  gap {gap}  time {total_s:.2f} s"
+        + (
+            ""
+            if plan.stopped_by == "heuristic"
+            else f"  work {plan.work_s:.2f}  stopped by {plan.stopped_by}"
+        ),
         f"GPUs {plan.metrics.gpus_used}/{plan.metrics.gpus_total} used"
         f"  cost {plan.metrics.cost_per_hour:.2f} per hour"
         f"  placed {plan.metrics.placed}  unplaced {plan.metrics.unplaced}"

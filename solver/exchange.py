@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 from collections.abc import Iterator, Mapping, Sequence
 
+from solver import clock
 from solver.aggregate import Index, Option, OptionKind, WorkloadClass, options_by_type
 from solver.greedy import replicas_wanted
 from solver.model import Placement, Spread, Workload
@@ -143,7 +143,7 @@ def exchange_services(
         return best
 
     for _ratio, wid in droppable:
-        if time.perf_counter() > deadline:
+        if clock.now() > deadline:
             break
         w = index.workloads[wid]
         old = out.get(wid)
@@ -344,7 +344,7 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
         for sh in old.shards:
             taken[unit(sh.node_id)] = taken.get(unit(sh.node_id), 0) + 1
         for nid in nodes_of(t):
-            if time.perf_counter() >= deadline:
+            if clock.now() >= deadline:
                 return False
             if nid in ledger.exclusive or taken.get(unit(nid), 0) >= cap:
                 continue
@@ -414,7 +414,7 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
         if gain <= 0 or served_fraction(w, t, k + 1) / c.weight <= now + 1e-12:
             return False
         for nid in nodes_of(t):
-            if time.perf_counter() >= deadline:
+            if clock.now() >= deadline:
                 return False
             if nid in ledger.exclusive:
                 continue
@@ -524,7 +524,8 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
         if index.workloads[wid].training is not None and len(p.shards) == 1:
             by_size.setdefault(p.gpus, {}).setdefault(t_of(p), set()).add(wid)
     stuck: set[str] = set()
-    while time.perf_counter() < deadline:
+    while clock.now() < deadline:
+        clock.charge(clock.LEDGER_CHECK * len(out))
         values = {wid: value(wid) for wid in out}
         if not values:
             break
@@ -533,7 +534,7 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
         if any(wid not in movable or wid in stuck for wid in at_min):
             break
         for wid in at_min:
-            if time.perf_counter() >= deadline:
+            if clock.now() >= deadline:
                 break
             if not better(wid):
                 stuck.add(wid)

@@ -22,9 +22,9 @@ submission time.
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Mapping, Sequence
 
+from solver import clock
 from solver.aggregate import Index, Option, OptionKind, WorkloadClass, options_by_type
 from solver.model import NodeState, Placement, Workload
 from solver.packing import Ledger
@@ -463,7 +463,7 @@ def _cheaper_services(index: Index, ledger: Ledger, out: dict[str, Placement], d
             todo.append((-gain, -price, wid))
     repacks = 0  # each packs a whole type again: a few at most
     for _gain, neg_price, wid in sorted(todo):
-        if time.perf_counter() > deadline:
+        if clock.now() > deadline:
             break
         w = index.workloads[wid]
         c = index.classes[index.workload_class[wid]]
@@ -492,7 +492,7 @@ def _cheaper_services(index: Index, ledger: Ledger, out: dict[str, Placement], d
                 break
             if shards:
                 ledger.release(w, new)
-            if repacks >= _MAX_REPACKS or time.perf_counter() > deadline:
+            if repacks >= _MAX_REPACKS or clock.now() > deadline:
                 continue
             repacks += 1
             got = _repack(index, ledger, out, w, by_type[t], want)

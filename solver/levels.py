@@ -54,10 +54,10 @@ from __future__ import annotations
 
 import bisect
 import math
-import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping
 
+from solver import clock
 from solver.aggregate import Index, Option, OptionKind, WorkloadClass
 from solver.backends import Backend
 from solver.linear import LinearModel, Sense, SolveStatus, Var
@@ -174,7 +174,7 @@ def level_plan(
     ``jobs_floors`` (see above); None if no plan that keeps the floors was found
     in time."""
     jobs_floors = jobs_floors or {}
-    if time.perf_counter() > deadline:
+    if clock.now() > deadline:
         return None
 
     def frac(w: Workload, p: Placement) -> float:
@@ -276,7 +276,7 @@ def level_plan(
         return frozenset(n.index for n, v in columns if i >= 0 and v < levels[i])
 
     def feasible(i: int) -> bool | None:
-        left = deadline - time.perf_counter()
+        left = deadline - clock.now()
         if left <= 0.05:
             return None
         sol = backend.solve_lp(lp, time_limit_s=min(left, 60.0), fixed_zero=below(i))
@@ -297,7 +297,7 @@ def level_plan(
         if i != lo:
             tries.append(i)
     for n_try, i in enumerate(tries):
-        left = deadline - time.perf_counter()
+        left = deadline - clock.now()
         if left <= 0.05:
             return None
         sol = backend.solve_lp(lp, time_limit_s=min(left, 60.0), fixed_zero=below(i))
@@ -361,7 +361,7 @@ def _round_and_pack(
         return (tier_rank, g <= node_gpus.get(t, 1), -g, w.id)
 
     for w, (t, g) in sorted(jobs, key=order):
-        if time.perf_counter() > deadline:
+        if clock.now() > deadline:
             return None
         got = _place_job(index, ledger, w, t, g, tau)
         if got is not None:

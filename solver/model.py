@@ -358,6 +358,14 @@ class Plan:
         stage_times_s: wall time of each pipeline stage.
         shadow_prices: marginal objective of one more GPU of each type (LP duals).
         metrics: summary figures.
+        work_s: the deterministic work the plan took, in work seconds (``solver.clock``).
+        stopped_by: why the search ended: ``gap`` (proven within the relative gap),
+            ``work_limit`` (its work budget was spent: the same input, seed and
+            limit give the same plan on any machine, loaded or not), ``wall_clock``
+            (the wall-time safety cap cut it: this plan may differ from run to run),
+            ``exhausted`` (every step of the search ran within the budget; the gap
+            left is what its methods could not close) or ``heuristic`` (a baseline
+            policy, which does not search).
     """
 
     status: PlanStatus
@@ -371,6 +379,8 @@ class Plan:
     stage_times_s: Mapping[str, float] = field(default_factory=dict)
     shadow_prices: Mapping[str, float] = field(default_factory=dict)
     metrics: PlanMetrics = field(default_factory=PlanMetrics)
+    work_s: float = 0.0
+    stopped_by: str = "heuristic"
 
     def placement(self, workload_id: str) -> Placement | None:
         for p in self.placements:
@@ -379,16 +389,29 @@ class Plan:
         return None
 
 
+# The default work budget, as a share of the wall-clock limit: one work second is
+# about one CPU second of the reference machine (solver.clock), and the plan's
+# uncounted steps (model building, verification, explanations) and a machine
+# slower or busier than the reference need the rest before the cap cuts the
+# search (see docs/determinism in the README).
+WORK_SHARE = 0.5
+
+
 @dataclass(frozen=True)
 class PlanOptions:
     """How to plan.
 
     Attributes:
-        time_limit_s: wall-clock budget for the whole plan: the solver stages stop
-            early enough to leave time for packing, verification and explanations
-            (the call can still overrun it somewhat on very large inputs).
-        seed: random seed for the solver (same seed, same input: same plan
-            whenever the solve finishes inside the time limit).
+        time_limit_s: wall-clock cap on the whole plan, a safety net: the search
+            stops at its work budget (``work_limit_s``); only where the machine is
+            so slow or loaded that the cap comes first do the stages stop at it,
+            early enough to leave time for packing, verification and explanations,
+            and the plan says ``stopped_by: wall_clock``.
+        work_limit_s: the search's budget of deterministic work, in work seconds
+            (``solver.clock``: about a CPU second each on the reference 2-core
+            machine). None: ``WORK_SHARE`` of ``time_limit_s``.
+        seed: random seed for the solver (same seed, same input, same work limit:
+            the same plan, unless the wall-clock cap cut it).
         relative_gap: stop once the plan is proven this close to the bound.
         backend: ``highs`` (HiGHS + GLOP), ``ortools`` (CP-SAT + GLOP) or ``pulp`` (CBC).
         max_migrations: most running workloads that may be moved or stopped.
@@ -399,6 +422,7 @@ class PlanOptions:
     """
 
     time_limit_s: float = 10.0
+    work_limit_s: float | None = None
     seed: int = 0
     relative_gap: float = 1e-4
     backend: str = "highs"
@@ -406,3 +430,7 @@ class PlanOptions:
     migration_penalty: float = 0.05
     num_workers: int = 1
     progress: Callable[[str, float], None] | None = None
+
+    def work_budget(self) -> float:
+        """The search's work budget (work seconds)."""
+        return self.work_limit_s if self.work_limit_s is not None else WORK_SHARE * self.time_limit_s

@@ -15,6 +15,7 @@ from collections import defaultdict
 from collections.abc import Iterator, Mapping, Sequence, Set
 from dataclasses import dataclass
 
+from solver import clock
 from solver.aggregate import Index, Option, OptionKind, scope_of_nodes
 from solver.model import Node, Placement, Shard, Spread, Workload
 
@@ -79,6 +80,9 @@ class Ledger:
         self.open_nodes = sum(len(s.node_ids) for s in index.shapes if s.gpus > 0)
         self.freed: dict[int, int] = defaultdict(int)  # shape -> times a node became whole
         self._gang_miss: dict[Option, int] = {}  # option -> ``freed`` when it last found nothing
+        # Work is counted per node checked, taken or released (solver.clock).
+        self._clock = clock.current()
+        self._clock.work += clock.LEDGER_CHECK * len(self.free)
 
     @classmethod
     def holding(cls, index: Index, placed: Mapping[str, Placement], but: Set[str] = frozenset()) -> Ledger:
@@ -106,6 +110,7 @@ class Ledger:
         bisect.insort(self.buckets[si][after], pos)
 
     def take(self, workload: Workload, node_id: str, gpus: int, cpus: float, memory_gib: float) -> None:
+        self._clock.work += clock.LEDGER_CHECK
         f = self.free[node_id]
         self._move(node_id, f.gpus, f.gpus - gpus)
         f.gpus -= gpus
@@ -130,6 +135,7 @@ class Ledger:
     # -- searches ---------------------------------------------------------------------
 
     def fits(self, node_id: str, gpus: int, cpus: float, memory_gib: float) -> bool:
+        self._clock.work += clock.LEDGER_CHECK
         n = self.index.nodes[node_id]
         f = self.free[node_id]
         if node_id in self.exclusive or f.gpus < gpus:
@@ -173,6 +179,7 @@ class Ledger:
             return None
         if self._gang_miss.get(option) == self.freed[shape.index]:
             return None  # nothing became whole since this search last failed
+        self._clock.work += clock.LEDGER_CHECK * len(full)
         idle = [self.by_pos[p] for p in full]
         idle = [nid for nid in idle if not self.holders.get(nid) and nid not in self.exclusive]
         nodes = self.index.nodes
@@ -328,6 +335,7 @@ class Ledger:
     def release(self, workload: Workload, placement: Placement) -> None:
         """Undo :meth:`place` (used when a service cannot reach its minimum)."""
         node_type = ""
+        self._clock.work += clock.LEDGER_CHECK * len(placement.shards)
         for shard in placement.shards:
             node = self.index.nodes[shard.node_id]
             node_type = node.gpu_type

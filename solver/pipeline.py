@@ -39,6 +39,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+from solver import clock
 from solver.aggregate import Index, build_index, usable_training_types
 from solver.backends import Backend, get_backend
 from solver.disaggregate import disaggregate
@@ -157,7 +158,7 @@ def _level_bound(
         return frozenset(held)
 
     def infeasible(i: int) -> bool | None:
-        left = end - time.perf_counter()
+        left = end - clock.now()
         if left <= 0.05:
             return None
         # Feasibility only: no objective (phase one of the simplex is all it needs).
@@ -206,11 +207,24 @@ def _lex_better(a: list[float], b: list[float]) -> bool:
 
 def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | None = None) -> Plan:
     """Plan ``problem`` under ``policy``. Raises ValidationError on bad input,
-    UnknownPolicyError for an unknown policy or backend."""
+    UnknownPolicyError for an unknown policy or backend.
+
+    The search spends ``options.work_budget()`` of deterministic work
+    (``solver.clock``); the wall-clock limit is a safety cap on it."""
     options = options or PlanOptions()
+    timer = _Timer(options)
+    # The cap on the search leaves the rest of the limit to the uncounted steps after
+    # it (verification, explanations; measured: about 5% of the time at 1k
+    # workloads, 10-15% at 10k) and to the solvers' own overrun of their last limit.
+    reserve = min(0.35, 0.15 + 3e-5 * len(problem.workloads))
+    work = clock.Clock(options.time_limit_s * (1 - reserve), options.work_budget() * (1 - reserve))
+    with clock.running(work):
+        return _plan(problem, policy, options, timer, reserve)
+
+
+def _plan(problem: Problem, policy: str, options: PlanOptions, timer: _Timer, reserve: float) -> Plan:
     pol = get_policy(policy)
     get_backend(options.backend)  # fail fast on an unknown backend
-    timer = _Timer(options)
     with timer.stage("validate"):
         validate(problem)
     with timer.stage("aggregate"):
@@ -247,12 +261,10 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         seed, hint = seeds[best], hints[best]
     greedy_stage_values = _stage_values(form, stages, hint)
     backend = get_backend(options.backend)
-    # time_limit_s bounds the whole call: the solver stages stop early enough to leave
-    # time for packing, repair, verification and explanations (measured: about 5% of
-    # the time at 1k workloads, 10-15% at 10k), and for the solvers' own overrun
-    # (CP-SAT's presolve, GLOP) on a loaded machine: up to 10% at 1k.
-    reserve = min(0.35, 0.15 + 3e-5 * len(problem.workloads))
-    deadline = timer.start + options.time_limit_s * (1 - reserve)
+    # The work budget is shared the same way: the search stages first, then the
+    # polish and the final bound (packing and repair are counted in the stages).
+    work_limit = options.work_budget()
+    deadline = work_limit * (1 - reserve)
     bound: float | None = None
     kept_jobs: dict[int, float] = {}  # fairness: the least Σ w of each tier's jobs (levels.job_floors)
     duals: Mapping[str, float] = {}
@@ -388,13 +400,13 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             attempts.append(lambda: tiered(counts, services))
         spent = 0.0
         for attempt in attempts:
-            left = end - time.perf_counter() - (later * 1.5 * spent if best is not None else 0.0)
+            left = end - clock.now() - (later * 1.5 * spent if best is not None else 0.0)
             if spent and left < 1.5 * spent:
                 break
-            t0 = time.perf_counter()
+            t0 = clock.now()
             consider(attempt())
-            spent = max(spent, time.perf_counter() - t0)
-        if best is None and protected and end - time.perf_counter() > 1.5 * spent:
+            spent = max(spent, clock.now() - t0)
+        if best is None and protected and end - clock.now() > 1.5 * spent:
             # Else keep all of their placements as they are, and round the rest.
             assert incumbent is not None
             consider(concrete(counts, {w: incumbent[w] for w in protected}))
@@ -418,7 +430,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         return (again, again_values) if at_least(again_values, k, strictly=True) else None
 
     # Stages before the primary share at most 60% of the time; the primary gets the rest.
-    early_until = time.perf_counter() + 0.6 * max(0.0, deadline - time.perf_counter())
+    early_until = clock.now() + 0.6 * max(0.0, deadline - clock.now())
     primary_index = next((i for i, x in enumerate(stages) if x.primary), len(stages))
     objective_vars: set[int] = set()
     for k, st in enumerate(stages):
@@ -429,10 +441,10 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         fixed = frozenset() if st.primary and k == len(stages) - 1 else form.idle_classes(objective_vars)
         early_left = sum(1 for x in stages[k:] if not x.primary)
         stage_end = deadline if st.primary else early_until
-        stage_start = time.perf_counter()
+        stage_start = clock.now()
         current = form.model.objective_value(vector(values))
         tol = 1e-9 * max(1.0, abs(current))
-        if not st.primary and time.perf_counter() >= early_until:
+        if not st.primary and clock.now() >= early_until:
             # Out of time for earlier stages: the incumbent's value is this stage's floor.
             # Its lower tiers were completed largest first (packs well); for a tier's
             # coverage, smallest first runs more of them (measured at 10k, on a slow
@@ -453,10 +465,10 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         # LP relaxation: a bound, duals, and (rounded down, completed) a candidate.
         # The primary stage's LP is the plan's bound and shadow prices: it gets at least
         # 15% of the time limit even when earlier stages (on a loaded machine) overran.
-        least_lp = 0.15 * options.time_limit_s if st.primary else 0.2
+        least_lp = 0.15 * work_limit if st.primary else 0.2
         with timer.stage("lp"):
             lp = backend.solve_lp(
-                form.model, time_limit_s=max(least_lp, stage_end - time.perf_counter()), fixed_zero=fixed
+                form.model, time_limit_s=max(least_lp, stage_end - clock.now()), fixed_zero=fixed
             )
         lp_bound = lp.objective if lp.status is SolveStatus.OPTIMAL else math.inf
         if lp.status is not SolveStatus.OPTIMAL and st.primary:
@@ -474,11 +486,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             if st.primary:
                 bound, duals = lp.objective, lp.duals
             levels = pol.levels(form) if st.primary and bound is not None else None
-            if (
-                levels
-                and incumbent is not None
-                and stage_end - time.perf_counter() > 0.1 * options.time_limit_s
-            ):
+            if levels and incumbent is not None and stage_end - clock.now() > 0.1 * work_limit:
                 # Raise the incumbent's minimum first: the bisection on the whole model
                 # then starts from it (not worth its time where that bisection will not
                 # run: at 10k it took 1.6 s and left the bisection none).
@@ -507,7 +515,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                         frozenset(),
                         current,
                         lp_bound,
-                        max(stage_end, time.perf_counter() + 0.1 * options.time_limit_s),
+                        max(stage_end, clock.now() + 0.1 * work_limit),
                     )
                 if level_bound is not None and bound is not None and level_bound < bound:
                     bound = level_bound
@@ -535,7 +543,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                         form.model.maximize(stages[k + 1].terms, stages[k + 1].constant)
                         guided = backend.solve_lp(
                             form.model,
-                            time_limit_s=max(0.2, stage_end - time.perf_counter()),
+                            time_limit_s=max(0.2, stage_end - clock.now()),
                             fixed_zero=guide,
                         )
                         form.model.maximize(st.terms, st.constant)
@@ -556,7 +564,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             # to come the time for theirs.
             # (For a policy whose polish chooses the plan again, not past the stage's
             # end: at 10k the rounding took 0.9 s that the polish needs.)
-            late = st.primary and pol.polish == "minimum" and time.perf_counter() >= stage_end
+            late = st.primary and pol.polish == "minimum" and clock.now() >= stage_end
             if lp_bound > current + tol and not late:
                 with timer.stage("round"):
                     found = rounded(
@@ -577,7 +585,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                     current = form.model.objective_value(vector(values))
         target = options.relative_gap if st.primary else 0.0
         proven = lp_bound - current <= max(target * max(abs(lp_bound), 1e-9), 1e-9 * max(1.0, abs(current)))
-        left = deadline - time.perf_counter()
+        left = deadline - clock.now()
         # An early stage's search may use the early stages' time that is left, less what
         # the early stages after it need for their LP and rounding (as long as this
         # one's took, at least 0.2 s each): the MIP stops as soon as the stage is
@@ -586,14 +594,13 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
         # needed 2.7 s of HiGHS to reach 741 from the rounding's 695; with an even
         # share it got none, and the cost plan filled the rest greedily at twice the
         # cost the bound allowed).
-        later_need = (early_left - 1) * max(0.2, time.perf_counter() - stage_start)
-        search_end = deadline if st.primary else max(time.perf_counter(), early_until - later_need)
-        search_left = search_end - time.perf_counter()
+        later_need = (early_left - 1) * max(0.2, clock.now() - stage_start)
+        search_end = deadline if st.primary else max(clock.now(), early_until - later_need)
+        search_left = search_end - clock.now()
         sol: Solution | None = None
-        if not proven and left > 0.05 and backend.mip_worth_starting(nvars, search_left):
+        if not proven and left > 0.05 and backend.mip_worth_starting(form.model, search_left):
             later = len(stages) - k - 1
-            budget = left / (later + 1) if st.primary and later else search_end - time.perf_counter()
-            budget -= backend.mip_overshoot_s(nvars, budget)
+            budget = left / (later + 1) if st.primary and later else search_end - clock.now()
             with timer.stage(f"solve: {st.name}"):
                 sol = backend.solve_mip(
                     form.model,
@@ -641,12 +648,12 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
             index,
             complete(index, repaired, pol.prefer),
             pol.prefer,
-            timer.start + options.time_limit_s * (1 - reserve / 2),
+            work_limit * (1 - reserve / 2),
         )
     # The policy's local search (solver/exchange.py) is timed as part of "repair", the
     # one in the primary stage as "round" and the level bisection as "lp": stage names
     # that clients know the order of (server/cli.py orders a server's stage times).
-    polish_until = timer.start + options.time_limit_s * (1 - reserve / 2)
+    polish_until = work_limit * (1 - reserve / 2)
     if pol.polish == "exchange" and form.f:
         with timer.stage("repair"):
             placed = _exchange(form, stages, floors, placed, polish_until, get_backend(options.backend))
@@ -665,9 +672,7 @@ def plan(problem: Problem, policy: str = "throughput", options: PlanOptions | No
                     fallback, placed = placed, leveled
             # The level plan may leave services at the minimum that this search lifts
             # (at 10k: 0.048 -> 0.119 in 0.3-0.4 s): it gets at least 3% of the limit.
-            placed = raise_minimum(
-                index, placed, max(polish_until, time.perf_counter() + 0.03 * options.time_limit_s)
-            )
+            placed = raise_minimum(index, placed, max(polish_until, clock.now() + 0.03 * work_limit))
     # Never worse than the greedy seed.
     final_values = _stage_values(form, stages, form.hint(placed.values()))
     if _lex_better(greedy_stage_values, final_values):
@@ -722,14 +727,14 @@ def _rebound(
         for j in range(min(primary, len(floors)))
         if final_values[j] > floors[j] + 1e-6 * max(1.0, abs(floors[j]))
     ]
-    if not raised or time.perf_counter() >= end:
+    if not raised or clock.now() >= end:
         return bound
     for j in raised:
         st = stages[j]
         form.set_floor(st.terms, st.constant, final_values[j], f"floor[{st.name}] (final)", st.tolerance)
     st = stages[primary]
     form.model.maximize(st.terms, st.constant)
-    lp = backend.solve_lp(form.model, time_limit_s=max(0.05, end - time.perf_counter()))
+    lp = backend.solve_lp(form.model, time_limit_s=max(0.05, end - clock.now()))
     if lp.status is not SolveStatus.OPTIMAL:
         return bound
     return max(min(bound, lp.objective), final_values[primary])
@@ -788,7 +793,7 @@ def _exchange(
         if (
             any(s < 0 for s in slack)
             or after <= before + 1e-9 * max(1.0, abs(before))
-            or time.perf_counter() > deadline
+            or clock.now() > deadline
         ):
             break
     return placed
@@ -922,7 +927,19 @@ def _finish(
         stage_times_s=dict(timer.times),
         shadow_prices=dict(sorted(shadow.items())),
         metrics=report.metrics,
+        work_s=round(clock.current().work, 6),
+        stopped_by=_stopped_by(status, bound, clock.current()),
     )
+
+
+def _stopped_by(status: PlanStatus, bound: float | None, work: clock.Clock) -> str:
+    if status is PlanStatus.HEURISTIC or bound is None:
+        return "heuristic"
+    if work.cut:
+        return "wall_clock"
+    if status is PlanStatus.OPTIMAL:
+        return "gap"
+    return "work_limit" if work.work >= work.budget else "exhausted"
 
 
 @dataclass(frozen=True)

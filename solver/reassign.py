@@ -58,10 +58,10 @@ from __future__ import annotations
 
 import heapq
 import math
-import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence, Set
 
+from solver import clock
 from solver.aggregate import Index, Option, options_by_type
 from solver.backends import Backend
 from solver.greedy import replicas_wanted
@@ -86,7 +86,7 @@ def reassign_services(
     Returns the reassigned plan, or a copy of ``placed`` where that is not better
     or not possible in time (``placed`` itself is not changed)."""
     original = dict(placed)
-    if time.perf_counter() > deadline or any(s < 0 for s in slack):
+    if clock.now() > deadline or any(s < 0 for s in slack):
         return original
     price = {t: gt.cost_per_hour or 0.0 for t, gt in index.types.items()}
 
@@ -229,7 +229,7 @@ def reassign_services(
     first: set[str] = set()
     fresh = False
     for _lp_round in range(3):
-        time_left = deadline - time.perf_counter()
+        time_left = deadline - clock.now()
         if time_left <= 0.05:
             break
         banned = frozenset(x.index for w, t, k, x in columns if k > fits.get((w.id, t), k))
@@ -344,7 +344,7 @@ def _pack(
         return (w.id not in first, rank, units if spread else 0, -by_type(w)[t][0].gpus, -k, w.id)
 
     for w in sorted(todo, key=order):
-        if time.perf_counter() > deadline:
+        if clock.now() > deadline:
             return None, failed
         spec = w.inference
         assert spec is not None
@@ -456,7 +456,7 @@ def _top_up(
 
     heap = [cand for cand in (candidate(w) for w in movable) if cand is not None]
     heapq.heapify(heap)
-    while any(s < -1e-12 for s in short) and heap and time.perf_counter() <= deadline:
+    while any(s < -1e-12 for s in short) and heap and clock.now() <= deadline:
         _r, wid = heapq.heappop(heap)
         w = index.workloads[wid]
         p = out[wid]

@@ -7,9 +7,10 @@ names variables held at 0 for that solve (classes a stage cannot use).
 OR-Tools) is the default; ``ortools`` uses CP-SAT for the integer model instead;
 ``pulp`` (the CBC bundled with pulp) solves the same models and is used to
 cross-check. Backends import their solver library lazily, on first solve.
-``mip_worth_starting`` and ``mip_overshoot_s`` say how a backend's integer
-solver spends a budget (what it needs before it can gain anything, and how far
-it overruns a limit).
+Limits are work seconds (``solver.clock``): each backend stops its solver on a
+deterministic measure of work and charges the plan's clock with what it did.
+``mip_worth_starting`` says whether a budget pays for what a backend's integer
+solver needs before it can gain anything.
 """
 
 from __future__ import annotations
@@ -41,9 +42,7 @@ class Backend(Protocol):
         self, model: LinearModel, *, time_limit_s: float, fixed_zero: frozenset[int] = frozenset()
     ) -> Solution: ...
 
-    def mip_worth_starting(self, nvars: int, seconds: float) -> bool: ...
-
-    def mip_overshoot_s(self, nvars: int, budget: float) -> float: ...
+    def mip_worth_starting(self, model: LinearModel, seconds: float) -> bool: ...
 
 
 BACKENDS = ("highs", "ortools", "pulp")

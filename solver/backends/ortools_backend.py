@@ -21,6 +21,7 @@ import math
 import time
 from typing import Any
 
+from solver import clock
 from solver.errors import SolverError
 from solver.linear import LinearModel, Sense, Solution, SolveStatus
 
@@ -35,21 +36,35 @@ def _row_scale(coefs: list[float], rhs: float) -> int:
     return 10**6
 
 
+# Measured on the aggregated models (slow_fleet at 1k, 6,050 variables, size 36k):
+# HiGHS' root took 8.3k LP iterations, about 0.23 per unit of size, and each
+# branch-and-bound node after it about 125.
+HIGHS_ROOT_ITERATIONS_PER_SIZE = 0.25
+HIGHS_ITERATIONS_PER_NODE = 120
+
+
+def highs_root_work(size: int) -> float:
+    """HiGHS' root on a model of ``size`` (rows + nonzeros), in work seconds: its
+    iterations grow with the rows, each with the nonzeros."""
+    return HIGHS_ROOT_ITERATIONS_PER_SIZE * size * size * clock.HIGHS_PER_ITERATION_NONZERO
+
+
+def _size(model: LinearModel) -> int:
+    """Rows plus nonzeros: what one simplex iteration's work grows with."""
+    return len(model.constraints) + sum(len(c.terms) for c in model.constraints)
+
+
 class OrToolsBackend:
     name = "ortools"
 
-    def mip_worth_starting(self, nvars: int, seconds: float) -> bool:
-        """Whether a MIP solve of ``nvars`` variables can gain anything in ``seconds``.
+    def mip_worth_starting(self, model: LinearModel, seconds: float) -> bool:
+        """Whether a MIP solve of ``model`` can gain anything in ``seconds`` of work.
         CP-SAT needs its presolve before it can improve anything (measured: about 0.4 s
-        for 5k variables, over 1 s for 25k; on a loaded machine a 0.56 s budget took
-        1.09 s at 4.6k variables), then time to search; above 15,000 variables it
-        overran its limits in presolve and never improved on LP rounding within 20 s
-        (the 10k-workload / 4k-node benchmark, 27k variables)."""
+        for 5k variables, over 1 s for 25k), then time to search; above 15,000
+        variables it never improved on LP rounding within 20 s (the 10k-workload /
+        4k-node benchmark, 27k variables)."""
+        nvars = len(model.vars)
         return nvars <= 15_000 and seconds > 0.3 + 3e-4 * nvars
-
-    def mip_overshoot_s(self, nvars: int, budget: float) -> float:
-        """What a solve overshoots its limit by (building the model, presolve)."""
-        return min(0.1 + 5e-5 * nvars, 0.5 * budget)
 
     def solve_mip(
         self,
@@ -101,13 +116,18 @@ class OrToolsBackend:
             for i, (x, value, s) in enumerate(zip(xs, hint, scale, strict=True)):
                 cp.add_hint(x, 0 if i in fixed_zero else round(value * s))
         solver = cp_model.CpSolver()
-        # The budget covers building the model too (Python, not negligible at scale).
-        solver.parameters.max_time_in_seconds = max(0.01, time_limit_s - (time.perf_counter() - start))
+        # The budget is work (solver.clock): building the model counts, and CP-SAT
+        # stops on its own deterministic time; wall time only as the plan's safety cap.
+        size = _size(model)
+        clock.charge(clock.MODEL_PER_NONZERO * size)
+        solver.parameters.max_deterministic_time = max(0.01, time_limit_s - clock.MODEL_PER_NONZERO * size)
+        solver.parameters.max_time_in_seconds = min(1e6, max(0.01, clock.current().wall_left()))
         solver.parameters.random_seed = seed
         solver.parameters.relative_gap_limit = relative_gap
         solver.parameters.absolute_gap_limit = 1e-7
         solver.parameters.num_workers = max(1, num_workers)
         status = solver.solve(cp)
+        clock.charge(solver.response_proto.deterministic_time)
         wall = time.perf_counter() - start
         if status == cp_model.MODEL_INVALID:
             raise SolverError(f"CP-SAT rejected the model: {cp.validate()}")
@@ -145,7 +165,6 @@ class OrToolsBackend:
                 raise SolverError("GLOP is not available")
             # GLOP's presolve costs more than it saves on these models once a stage
             # holds many variables at 0 (measured at 10k x 4k: 2.9 s -> 0.56 s).
-            lp.SetSolverSpecificParametersAsString("use_preprocessing: false")
             xs: list[Any] = [lp.NumVar(v.lb, v.ub, v.name) for v in model.vars]
             rows: list[Any] = []
             self._lp = cached = (id(model), lp, xs, rows)
@@ -156,20 +175,31 @@ class OrToolsBackend:
         for i in fixed_zero - self._lp_fixed:
             xs[i].SetBounds(0.0, 0.0)
         self._lp_fixed = fixed_zero
-        for c in model.constraints[len(rows) :]:
+        added = model.constraints[len(rows) :]
+        clock.charge(clock.MODEL_PER_NONZERO * sum(len(c.terms) + 1 for c in added))
+        for c in added:
             lo = c.rhs if c.sense in (Sense.GE, Sense.EQ) else -lp.infinity()
             hi = c.rhs if c.sense in (Sense.LE, Sense.EQ) else lp.infinity()
             row = lp.RowConstraint(lo, hi, c.name)
             for i, a in c.terms.items():
                 row.SetCoefficient(xs[i], a)
             rows.append(row)
-        lp.SetTimeLimit(max(10, int(min(time_limit_s, 1e6) * 1000)))
+        # GLOP stops on its own deterministic time (the budget is work: solver.clock);
+        # wall time only as the plan's safety cap. Its presolve costs more than it
+        # saves on these models once a stage holds many variables at 0 (measured at
+        # 10k x 4k: 2.9 s -> 0.56 s).
+        budget = min(max(0.001, time_limit_s), 1e6)
+        lp.SetSolverSpecificParametersAsString(
+            f"use_preprocessing: false max_deterministic_time: {budget:.6g}"
+        )
+        lp.SetTimeLimit(max(10, int(min(clock.current().wall_left(), 1e6) * 1000)))
         objective = lp.Objective()
         objective.Clear()
         for i, a in model.objective.items():
             objective.SetCoefficient(xs[i], a)
         objective.SetMaximization()
         status = lp.Solve()
+        clock.charge(min(budget, clock.GLOP_PER_ITERATION_NONZERO * lp.iterations() * _size(model)))
         wall = time.perf_counter() - start
         if status == pywraplp.Solver.INFEASIBLE:
             return Solution(SolveStatus.INFEASIBLE, (), 0.0, 0.0, wall)
@@ -187,13 +217,10 @@ class HighsBackend(OrToolsBackend):
 
     name = "highs"
 
-    def mip_worth_starting(self, nvars: int, seconds: float) -> bool:
-        # Building the MathOpt model costs about 30 µs a variable (0.18 s for 6.5k
-        # variables here); HiGHS then needs its root LP before its heuristics run.
-        return seconds > 0.2 + 1e-4 * nvars
-
-    def mip_overshoot_s(self, nvars: int, budget: float) -> float:
-        return min(0.05 + 3e-5 * nvars, 0.5 * budget)
+    def mip_worth_starting(self, model: LinearModel, seconds: float) -> bool:
+        """Whether ``seconds`` of work pay for HiGHS' root (presolve, root LP, cuts,
+        heuristics), which always runs whole: see :func:`highs_root_work`."""
+        return seconds > highs_root_work(_size(model))
 
     def solve_mip(
         self,
@@ -229,14 +256,27 @@ class HighsBackend(OrToolsBackend):
                 lb=lo, ub=hi, expr=mathopt.LinearSum(a * xs[i] for i, a in c.terms.items()), name=c.name
             )
         m.maximize(mathopt.LinearSum(a * xs[i] for i, a in model.objective.items()))
-        left = max(0.01, time_limit_s - (time.perf_counter() - start))
+        # The budget is work (solver.clock). HiGHS has no deterministic time: it stops
+        # after the branch-and-bound nodes that the budget pays for once its root is
+        # paid (highs_root_work), and is charged afterwards by the LP iterations it
+        # made. No restarts: they repeat the root (measured on slow_fleet at 1k: the
+        # root took 14.7k iterations and 8.5 s with them, 8.3k and 4.2 s without, for
+        # the same solution). Wall time only as the plan's safety cap.
+        size = _size(model)
+        clock.charge(clock.MODEL_PER_NONZERO * size)
+        per_node = HIGHS_ITERATIONS_PER_NODE * size * clock.HIGHS_PER_ITERATION_NONZERO
+        left = time_limit_s - clock.MODEL_PER_NONZERO * size - highs_root_work(size)
+        nodes = max(1, int(min(10**9, left / per_node)))
         # MathOpt's HiGHS takes no thread count (its MIP search runs on one thread).
         params = mathopt.SolveParameters(
-            time_limit=datetime.timedelta(seconds=left),
+            time_limit=datetime.timedelta(seconds=min(1e6, max(0.01, clock.current().wall_left()))),
+            node_limit=nodes,
             random_seed=seed,
             relative_gap_tolerance=relative_gap,
             absolute_gap_tolerance=1e-7,
-            highs=highs_pb2.HighsOptionsProto(bool_options={"mip_detect_symmetry": False}),
+            highs=highs_pb2.HighsOptionsProto(
+                bool_options={"mip_detect_symmetry": False, "mip_allow_restart": False}
+            ),
         )
         model_params = None
         if hint is not None:
@@ -247,6 +287,7 @@ class HighsBackend(OrToolsBackend):
                 solution_hints=[mathopt.SolutionHint(variable_values=start_values)]
             )
         result = mathopt.solve(m, mathopt.SolverType.HIGHS, params=params, model_params=model_params)
+        clock.charge(clock.HIGHS_PER_ITERATION_NONZERO * result.solve_stats.simplex_iterations * size)
         wall = time.perf_counter() - start
         reason = result.termination.reason
         if reason in (

@@ -3,6 +3,10 @@
 CBC reports no best bound through pulp, so a MIP solved to optimality (within
 the gap) reports its objective as the bound and otherwise an infinite bound;
 the pipeline then takes the LP relaxation's bound.
+
+CBC is driven with a wall-clock limit (pulp passes no deterministic one), and
+the time it took is charged to the plan's work clock: plans with this backend
+are not deterministic under load (use it to cross-check, not to reproduce).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 
+from solver import clock
 from solver.backends.ortools_backend import OrToolsBackend
 from solver.linear import LinearModel, Sense, Solution, SolveStatus
 
@@ -28,7 +33,6 @@ def _cbc(**options: object) -> object:
 class PulpBackend:
     # The gating measured for CP-SAT, which CBC shared before backends said their own.
     mip_worth_starting = OrToolsBackend.mip_worth_starting
-    mip_overshoot_s = OrToolsBackend.mip_overshoot_s
     name = "pulp"
 
     def _build(
@@ -90,6 +94,7 @@ class PulpBackend:
         )
         prob.solve(cmd)  # type: ignore[attr-defined]
         wall = time.perf_counter() - start
+        clock.charge(wall)  # CBC has no deterministic limit here: this backend is not deterministic
         status = prob.status  # type: ignore[attr-defined]
         sol_status = prob.sol_status  # type: ignore[attr-defined]
         if status == pulp.LpStatusInfeasible:
@@ -112,6 +117,7 @@ class PulpBackend:
         prob, xs, rows = self._build(model, relax=True, fixed_zero=fixed_zero)
         prob.solve(_cbc(msg=False, timeLimit=max(1, math.ceil(min(time_limit_s, 1e6)))))  # type: ignore[attr-defined]
         wall = time.perf_counter() - start
+        clock.charge(wall)  # CBC has no deterministic limit here: this backend is not deterministic
         if prob.status != pulp.LpStatusOptimal:  # type: ignore[attr-defined]
             status = SolveStatus.INFEASIBLE if prob.status == pulp.LpStatusInfeasible else SolveStatus.UNKNOWN  # type: ignore[attr-defined]
             return Solution(status, (), 0.0, math.inf, wall)

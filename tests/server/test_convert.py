@@ -378,6 +378,8 @@ def sample_plan(*, bound: float | None = 12.6, gap: float | None = 0.0) -> Plan:
         stage_times_s={"validate": 0.001, "lp": 0.02},
         shadow_prices={"h100-80g": 0.25},
         metrics=PlanMetrics(gpus_used=20, gpus_total=24, cost_per_hour=71.2, placed=2, unplaced=1),
+        work_s=0.75,
+        stopped_by="gap",
     )
 
 
@@ -385,8 +387,9 @@ def test_plan_json_shape() -> None:
     data = convert.plan_to_dict(sample_plan())
     assert list(data) == [
         "status", "policy", "objective", "best_bound", "gap", "placements", "unplaced",
-        "shortfalls", "stage_times_s", "shadow_prices", "metrics",
+        "shortfalls", "stage_times_s", "shadow_prices", "metrics", "work_s", "stopped_by",
     ]  # fmt: skip
+    assert data["work_s"] == 0.75 and data["stopped_by"] == "gap"
     assert data["status"] == "OPTIMAL" and data["policy"] == "throughput"
     assert data["objective"] == 12.5 and data["best_bound"] == 12.6
     assert data["gap"] == 0.0  # a zero gap is kept

@@ -54,13 +54,18 @@ PLAN = Plan(
     stage_times_s={"validate": 0.25, "solve": 1.0},
     shadow_prices={"h100-80g": 0.125},
     metrics=PlanMetrics(gpus_used=19, gpus_total=16, placed=2, unplaced=1),
+    work_s=1.5,
+    stopped_by="work_limit",
 )
 
 
 def test_render_plan_sections() -> None:
     text = render_plan(PLAN, PROBLEM)
     lines = text.splitlines()
-    assert lines[0] == "FEASIBLE  policy throughput  objective 1.5  bound 1.6  gap 6.25%  time 1.25 s"
+    assert lines[0] == (
+        "FEASIBLE  policy throughput  objective 1.5  bound 1.6  gap 6.25%  time 1.25 s"
+        "  work 1.50  stopped by work_limit"
+    )
     assert "  train     training   h100-80g    16  2 nodes         n1:8 n2:8" in lines
     assert "  chat      inference  h100-80g     3  3 replicas      n1:1×2 n2:1" in lines
     assert "  big       training  TOO_LARGE: needs 64 GPUs" in lines

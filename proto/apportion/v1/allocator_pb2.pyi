@@ -53,9 +53,14 @@ class PlanOptions(_message.Message):
     MAX_MIGRATIONS_FIELD_NUMBER: _builtins.int
     BACKEND_FIELD_NUMBER: _builtins.int
     NUM_WORKERS_FIELD_NUMBER: _builtins.int
+    WORK_LIMIT_S_FIELD_NUMBER: _builtins.int
     time_limit_s: _builtins.float
-    """wall-clock budget of the whole call"""
+    """wall-clock cap on the whole call (a safety net)"""
     seed: _builtins.int
+    """The search's budget of deterministic work in work seconds (about a CPU second
+    each on the reference machine); absent: half of time_limit_s. The same input,
+    seed and work limit give the same plan unless the wall-clock cap cut it.
+    """
     relative_gap: _builtins.float
     """stop once proven this close to the bound"""
     max_migrations: _builtins.int
@@ -64,6 +69,7 @@ class PlanOptions(_message.Message):
     """ortools (default) | pulp"""
     num_workers: _builtins.int
     """CP-SAT search workers"""
+    work_limit_s: _builtins.float
     def __init__(
         self,
         *,
@@ -73,10 +79,11 @@ class PlanOptions(_message.Message):
         max_migrations: _builtins.int | None = ...,
         backend: _builtins.str = ...,
         num_workers: _builtins.int | None = ...,
+        work_limit_s: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_migrations", b"_max_migrations", "_num_workers", b"_num_workers", "_relative_gap", b"_relative_gap", "_seed", b"_seed", "_time_limit_s", b"_time_limit_s", "max_migrations", b"max_migrations", "num_workers", b"num_workers", "relative_gap", b"relative_gap", "seed", b"seed", "time_limit_s", b"time_limit_s"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_max_migrations", b"_max_migrations", "_num_workers", b"_num_workers", "_relative_gap", b"_relative_gap", "_seed", b"_seed", "_time_limit_s", b"_time_limit_s", "_work_limit_s", b"_work_limit_s", "max_migrations", b"max_migrations", "num_workers", b"num_workers", "relative_gap", b"relative_gap", "seed", b"seed", "time_limit_s", b"time_limit_s", "work_limit_s", b"work_limit_s"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_migrations", b"_max_migrations", "_num_workers", b"_num_workers", "_relative_gap", b"_relative_gap", "_seed", b"_seed", "_time_limit_s", b"_time_limit_s", "backend", b"backend", "max_migrations", b"max_migrations", "num_workers", b"num_workers", "relative_gap", b"relative_gap", "seed", b"seed", "time_limit_s", b"time_limit_s"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_max_migrations", b"_max_migrations", "_num_workers", b"_num_workers", "_relative_gap", b"_relative_gap", "_seed", b"_seed", "_time_limit_s", b"_time_limit_s", "_work_limit_s", b"_work_limit_s", "backend", b"backend", "max_migrations", b"max_migrations", "num_workers", b"num_workers", "relative_gap", b"relative_gap", "seed", b"seed", "time_limit_s", b"time_limit_s", "work_limit_s", b"work_limit_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__max_migrations: _TypeAlias = _typing.Literal["max_migrations"]  # noqa: Y015
     _WhichOneofArgType__max_migrations: _TypeAlias = _typing.Literal["_max_migrations", b"_max_migrations"]  # noqa: Y015
@@ -88,6 +95,8 @@ class PlanOptions(_message.Message):
     _WhichOneofArgType__seed: _TypeAlias = _typing.Literal["_seed", b"_seed"]  # noqa: Y015
     _WhichOneofReturnType__time_limit_s: _TypeAlias = _typing.Literal["time_limit_s"]  # noqa: Y015
     _WhichOneofArgType__time_limit_s: _TypeAlias = _typing.Literal["_time_limit_s", b"_time_limit_s"]  # noqa: Y015
+    _WhichOneofReturnType__work_limit_s: _TypeAlias = _typing.Literal["work_limit_s"]  # noqa: Y015
+    _WhichOneofArgType__work_limit_s: _TypeAlias = _typing.Literal["_work_limit_s", b"_work_limit_s"]  # noqa: Y015
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__max_migrations) -> _WhichOneofReturnType__max_migrations | None: ...
     @_typing.overload
@@ -98,6 +107,8 @@ class PlanOptions(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__seed) -> _WhichOneofReturnType__seed | None: ...
     @_typing.overload
     def WhichOneof(self, oneof_group: _WhichOneofArgType__time_limit_s) -> _WhichOneofReturnType__time_limit_s | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__work_limit_s) -> _WhichOneofReturnType__work_limit_s | None: ...
 
 Global___PlanOptions: _TypeAlias = PlanOptions  # noqa: Y015
 

@@ -884,6 +884,8 @@ class Plan(_message.Message):
     STAGE_TIMES_S_FIELD_NUMBER: _builtins.int
     SHADOW_PRICES_FIELD_NUMBER: _builtins.int
     METRICS_FIELD_NUMBER: _builtins.int
+    WORK_S_FIELD_NUMBER: _builtins.int
+    STOPPED_BY_FIELD_NUMBER: _builtins.int
     status: _builtins.str
     """OPTIMAL | FEASIBLE | HEURISTIC | INFEASIBLE"""
     policy: _builtins.str
@@ -892,6 +894,10 @@ class Plan(_message.Message):
     """absent for heuristic baselines"""
     gap: _builtins.float
     """relative gap; absent for heuristic baselines"""
+    work_s: _builtins.float
+    """deterministic work the search took (work seconds)"""
+    stopped_by: _builtins.str
+    """gap | work_limit | wall_clock | exhausted | heuristic"""
     @_builtins.property
     def placements(self) -> _containers.RepeatedCompositeFieldContainer[Global___Placement]: ...
     @_builtins.property
@@ -920,10 +926,12 @@ class Plan(_message.Message):
         stage_times_s: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         shadow_prices: _abc.Mapping[_builtins.str, _builtins.float] | None = ...,
         metrics: Global___PlanMetrics | None = ...,
+        work_s: _builtins.float = ...,
+        stopped_by: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_best_bound", b"_best_bound", "_gap", b"_gap", "best_bound", b"best_bound", "gap", b"gap", "metrics", b"metrics"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_bound", b"_best_bound", "_gap", b"_gap", "best_bound", b"best_bound", "gap", b"gap", "metrics", b"metrics", "objective", b"objective", "placements", b"placements", "policy", b"policy", "shadow_prices", b"shadow_prices", "shortfalls", b"shortfalls", "stage_times_s", b"stage_times_s", "status", b"status", "unplaced", b"unplaced"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_best_bound", b"_best_bound", "_gap", b"_gap", "best_bound", b"best_bound", "gap", b"gap", "metrics", b"metrics", "objective", b"objective", "placements", b"placements", "policy", b"policy", "shadow_prices", b"shadow_prices", "shortfalls", b"shortfalls", "stage_times_s", b"stage_times_s", "status", b"status", "stopped_by", b"stopped_by", "unplaced", b"unplaced", "work_s", b"work_s"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__best_bound: _TypeAlias = _typing.Literal["best_bound"]  # noqa: Y015
     _WhichOneofArgType__best_bound: _TypeAlias = _typing.Literal["_best_bound", b"_best_bound"]  # noqa: Y015
