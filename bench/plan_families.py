@@ -53,13 +53,22 @@ def _seeds(text: str) -> list[int]:
     return list(range(int(first), int(last) + 1)) if sep else [int(x) for x in text.split(",")]
 
 
-def _spec(family: str, size: str, seed: int, policy: str, limit: float, gap: float = 1e-4) -> dict[str, Any]:
+def _spec(
+    family: str,
+    size: str,
+    seed: int,
+    policy: str,
+    limit: float,
+    gap: float = 1e-4,
+    work: float | None = None,
+) -> dict[str, Any]:
     n_workloads, n_nodes = SIZES[size]
     return {
         "builder": ["family", family, n_workloads, n_nodes],
         "seed": seed,
         "policy": policy,
         "time_limit_s": limit,
+        "work_limit_s": work,
         "relative_gap": gap,
     }
 
@@ -122,7 +131,8 @@ def bench(args: argparse.Namespace) -> int:
                 baselines = _baselines(family, size, seed)
                 for policy in args.policies:
                     limit = args.time_limit or LIMITS_S[size]
-                    out = run_isolated(_spec(family, size, seed, policy, limit), limit * 4 + 120)
+                    spec = _spec(family, size, seed, policy, limit, work=args.work_limit)
+                    out = run_isolated(spec, limit * 4 + 120)
                     ref = refs.get(_key(family, size, seed, policy))
                     row = _row(family, size, seed, policy, limit, out, baselines.get(policy), ref)
                     runs.append(row)
@@ -154,7 +164,8 @@ def _row(
     if not row["ok"]:
         row["error"] = out.get("error")
         return row
-    for key in ("status", "objective", "best_bound", "gap", "wall_s", "peak_rss_mib", "placed", "unplaced"):
+    keys = ("status", "objective", "best_bound", "gap", "wall_s", "work_s", "stopped_by", "peak_rss_mib")
+    for key in (*keys, "placed", "unplaced"):
         row[key] = out.get(key)
     row["instance"] = (
         out.get("instance_summary", {}).get("nodes"),
@@ -194,7 +205,8 @@ def _line(row: Mapping[str, Any]) -> str:
     ref = "" if "below_reference" not in row else f" ref -{100 * row['below_reference']:.2f}%"
     misses = [k for k, v in row["met"].items() if not v]
     return (
-        f"{head} {row['status']:9s} gap {gap:>8s} {row['wall_s']:6.2f} s {row['peak_rss_mib']:6.0f} MiB "
+        f"{head} {row['status']:9s} gap {gap:>8s} {row['wall_s']:6.2f} s work {row.get('work_s') or 0:6.2f}"
+        f" {row.get('stopped_by') or '-':10s} {row['peak_rss_mib']:6.0f} MiB "
         f"placed {row['placed']}{ref}{'  MISSED: ' + ','.join(misses) if misses else ''}"
     )
 
@@ -207,17 +219,21 @@ def _table(runs: Sequence[Mapping[str, Any]]) -> str:
         old = worst.get(key)
         if old is None or not r["ok"] or (old["ok"] and (r["gap"] or 0) > (old["gap"] or 0)):
             worst[key] = r
-    lines = ["| family | size | policy | worst gap | wall s | vs reference | vs best baseline | met |",
-             "|---|---|---|---:|---:|---:|---:|---|"]  # fmt: skip
+    lines = ["| family | size | policy | worst gap | wall s | work s | stopped by | vs reference"
+             " | vs best baseline | met |",
+             "|---|---|---|---:|---:|---:|---|---:|---:|---|"]  # fmt: skip
     for (family, size, policy), r in sorted(worst.items()):
         if not r["ok"]:
-            lines.append(f"| {family} | {size} | {policy} | error | | | | no |")
+            lines.append(f"| {family} | {size} | {policy} | error | | | | | | no |")
             continue
         gap = "—" if r["gap"] is None else f"{100 * r['gap']:.2f}%"
         ref = "—" if "below_reference" not in r else f"-{100 * r['below_reference']:.2f}%"
         vs = "—" if r["vs_baseline"] is None else f"{r['vs_baseline']:+.4g}"
         met = "yes" if all(r["met"].values()) else "no: " + ", ".join(k for k, v in r["met"].items() if not v)
-        lines.append(f"| {family} | {size} | {policy} | {gap} | {r['wall_s']:.2f} | {ref} | {vs} | {met} |")
+        lines.append(
+            f"| {family} | {size} | {policy} | {gap} | {r['wall_s']:.2f} | {r.get('work_s') or 0:.2f}"
+            f" | {r.get('stopped_by', '')} | {ref} | {vs} | {met} |"
+        )
     return "\n".join(lines)
 
 
@@ -245,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--policies", type=_csv, default=list(OPTIMIZING))
     parser.add_argument("--seeds", type=_seeds, default=[0], help="e.g. 0-9 or 0,3")
     parser.add_argument("--time-limit", type=float, default=None, help="override every size's limit (s)")
+    parser.add_argument(
+        "--work-limit", type=float, default=None, help="the search's work budget (default: time limit / 2)"
+    )
     parser.add_argument("--reference", action="store_true", help="compute exact references instead")
     parser.add_argument("--out", type=Path, default=RESULTS / "plan_families.json")
     args = parser.parse_args(argv)

@@ -134,7 +134,10 @@ def _run_one(spec: Mapping[str, Any]) -> dict[str, Any]:
     build_s = time.perf_counter() - t0
     rss_before = _maxrss_mib()
     options = PlanOptions(
-        time_limit_s=spec["time_limit_s"], seed=spec["seed"], relative_gap=spec.get("relative_gap", 1e-4)
+        time_limit_s=spec["time_limit_s"],
+        work_limit_s=spec.get("work_limit_s"),
+        seed=spec["seed"],
+        relative_gap=spec.get("relative_gap", 1e-4),
     )
     t0 = time.perf_counter()
     result = plan(problem, spec["policy"], options)
@@ -151,6 +154,8 @@ def _run_one(spec: Mapping[str, Any]) -> dict[str, Any]:
         "objective": result.objective,
         "best_bound": result.best_bound,
         "gap": result.gap,
+        "work_s": result.work_s,
+        "stopped_by": result.stopped_by,
         "placed": m.placed,
         "unplaced": m.unplaced,
         "shortfalls": len(result.shortfalls),

@@ -35,6 +35,8 @@ __all__ = [
     "CUT",
     "GLOP_PER_ITERATION_NONZERO",
     "HIGHS_PER_ITERATION_NONZERO",
+    "HIGHS_PER_NODE_NONZERO",
+    "HIGHS_PER_SOLVE",
     "LEDGER_CHECK",
     "MODEL_PER_NONZERO",
     "Clock",
@@ -50,9 +52,14 @@ __all__ = [
 # A simplex iteration of GLOP, per unit of the model's size (rows + nonzeros):
 # 2,674 iterations in 0.06 s.
 GLOP_PER_ITERATION_NONZERO = 6e-10
-# An LP iteration inside HiGHS' branch and cut (its root heuristics, cuts and
-# sub-MIPs come with their iterations), per unit of size: 8,325 in 4.2 s.
-HIGHS_PER_ITERATION_NONZERO = 1.5e-8
+# HiGHS' branch and cut, fitted over 69 of its solves in the pipeline on 8
+# instance families (small and 1k, three policies; what each took over this
+# estimate: 0.2x to 10x, the largest on the smallest solves): an LP iteration
+# (its root heuristics, cuts and sub-MIPs come with their iterations) per unit of
+# size, a node per unit of size, and a solve's own start.
+HIGHS_PER_ITERATION_NONZERO = 1e-8
+HIGHS_PER_NODE_NONZERO = 1e-6
+HIGHS_PER_SOLVE = 0.02
 # Building a solver's copy of the model, per nonzero (Python loops over the rows).
 MODEL_PER_NONZERO = 2e-6
 # One node checked, taken or released by the packing heuristics' ledger: the
