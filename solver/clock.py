@@ -37,8 +37,12 @@ __all__ = [
     "HIGHS_PER_ITERATION_NONZERO",
     "HIGHS_PER_NODE_NONZERO",
     "HIGHS_PER_SOLVE",
+    "HIGHS_PER_SOLVE_NONZERO",
     "LEDGER_CHECK",
+    "LEDGER_LOOK",
+    "LP_PER_SOLVE_NONZERO",
     "MODEL_PER_NONZERO",
+    "PER_ITEM",
     "Clock",
     "charge",
     "current",
@@ -49,22 +53,36 @@ __all__ = [
 # What one unit of each kind of work costs, in seconds of the reference machine,
 # measured on the slow_fleet family at 1,000 nodes / 1,000 workloads (a model of
 # 6,050 variables, 3,164 rows, 32,945 nonzeros):
-# A simplex iteration of GLOP, per unit of the model's size (rows + nonzeros):
-# 2,674 iterations in 0.06 s.
-GLOP_PER_ITERATION_NONZERO = 6e-10
+# A simplex iteration of GLOP, per unit of the model's size (rows + nonzeros): the
+# median over 22 solves of the pipeline on three families at 1k (first solves and
+# warm re-solves of the fairness level bisection; the range was 0.6e-9 to 4.9e-9).
+GLOP_PER_ITERATION_NONZERO = 2e-9
+# An LP solve's own work around GLOP, per unit of size (bounds changed, values and
+# duals read back): 0.03 s a solve at size 75k with no iteration at all.
+LP_PER_SOLVE_NONZERO = 4e-7
 # HiGHS' branch and cut, fitted over 69 of its solves in the pipeline on 8
 # instance families (small and 1k, three policies; what each took over this
 # estimate: 0.2x to 10x, the largest on the smallest solves): an LP iteration
 # (its root heuristics, cuts and sub-MIPs come with their iterations) per unit of
-# size, a node per unit of size, and a solve's own start.
+# size, a node per unit of size, and a solve's own start: a fixed part and its
+# root's presolve, probing and separation, which grow with the size, not with
+# the LP iterations.
 HIGHS_PER_ITERATION_NONZERO = 1e-8
 HIGHS_PER_NODE_NONZERO = 1e-6
 HIGHS_PER_SOLVE = 0.02
+HIGHS_PER_SOLVE_NONZERO = 2e-5
 # Building a solver's copy of the model, per nonzero (Python loops over the rows).
 MODEL_PER_NONZERO = 2e-6
-# One node checked, taken or released by the packing heuristics' ledger: the
-# greedy seeds, roundings and repair checked about 284,000 in 0.80 s.
-LEDGER_CHECK = 2.5e-6
+# One node checked, taken or released by the packing heuristics' ledger, and one
+# node a ledger search looks at (most are passed over before a check: 422k looked
+# at, 122k checked in the profile of a fairness plan at 1k); fitted to the greedy
+# seeds' wall time on slow_fleet and zonal at 1k.
+LEDGER_CHECK = 1.5e-6
+LEDGER_LOOK = 5e-7
+# One item (a variable or a placement) turned into another form, e.g. a plan into
+# the model's variable values: 16 conversions of 7k variables and 1k placements
+# took 0.48 s.
+PER_ITEM = 4e-6
 
 
 class Clock:

@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
+from solver import clock
 from solver.aggregate import Index, OptionKind, WorkloadClass, gang_fits_scope, scope_of_nodes
 from solver.linear import LinearModel, Sense, Var
 from solver.model import Placement, Problem
@@ -241,6 +242,8 @@ class Formulation:
     def hint(self, placements: Iterable[Placement]) -> dict[int, float]:
         """Variable values that describe concrete placements (e.g. a greedy plan)."""
         idx = self.index
+        placements = list(placements)
+        clock.charge(clock.PER_ITEM * (len(self.model.vars) + len(placements)))
         values: dict[int, float] = {v.index: 0.0 for v in self.model.vars if v.integer}
         for p in placements:
             ci = idx.workload_class.get(p.workload_id)

@@ -150,12 +150,15 @@ class Ledger:
         (the ledger must not change while the iterator is used)."""
         buckets = self.buckets[shape]
         levels = sorted(lv for lv, b in buckets.items() if lv >= gpus and b)
+        work = self._clock
         if best_fit:
             for lv in levels:
                 for pos in buckets[lv]:
+                    work.work += clock.LEDGER_LOOK
                     yield self.by_pos[pos]
         else:
             for pos in heapq.merge(*(buckets[lv] for lv in levels)):
+                work.work += clock.LEDGER_LOOK
                 yield self.by_pos[pos]
 
     def find_single(self, option: Option, best_fit: bool = True, prefer: str | None = None) -> str | None:

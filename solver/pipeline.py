@@ -673,6 +673,11 @@ def _plan(problem: Problem, policy: str, options: PlanOptions, timer: _Timer, re
                     fallback, placed = placed, leveled
             # The level plan may leave services at the minimum that this search lifts
             # (at 10k: 0.048 -> 0.119 in 0.3-0.4 s): it gets at least 3% of the limit.
+            # It may move lower-priority work into room a left-out job of a higher tier
+            # could use, which the verifier's strict-priority rule rejects (found on
+            # zonal at 1k, work limit 2.5): the plan before it is the fallback then.
+            if fallback is None:
+                fallback = placed
             placed = raise_minimum(index, placed, max(polish_until, clock.now() + 0.03 * work_limit))
     # Never worse than the greedy seed.
     final_values = _stage_values(form, stages, form.hint(placed.values()))

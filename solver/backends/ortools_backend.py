@@ -50,6 +50,7 @@ def highs_work(size: int, iterations: int, nodes: int) -> float:
     model's state) and the solve's own start (MathOpt, presolve)."""
     return (
         clock.HIGHS_PER_SOLVE
+        + size * clock.HIGHS_PER_SOLVE_NONZERO
         + iterations * size * clock.HIGHS_PER_ITERATION_NONZERO
         + nodes * size * clock.HIGHS_PER_NODE_NONZERO
     )
@@ -213,7 +214,11 @@ class OrToolsBackend:
             objective.SetCoefficient(xs[i], a)
         objective.SetMaximization()
         status = lp.Solve()
-        clock.charge(min(budget, clock.GLOP_PER_ITERATION_NONZERO * lp.iterations() * _size(model)))
+        size = _size(model)
+        clock.charge(
+            clock.LP_PER_SOLVE_NONZERO * size
+            + min(budget, clock.GLOP_PER_ITERATION_NONZERO * lp.iterations() * size)
+        )
         wall = time.perf_counter() - start
         if status == pywraplp.Solver.INFEASIBLE:
             return Solution(SolveStatus.INFEASIBLE, (), 0.0, 0.0, wall)
@@ -278,7 +283,7 @@ class HighsBackend(OrToolsBackend):
         # the same solution). Wall time only as the plan's safety cap.
         size = _size(model)
         clock.charge(clock.MODEL_PER_NONZERO * size)
-        per_node = highs_work(size, HIGHS_ITERATIONS_PER_NODE, 1) - clock.HIGHS_PER_SOLVE
+        per_node = highs_work(size, HIGHS_ITERATIONS_PER_NODE, 1) - highs_work(size, 0, 0)
         left = time_limit_s - clock.MODEL_PER_NONZERO * size - highs_root_work(size)
         nodes = max(1, int(min(10**9, left / per_node)))
         # MathOpt's HiGHS takes no thread count (its MIP search runs on one thread).

@@ -46,3 +46,12 @@ def test_a_solvers_trade_inside_a_tier_does_not_leave_a_service_out_beside_lower
     p = FAMILIES["trtllm"](100, 100, 0)
     r = plan(p, "fairness", PlanOptions(time_limit_s=2))
     assert verify(p, r, "fairness").ok
+
+
+def test_a_fairness_polish_that_breaks_strict_priority_falls_back() -> None:
+    # raise_minimum moved lower-priority work into room a left-out priority-10 job
+    # could use; the plan failed verification and planning raised (zonal at 1k,
+    # work limit 2.5).
+    p = FAMILIES["zonal"](1000, 1000, 0)
+    r = plan(p, "fairness", PlanOptions(time_limit_s=120, work_limit_s=2.5))
+    assert verify(p, r, "fairness").ok
