@@ -476,10 +476,12 @@ def raise_minimum(index: Index, placed: Mapping[str, Placement], deadline: float
         w = index.workloads[wid]
         wj = index.classes[index.workload_class[wid]].weight
         best: tuple[float, str, Option, Option] | None = None
-        for t, held in by_size.get(mine.gpus, {}).items():
+        # In sorted order: sets of ids iterate in an order that changes from one
+        # process to the next (string hashing), and the first of equal partners wins.
+        for t, held in sorted(by_size.get(mine.gpus, {}).items()):
             if t == mine.gpu_type:
                 continue
-            for kid in held:
+            for kid in sorted(held):
                 if kid == wid or kid not in out or t_of(out[kid]) != t:
                     continue
                 there = option_on(wid, index.node_shape[out[kid].shards[0].node_id], mine.gpus)

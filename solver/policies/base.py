@@ -17,12 +17,16 @@ A heuristic policy (a baseline) instead names a greedy order (``solver.greedy``)
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from solver.formulation import Formulation, Terms
 from solver.linear import Var
-from solver.model import PlanOptions
+from solver.model import Placement, PlanOptions
+
+if TYPE_CHECKING:
+    from solver.search import Search
 
 __all__ = [
     "HeuristicPolicy",
@@ -31,7 +35,11 @@ __all__ = [
     "Policy",
     "Stage",
     "demand_stage",
+    "lex_better",
+    "stage_values",
+    "tier_floors",
     "tier_stages",
+    "upper",
 ]
 
 
@@ -82,14 +90,22 @@ class Policy:
 class OptimizingPolicy(Policy, ABC):
     #: what the greedy seed and completions try first: "value" (throughput) or "cost"
     prefer: str = "value"
-    #: local search on the final plan (``solver.exchange``): "" none, "exchange"
-    #: (cost: trade dear services for cheaper served demand), "minimum" (fairness:
-    #: raise the workloads at the minimum)
-    polish: str = ""
+    #: whether :meth:`improve` chooses the plan again (fairness' level plan): the
+    #: primary stage's rounding then does not run past the stage's budget
+    replans: bool = False
 
     @abstractmethod
     def stages(self, form: Formulation, options: PlanOptions) -> list[Stage]:
         """Stages to solve in order (may add variables and constraints to ``form``)."""
+
+    def improve(
+        self, search: Search, placed: dict[str, Placement], until: float
+    ) -> tuple[dict[str, Placement], dict[str, Placement] | None]:
+        """The policy's own steps on the repaired plan of ``search``, with work until
+        ``until``. Returns the plan and a plan to fall back on if it fails
+        verification (a step that may break a rule the search does not model
+        exactly), or None. Default: none."""
+        return placed, None
 
     def levels(self, form: Formulation) -> Levels | None:
         """For a max-min primary stage, what bounds it by bisection on its level
@@ -114,3 +130,33 @@ def tier_stages(form: Formulation, include_lowest: bool) -> list[Stage]:
         if terms:
             stages.append(Stage(f"priority {t}", terms, tier=t))
     return stages
+
+
+def stage_values(form: Formulation, stages: list[Stage], values: Mapping[int, float]) -> list[float]:
+    return [sum(a * values.get(v.index, 0.0) for v, a in st.terms) + st.constant for st in stages]
+
+
+def upper(form: Formulation, st: Stage) -> float:
+    """A trivial upper bound of a stage: every variable at its most favourable bound."""
+    model = form.model
+    total = st.constant
+    for v, a in st.terms:
+        var = model.vars[v.index]
+        total += a * (var.ub if a > 0 else var.lb)
+    return total
+
+
+def tier_floors(stages: list[Stage], floors: list[float]) -> dict[int, float]:
+    """The floor set so far on each priority tier's coverage, by tier."""
+    return {x.tier: f for x, f in zip(stages, floors, strict=False) if x.tier is not None}
+
+
+def lex_better(a: list[float], b: list[float]) -> bool:
+    """Whether stage values ``a`` beat ``b`` lexicographically (with a tolerance)."""
+    for x, y in zip(a, b, strict=True):
+        tol = 1e-6 * max(1.0, abs(x), abs(y))
+        if x > y + tol:
+            return True
+        if x < y - tol:
+            return False
+    return False

@@ -375,8 +375,9 @@ def test_the_bound_is_taken_again_at_the_final_plans_coverage() -> None:
     only; at 2 jobs it must pay for both."""
     import time
 
-    from solver.pipeline import _rebound, _stage_values
+    from solver.pipeline import _rebound
     from solver.policies import get_policy
+    from solver.policies.base import stage_values
 
     p = problem(
         [node("a0", "a100", 8), node("h0", "h100", 8)],
@@ -391,7 +392,7 @@ def test_the_bound_is_taken_again_at_the_final_plans_coverage() -> None:
     form.model.maximize(stages[-1].terms, stages[-1].constant)
     loose = backend.solve_lp(form.model, time_limit_s=5).objective
     both = plan(p, "cost", PlanOptions(time_limit_s=5))
-    final = _stage_values(form, stages, form.hint(both.placements))
+    final = stage_values(form, stages, form.hint(both.placements))
     assert final[0] == pytest.approx(2.0) and len(both.placements) == 2
     tight = _rebound(form, stages, floors, final, loose, backend, time.perf_counter() + 5)
     price = {t.name: t.cost_per_hour or 0.0 for t in TYPES}

@@ -13,8 +13,8 @@ from solver.backends import get_backend
 from solver.exchange import raise_minimum
 from solver.levels import job_floors, level_plan, type_level_model
 from solver.model import Placement, Plan, PlanStatus, Problem, Shard, Unplaced
-from solver.pipeline import _level_bound
 from solver.policies.fairness import FairnessPolicy
+from solver.search import level_bound
 from solver.verify import objective, verify
 from tests.builders import gpu_type, node, problem, serve, train
 
@@ -47,7 +47,7 @@ def test_type_level_bisection_proves_the_best_minimum() -> None:
     def below(tau: float) -> float:
         return max(v for v in values if v < tau)
 
-    bound, _ = _level_bound(lp, get_backend("ortools"), holds, below, 0.0, frozenset(), 0.1, 1.0, math.inf)
+    bound, _ = level_bound(lp, get_backend("ortools"), holds, below, 0.0, frozenset(), 0.1, 1.0, math.inf)
     assert bound == pytest.approx(0.45)
     # The pipeline reports it (and reaches it).
     r = plan(p, "fairness", PlanOptions(time_limit_s=5))
@@ -59,7 +59,7 @@ def test_type_level_model_is_feasible_at_every_level_a_plan_reaches() -> None:
     # Without the coverage floor nothing is infeasible: the bisection proves nothing.
     p = _four()
     lp, holds = type_level_model(build_index(p), {})
-    bound, _ = _level_bound(
+    bound, _ = level_bound(
         lp, get_backend("ortools"), holds, lambda tau: tau, 0.0, frozenset(), 0.1, 1.0, math.inf
     )
     assert bound is None
@@ -242,7 +242,7 @@ def test_job_floors_keep_the_higher_tiers_jobs_in_the_bound() -> None:
 
     def bound(jobs: dict[int, float] | None) -> float | None:
         lp, holds = type_level_model(index, floors, jobs)
-        got, _ = _level_bound(lp, get_backend("ortools"), holds, below, 0.0, frozenset(), 0.1, 1.0, math.inf)
+        got, _ = level_bound(lp, get_backend("ortools"), holds, below, 0.0, frozenset(), 0.1, 1.0, math.inf)
         return got
 
     assert bound(None) == pytest.approx(0.5)  # hi traded for s's served demand
