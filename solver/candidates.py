@@ -33,13 +33,16 @@ class Packer:
         self.index: Index = form.index
         self.prefer = prefer
         self.max_migrations = max_migrations
+        # What one more GPU of each type is worth (the primary LP's shadow prices),
+        # once known: services completed greedily go where it is least.
+        self.gpu_value: Mapping[str, float] | None = None
 
     def concrete(
         self, counts: Mapping[tuple[int, int], int], preplaced: Mapping[str, Placement] | None = None
     ) -> Candidate:
         """The counts packed on nodes and completed greedily."""
         partial, _ = disaggregate(self.index, counts, preplaced)
-        full = complete(self.index, partial, self.prefer)
+        full = complete(self.index, partial, self.prefer, gpu_value=self.gpu_value)
         return full, self.form.hint(full.values())
 
     def tiered(self, counts: Mapping[tuple[int, int], int], keep: Mapping[str, Placement]) -> Candidate:
@@ -64,7 +67,7 @@ class Packer:
         for tier in index.tiers:
             part = {key: n for key, n in counts.items() if index.classes[key[0]].tier == tier}
             placed, _ = disaggregate(index, part, placed)
-            placed = complete(index, placed, self.prefer, tier=tier)
+            placed = complete(index, placed, self.prefer, tier=tier, gpu_value=self.gpu_value)
         return placed, self.form.hint(placed.values())
 
     def restored(self, counts: Mapping[tuple[int, int], int], keep: Mapping[str, Placement]) -> Candidate:
@@ -75,9 +78,10 @@ class Packer:
         changes the plan (a middle tier's evicted job gets its turn), at most 3 times."""
         index = self.index
         partial, _ = disaggregate(index, counts, keep)
-        full = complete(index, partial, self.prefer)
+        full = complete(index, partial, self.prefer, gpu_value=self.gpu_value)
         for _ in range(3):
-            again = complete(index, repair_priority(index, full, self.max_migrations), self.prefer)
+            repaired = repair_priority(index, full, self.max_migrations)
+            again = complete(index, repaired, self.prefer, gpu_value=self.gpu_value)
             if again == full:
                 break
             full = again

@@ -98,6 +98,8 @@ class Clock:
         self.wall_limit_s = wall_limit_s
         self._wall_start = time.perf_counter()
         self.cut = False
+        self.touched = False  # a step was stopped by wall time (see stopped_by_wall)
+        self.solver_share = 1.0
 
     def now(self) -> float:
         if not self.cut and time.perf_counter() - self._wall_start > self.wall_limit_s:
@@ -110,6 +112,17 @@ class Clock:
     def wall_left(self) -> float:
         """Real seconds left before the cap (for a solver's own time limit)."""
         return max(0.0, self.wall_limit_s - (time.perf_counter() - self._wall_start))
+
+    def solver_wall_s(self) -> float:
+        """A solver's own wall-clock limit: what is left before the cap, times
+        ``solver_share`` (the search keeps part of it for the steps after an early
+        stage's MIP, the primary stage's LP first: its bound)."""
+        return min(1e6, max(0.01, self.wall_left() * self.solver_share))
+
+    def stopped_by_wall(self) -> None:
+        """A solver stopped at its wall-clock limit: the plan may differ from run to
+        run, and says so (``stopped_by: wall_clock``), though later steps go on."""
+        self.touched = True
 
 
 CUT = 1e18

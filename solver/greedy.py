@@ -161,13 +161,30 @@ def replicas_wanted(w: Workload, rps: float, cap: int) -> int:
 
 
 def place_service(
-    ledger: Ledger, w: Workload, c: WorkloadClass, best_fit: bool, prefer: str = "value"
+    ledger: Ledger,
+    w: Workload,
+    c: WorkloadClass,
+    best_fit: bool,
+    prefer: str = "value",
+    gpu_value: Mapping[str, float] | None = None,
 ) -> Placement | None:
-    """The type with the most requests/s per GPU (or, with ``prefer="cost"``, per $)."""
+    """The type with the most requests/s per GPU (or, with ``prefer="cost"``, per $).
+    With ``gpu_value`` (what one more GPU of each type is worth to the objective:
+    the LP's shadow prices), the type whose GPUs the replicas it needs are worth
+    least, then the most requests/s per GPU: serving costs the others that much."""
     spec = w.inference
     assert spec is not None
     by_type = options_by_type(c)
-    if prefer == "cost":
+    if gpu_value is not None and prefer != "cost":
+        order = sorted(
+            by_type,
+            key=lambda t: (
+                gpu_value.get(t, 0.0) * by_type[t][0].gpus * replicas_wanted(w, by_type[t][0].value, 0),
+                -by_type[t][0].value / by_type[t][0].gpus,
+                t,
+            ),
+        )
+    elif prefer == "cost":
         # The $/hour of the whole replicas it takes (not per request/s: 8.8 req/s on
         # 4.3 req/s replicas takes 3 of them), then requests/s per $.
         order = sorted(
@@ -230,14 +247,20 @@ def _make_room_for_service(
     return False
 
 
-def place_one(ledger: Ledger, w: Workload, best_fit: bool, prefer: str = "value") -> Placement | None:
+def place_one(
+    ledger: Ledger,
+    w: Workload,
+    best_fit: bool,
+    prefer: str = "value",
+    gpu_value: Mapping[str, float] | None = None,
+) -> Placement | None:
     """Place one workload on what the ledger has free (and record it)."""
     if ledger.open_nodes <= 0:
         return None  # every ready node is full: with many more workloads than GPUs, most calls end here
     c = ledger.index.classes[ledger.index.workload_class[w.id]]
     if w.training is not None:
         return place_training(ledger, w, c, best_fit, prefer)
-    return place_service(ledger, w, c, best_fit, prefer)
+    return place_service(ledger, w, c, best_fit, prefer, gpu_value)
 
 
 def greedy_place(
@@ -262,6 +285,7 @@ def complete(
     prefer: str = "value",
     tier: int | None = None,
     order_name: str = "best-fit",
+    gpu_value: Mapping[str, float] | None = None,
 ) -> dict[str, Placement]:
     """Keep ``placed`` and, in best-fit order (priority first; or another of
     ``BASELINE_ORDERS``), add every other workload (of priority ``tier`` only, if
@@ -280,7 +304,7 @@ def complete(
         c = index.classes[index.workload_class[w.id]]
         p = out.get(w.id)
         if p is None:
-            got = place_one(ledger, w, best_fit, prefer)
+            got = place_one(ledger, w, best_fit, prefer, gpu_value)
             if got is not None:
                 out[w.id] = got
         elif w.inference is not None and p.shards:

@@ -346,7 +346,7 @@ def _finish(
 def _stopped_by(status: PlanStatus, bound: float | None, work: clock.Clock) -> str:
     if status is PlanStatus.HEURISTIC or bound is None:
         return "heuristic"
-    if work.cut:
+    if work.cut or work.touched:
         return "wall_clock"
     if status is PlanStatus.OPTIMAL:
         return "gap"

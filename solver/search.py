@@ -132,6 +132,11 @@ def level_bound(
     return bound, held_below(lo) if lo > start else None
 
 
+# The share of the wall time left that an early stage's MIP may take (a safety
+# net: the work budget stops it first wherever its work is counted well).
+EARLY_SOLVER_WALL_SHARE = 0.5
+
+
 class _Stage:
     """What one stage's steps share: its index, definition, budget and LP."""
 
@@ -223,6 +228,15 @@ class Search:
         tol = 1e-9 * max(1.0, abs(old))
         return new > old + tol if strictly else new >= old - tol
 
+    def gpu_prices(self) -> dict[str, float]:
+        """What one more GPU of each type is worth to the primary stage: the largest
+        dual of its shapes' GPU rows (0 where no LP told)."""
+        prices = {t: 0.0 for t in self.index.types}
+        for name, si in self.form.gpu_rows.items():
+            t = self.index.shapes[si].gpu_type
+            prices[t] = max(prices[t], self.duals.get(name, 0.0))
+        return prices
+
     # -- candidates -------------------------------------------------------------------
 
     def rounded(self, k: int, lp_values: tuple[float, ...], end: float, later: int) -> Candidate | None:
@@ -270,6 +284,10 @@ class Search:
             attempts[:0] = [lambda: pack.restored(counts, services), lambda: pack.tiered(counts, services)]
         else:
             attempts.append(lambda: pack.tiered(counts, services))
+        if form.f:
+            # Services first, whole, where the LP split them over types (strict
+            # priority: lower tiers' jobs give way), packed tier by tier.
+            attempts.append(lambda: pack.tiered(round_down(form, lp_values, services="first"), {}))
         spent = 0.0
         for attempt in attempts:
             left = end - clock.now() - (later * 1.5 * spent if best is not None else 0.0)
@@ -369,6 +387,7 @@ class Search:
             s.lp_bound = s.lp.objective
             if st.primary:
                 self.bound, self.duals = s.lp.objective, s.lp.duals
+                self.packer.gpu_value = self.gpu_prices()
             return
         if st.primary:
             # Every optimizing plan carries a bound: without the LP's (cut by the wall
@@ -513,6 +532,10 @@ class Search:
             return
         later = len(self.stages) - k - 1
         budget = left / (later + 1) if st.primary and later else search_end - clock.now()
+        # Where the work a solve took is far from its count (HiGHS' root), the wall
+        # clock may stop it: an early stage's solve keeps half of what is left for
+        # the stages after it, the primary stage's LP (its bound) first.
+        clock.current().solver_share = 1.0 if st.primary else EARLY_SOLVER_WALL_SHARE
         with self.timed(f"solve: {st.name}"):
             sol = s.mip = self.backend.solve_mip(
                 form.model,
@@ -523,6 +546,7 @@ class Search:
                 num_workers=options.num_workers,
                 fixed_zero=s.fixed,
             )
+        clock.current().solver_share = 1.0
         if sol.status is SolveStatus.INFEASIBLE and k == 0 and not self.seed:
             raise SolverError(f"stage {st.name!r}: the model is infeasible (this is a bug; please report it)")
         # An infeasible later stage can only come from rounding a floor: keep the incumbent.

@@ -136,13 +136,17 @@ class OrToolsBackend:
         size = _size(model)
         clock.charge(clock.MODEL_PER_NONZERO * size)
         solver.parameters.max_deterministic_time = max(0.01, time_limit_s - clock.MODEL_PER_NONZERO * size)
-        solver.parameters.max_time_in_seconds = min(1e6, max(0.01, clock.current().wall_left()))
+        solver.parameters.max_time_in_seconds = clock.current().solver_wall_s()
         solver.parameters.random_seed = seed
         solver.parameters.relative_gap_limit = relative_gap
         solver.parameters.absolute_gap_limit = 1e-7
         solver.parameters.num_workers = max(1, num_workers)
         status = solver.solve(cp)
         clock.charge(solver.response_proto.deterministic_time)
+        if status not in (cp_model.OPTIMAL, cp_model.INFEASIBLE) and (
+            solver.wall_time >= 0.99 * solver.parameters.max_time_in_seconds
+        ):
+            clock.current().stopped_by_wall()
         wall = time.perf_counter() - start
         if status == cp_model.MODEL_INVALID:
             raise SolverError(f"CP-SAT rejected the model: {cp.validate()}")
@@ -288,7 +292,7 @@ class HighsBackend(OrToolsBackend):
         nodes = max(1, int(min(10**9, left / per_node)))
         # MathOpt's HiGHS takes no thread count (its MIP search runs on one thread).
         params = mathopt.SolveParameters(
-            time_limit=datetime.timedelta(seconds=min(1e6, max(0.01, clock.current().wall_left()))),
+            time_limit=datetime.timedelta(seconds=clock.current().solver_wall_s()),
             node_limit=nodes,
             random_seed=seed,
             relative_gap_tolerance=relative_gap,
@@ -308,6 +312,8 @@ class HighsBackend(OrToolsBackend):
         result = mathopt.solve(m, mathopt.SolverType.HIGHS, params=params, model_params=model_params)
         stats = result.solve_stats
         clock.charge(highs_work(size, stats.simplex_iterations, stats.node_count))
+        if result.termination.limit == mathopt.Limit.TIME:
+            clock.current().stopped_by_wall()
         wall = time.perf_counter() - start
         reason = result.termination.reason
         if reason in (
