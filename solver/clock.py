@@ -33,7 +33,8 @@ from contextlib import contextmanager
 
 __all__ = [
     "CUT",
-    "GLOP_PER_ITERATION_NONZERO",
+    "GLOP_PER_ITERATION",
+    "GLOP_SIZE_POWER",
     "HIGHS_PER_ITERATION_NONZERO",
     "HIGHS_PER_NODE_NONZERO",
     "HIGHS_PER_SOLVE",
@@ -53,10 +54,13 @@ __all__ = [
 # What one unit of each kind of work costs, in seconds of the reference machine,
 # measured on the slow_fleet family at 1,000 nodes / 1,000 workloads (a model of
 # 6,050 variables, 3,164 rows, 32,945 nonzeros):
-# A simplex iteration of GLOP, per unit of the model's size (rows + nonzeros): the
-# median over 22 solves of the pipeline on three families at 1k (first solves and
-# warm re-solves of the fairness level bisection; the range was 0.6e-9 to 4.9e-9).
-GLOP_PER_ITERATION_NONZERO = 2e-9
+# A simplex iteration of GLOP costs GLOP_PER_ITERATION * size ** GLOP_SIZE_POWER
+# (size: the model's rows + nonzeros), fitted over 12 solves of the pipeline from
+# size 15k to 377k (first solves and warm re-solves of three families at 1k and of
+# the 10k benchmark; what each took over the fit: 0.37x to 3.4x). A cost linear in
+# the size overcharged the 10k solves 2.7-4.8x.
+GLOP_PER_ITERATION = 1.6e-8
+GLOP_SIZE_POWER = 0.78
 # An LP solve's own work around GLOP, per unit of size (bounds changed, values and
 # duals read back): 0.03 s a solve at size 75k with no iteration at all.
 LP_PER_SOLVE_NONZERO = 4e-7

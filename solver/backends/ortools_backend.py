@@ -221,7 +221,7 @@ class OrToolsBackend:
         size = _size(model)
         clock.charge(
             clock.LP_PER_SOLVE_NONZERO * size
-            + min(budget, clock.GLOP_PER_ITERATION_NONZERO * lp.iterations() * size)
+            + min(budget, clock.GLOP_PER_ITERATION * lp.iterations() * size**clock.GLOP_SIZE_POWER)
         )
         wall = time.perf_counter() - start
         if status == pywraplp.Solver.INFEASIBLE:
