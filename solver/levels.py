@@ -2,7 +2,7 @@
 
 The max-min stage's LP (t <= rho/w for every option used, with big-M indicators)
 bounds the minimum weakly (0.38 at 10k workloads where plans reach 0.04), and
-the level bisection on the whole aggregated model (``pipeline._level_bound``)
+the level bisection on the whole aggregated model (``search.level_bound``)
 needs about 11 s of LPs at that size. Both questions can be asked of a much
 smaller model, with one variable per (class, GPU type, GPUs) instead of per
 node shape and failure unit:
