@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import solver
+from apportion.v1 import allocator_pb2 as apb
 from server import convert
 from server.cli import main
 
@@ -344,3 +345,36 @@ def test_the_time_limit_is_the_whole_commands(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert wall < 6.5, wall
     assert json.loads((tmp_path / "plan.json").read_text())["placements"]
+
+
+def test_plan_work_limit_makes_the_same_plan_and_says_what_stopped_it(
+    inventory_file: Path, workloads_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "plan",
+        *files(inventory_file, workloads_file),
+        "--time-limit",
+        "60",
+        "--work-limit",
+        "0.5",
+        "-o",
+        "json",
+    ]
+    runs = []
+    for _ in range(2):
+        assert main(argv) == 0
+        data = json.loads(capsys.readouterr().out)
+        runs.append((data["objective"], data["work_s"], data["stopped_by"], data["placements"]))
+    assert runs[0] == runs[1]
+    assert runs[0][2] in {"gap", "work_limit", "exhausted"} and runs[0][1] > 0
+    assert main(["plan", *files(inventory_file, workloads_file), "--work-limit", "0"]) == 2
+
+
+def test_plan_options_bound_the_work_limit() -> None:
+    assert convert.plan_options(apb.PlanOptions(work_limit_s=3.0)).work_limit_s == 3.0
+    # Without one, the budget comes from the limit asked for, also where a deadline cuts it.
+    cut = convert.plan_options(apb.PlanOptions(time_limit_s=10.0), deadline_s=2.0)
+    assert cut.time_limit_s == 2.0 and cut.work_budget() == pytest.approx(5.0)
+    for bad in (0.0, -1.0, 1e9, float("nan")):
+        with pytest.raises(solver.ValidationError, match="work_limit_s"):
+            convert.plan_options(apb.PlanOptions(work_limit_s=bad))
