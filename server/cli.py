@@ -628,7 +628,7 @@ def _solve(args: argparse.Namespace, problem: Problem) -> solver.Plan:
         time_limit_s=budget,
         # From the limit asked for, not the budget left: the plan must not depend on
         # how long starting up took.
-        work_limit_s=args.work_limit if args.work_limit is not None else WORK_SHARE * args.time_limit,
+        work_limit_s=PlanOptions(time_limit_s=args.time_limit, work_limit_s=args.work_limit).work_budget(),
         seed=args.seed,
         relative_gap=args.relative_gap,
         backend=args.backend,

@@ -89,7 +89,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -668,52 +668,35 @@ def _current_placement(
     return {"workload_id": row.id, "gpu_type": row.placement.get("gpu_type", ""), "shards": shards}
 
 
-def explain(loop: ControlLoop, store: Store, workload_id: str) -> tuple[solver.Explanation, str]:
+Explained = tuple[solver.Explanation, str]  # an explanation and the workload's state
+
+
+def _told(row: WorkloadRow, summary: str, details: Iterable[str] = (), placed: bool = False) -> Explained:
+    """An answer of ``explain`` that needs no plan: what the row itself says."""
+    return solver.Explanation(
+        workload_id=row.id, placed=placed, summary=summary, details=tuple(details)
+    ), row.state
+
+
+def explain(loop: ControlLoop, store: Store, workload_id: str) -> Explained:
     """Why ``workload_id`` is where it is (by the latest plan), with its state."""
     row = store.get_workload(workload_id)  # NotFound for an unknown id
     latest = loop.latest
     if row.state not in ACTIVE:
-        return (
-            solver.Explanation(
-                workload_id=row.id,
-                placed=False,
-                summary=f"{row.state.lower()}: it is not planned any more",
-                details=(row.message,) if row.message else (),
-            ),
-            row.state,
+        return _told(
+            row, f"{row.state.lower()}: it is not planned any more", (row.message,) if row.message else ()
         )
     waiting_for_types = [r.get("message", "") for r in row.reasons if r.get("code") == "NO_GPU_TYPE"]
     if waiting_for_types and (latest is None or row.id not in latest.included):
-        return (
-            solver.Explanation(
-                workload_id=row.id,
-                placed=False,
-                summary="pending: it names only GPU types the inventory does not have yet",
-                details=tuple(waiting_for_types),
-            ),
-            row.state,
+        return _told(
+            row, "pending: it names only GPU types the inventory does not have yet", waiting_for_types
         )
     invalid = [r.get("message", "") for r in row.reasons if r.get("code") == "INVALID"]
     if invalid:
-        return (
-            solver.Explanation(
-                workload_id=row.id,
-                placed=False,
-                summary="pending: its spec does not validate against the inventory as it is now",
-                details=tuple(invalid),
-            ),
-            row.state,
-        )
+        return _told(row, "pending: its spec does not validate against the inventory as it is now", invalid)
     if latest is not None and row.id in latest.included and latest.included[row.id] != row.version:
-        return (
-            solver.Explanation(
-                workload_id=row.id,
-                placed=bool(row.placement),
-                summary=f"version {row.version} arrived after the latest plan; the next plan includes it",
-                details=(),
-            ),
-            row.state,
-        )
+        summary = f"version {row.version} arrived after the latest plan; the next plan includes it"
+        return _told(row, summary, placed=bool(row.placement))
     if latest is None or row.id not in latest.included:
         admitted = row.state in (PLACED, RUNNING) and row.placement is not None
         summary = (
@@ -722,6 +705,6 @@ def explain(loop: ControlLoop, store: Store, workload_id: str) -> tuple[solver.E
             if admitted
             else "pending: it arrived after the latest plan; the next plan includes it"
         )
-        return solver.Explanation(workload_id=row.id, placed=admitted, summary=summary, details=()), row.state
+        return _told(row, summary, placed=admitted)
     problem, plan = latest.problem_and_plan(store)
     return solver.explain(problem, plan, row.id), row.state

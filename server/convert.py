@@ -89,7 +89,6 @@ from solver import (
     Workload,
 )
 from solver.backends import BACKENDS
-from solver.model import WORK_SHARE
 
 __all__ = [
     "check_document",
@@ -1180,7 +1179,7 @@ def plan_options(msg: apb.PlanOptions, *, deadline_s: float | None = None) -> Pl
     if deadline_s is not None:
         # The work budget comes from the limit asked for: a shorter deadline cuts the
         # search by the wall clock, and the plan says so (stopped_by: wall_clock).
-        work_limit = work_limit if work_limit is not None else WORK_SHARE * time_limit
+        work_limit = PlanOptions(time_limit_s=time_limit, work_limit_s=work_limit).work_budget()
         time_limit = max(0.05, min(time_limit, deadline_s))
     return PlanOptions(
         time_limit_s=time_limit,

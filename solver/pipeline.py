@@ -184,12 +184,7 @@ def _conclude(
         # 10k `cost`, run after the exchange, it pushed the plan to 20.85 s of a 20 s limit).
         with timer.stage("lp"):
             bound = _rebound(form, stages, search.floors, final_values, bound, search.backend, polish_until)
-    shadow: dict[str, float] = {}
-    for name, si in form.gpu_rows.items():
-        t = index.shapes[si].gpu_type
-        shadow[t] = max(shadow.get(t, 0.0), search.duals.get(name, 0.0))
-    for t in index.types:
-        shadow.setdefault(t, 0.0)
+    shadow = search.gpu_prices()
     below = [
         stages[j].name
         for j, f in enumerate(search.floors)

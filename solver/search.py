@@ -230,7 +230,7 @@ class Search:
 
     def gpu_prices(self) -> dict[str, float]:
         """What one more GPU of each type is worth to the primary stage: the largest
-        dual of its shapes' GPU rows (0 where no LP told)."""
+        dual of its shapes' GPU rows (0 where no LP told). The plan's shadow prices."""
         prices = {t: 0.0 for t in self.index.types}
         for name, si in self.form.gpu_rows.items():
             t = self.index.shapes[si].gpu_type
